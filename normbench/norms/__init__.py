@@ -1,0 +1,43 @@
+"""The normalization layers under study: plain PyTorch, no Lightning.
+
+``create_norm(name, num_features, **kwargs)`` builds any of ``NORMS``; ``convert_sync_norms``
+turns on cross-process statistics for a whole model; ``update_bn_stats`` is PreciseBN.
+"""
+
+from normbench.norms.batch_norm import BatchNorm, BatchNormRS, SyncBatchNorm
+from normbench.norms.batch_renorm import BatchRenorm
+from normbench.norms.evonorm import EvoNormB0, EvoNormS0
+from normbench.norms.filter_response_norm import FilterResponseNorm
+from normbench.norms.ghost_batch_norm import GhostBatchNorm
+from normbench.norms.group_norm import GroupNorm
+from normbench.norms.identity import NoNorm
+from normbench.norms.instance_norm import InstanceNorm
+from normbench.norms.layer_norm import LayerNorm
+from normbench.norms.precise_bn import tracks_running_stats, update_bn_stats
+from normbench.norms.registry import NORMS, NormName, create_norm
+from normbench.norms.stats import RunningStatsNorm
+from normbench.norms.sync import convert_sync_norms
+from normbench.norms.weight_standardization import WSConv2d
+
+__all__ = [
+    "NORMS",
+    "BatchNorm",
+    "BatchNormRS",
+    "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GhostBatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "NoNorm",
+    "NormName",
+    "RunningStatsNorm",
+    "SyncBatchNorm",
+    "WSConv2d",
+    "convert_sync_norms",
+    "create_norm",
+    "tracks_running_stats",
+    "update_bn_stats",
+]

@@ -1,0 +1,96 @@
+"""BatchNorm (Ioffe & Szegedy 2015) and BatchNorm with running statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normbench.norms.stats import (
+    RunningStatsNorm,
+    batch_moments,
+    scale_shift,
+    sync_active,
+    update_running_stats,
+)
+
+
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """``bn``: Batch Normalization (Ioffe & Szegedy 2015, arXiv 1502.03167, Algorithm 1).
+
+    y = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta over (N, *) per channel in training;
+    the running mean and unbiased variance replace the batch moments in eval. This is torch's
+    own BatchNorm, which it stays so that ``SyncBatchNorm`` conversion and cuDNN apply; it only
+    accepts every (N, C, *) input rather than one rank per class.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance.
+        momentum: running-statistics factor (None: cumulative average).
+        affine: learn gamma and beta.
+        track_running_stats: keep running statistics for eval.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an (N, C, *) input, got {input.dim()}D input")
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm, which also runs on CPU process groups (gloo).
+
+    torch's version raises for CPU tensors. On CPU this reduces the same statistics the custom
+    layers reduce (sum, sum of squares, count) with gradients through them, as BatchNorm's math
+    requires; on accelerators it is torch's kernel unchanged.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.training and input.device.type == "cpu" and sync_active(self.process_group)):
+            return super().forward(input)
+        self._check_input_dim(input)
+        shift = self.running_mean if self.running_mean is not None else input.new_zeros(input.shape[1])
+        mean, var, count = batch_moments(input, shift, True, self.process_group)
+        if self.track_running_stats:
+            update_running_stats(self, mean, var, count)
+        inv_std = torch.rsqrt(var + self.eps)
+        return scale_shift(input, inv_std, -mean * inv_std, self.weight, self.bias)
+
+
+class BatchNormRS(RunningStatsNorm):
+    """``bnrs``: BatchNorm that normalizes by its running statistics in training too.
+
+    y = gamma * (x - mu_run) / sqrt(sigma^2_run + eps) + beta in training as in eval. The batch
+    moments only update mu_run and sigma^2_run (unbiased, momentum as in torch), with no gradient
+    through them, so dy/dx = gamma / sqrt(sigma^2_run + eps). This is the layer of "Why don't we
+    simply use running statistics for batch normalization training?".
+
+    Order: the current batch is normalized by the statistics as they stood *before* it, and
+    updates them afterwards. A batch never sees itself, and the forward equals Batch
+    Renormalization (Ioffe 2017) in its limit r_max, d_max -> inf, where BRN also normalizes by
+    the pre-update running statistics.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance.
+        momentum: running-statistics factor (None: cumulative average).
+        affine: learn gamma and beta.
+        sync_stats: reduce the batch moments across processes (no gradient either way).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        inv_std = torch.rsqrt(self.running_var + self.eps)
+        y = scale_shift(x, inv_std, -self.running_mean * inv_std, self.weight, self.bias)
+        if self.training:
+            mean, var, count = self._moments(x, differentiable=False)
+            update_running_stats(self, mean, var, count)
+        return y

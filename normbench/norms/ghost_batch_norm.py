@@ -1,0 +1,83 @@
+"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from normbench.norms.stats import RunningStatsNorm, scale_shift, sync_active, update_running_stats
+
+
+class GhostBatchNorm(RunningStatsNorm):
+    """``ghost_bn``: Ghost BatchNorm (Hoffer et al. 2017, "Train longer, generalize better",
+    arXiv 1705.08741, Algorithm 1).
+
+    The batch is split, in order, into virtual ("ghost") batches of ``virtual_batch_size``
+    samples (the last may be smaller); each is normalized by its own moments exactly as
+    BatchNorm would, y = gamma * (x - mu_l) / sqrt(sigma_l^2 + eps) + beta. The running
+    statistics take one update per ghost batch, in order, which is the paper's weighted sum
+    mu_run = (1-eta)^L mu_run + sum_l eta (1-eta)^(L-l) mu_l; ``num_batches_tracked`` therefore
+    counts ghost batches, as BatchNorm applied to each one would. Eval uses the running
+    statistics.
+
+    With ``sync_stats`` across processes, ghost batches are cut from the global batch in rank
+    order, so a ghost batch that straddles two ranks is normalized as one. This needs the
+    ranks' batch sizes, one small all-gather (and host sync) per forward.
+
+    Args:
+        num_features: number of channels C.
+        virtual_batch_size: samples per ghost batch. 32 is a common choice in small-batch
+            studies; at batch sizes <= 32 the layer is plain BatchNorm.
+        eps: added to the variance.
+        momentum: running-statistics factor per ghost batch (None: cumulative average).
+        affine: learn gamma and beta.
+        sync_stats: cut ghost batches from the global batch across processes.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        sync_stats: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, sync_stats)
+        if virtual_batch_size < 1:
+            raise ValueError(f"ghost_bn: virtual_batch_size={virtual_batch_size} must be >= 1")
+        self.virtual_batch_size = virtual_batch_size
+
+    def _global_position(self, x: Tensor) -> tuple[int, int]:
+        """(offset of this rank's first sample, size of the global batch)."""
+        if not (self.sync_stats and sync_active(self.process_group)):
+            return 0, x.shape[0]
+        sizes = [
+            torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(self.process_group))
+        ]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=self.process_group)
+        sizes = [int(s) for s in sizes]
+        rank = dist.get_rank(self.process_group)
+        return sum(sizes[:rank]), sum(sizes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            inv_std = torch.rsqrt(self.running_var + self.eps)
+            return scale_shift(x, inv_std, -self.running_mean * inv_std, self.weight, self.bias)
+        offset, total = self._global_position(x)
+        num_ghosts = -(-total // self.virtual_batch_size)
+        index = torch.div(
+            torch.arange(offset, offset + x.shape[0], device=x.device), self.virtual_batch_size, rounding_mode="floor"
+        )
+        mean, var, count = self._moments(x, groups=(index, num_ghosts))  # (G, C), (G, C), (G,)
+        inv_std = torch.rsqrt(var + self.eps)
+        scale = inv_std[index]
+        y = scale_shift(x, scale, -mean[index] * scale, self.weight, self.bias)
+        for g in range(num_ghosts):
+            update_running_stats(self, mean[g], var[g], count[g])
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -1,0 +1,177 @@
+"""Batch statistics shared by every layer that normalizes with, or tracks, batch moments.
+
+One place computes per-channel batch moments, optionally reduced across processes, and one
+place updates running statistics, so that bnrs, brn, ghost_bn, evonorm_b0 and the CPU path of
+SyncBatchNorm agree to the last bit on what "batch statistics" mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def sync_active(process_group=None) -> bool:
+    """True when a process group with more than one rank is there to reduce over."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def _all_reduce(t: Tensor, process_group) -> Tensor:
+    # Differentiable: the backward of a summed all-reduce is a summed all-reduce of the
+    # gradients, so every rank's share of the loss reaches the inputs of every other rank.
+    # Under no_grad it is a plain all-reduce.
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, group=process_group)
+
+
+def broadcast_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel (C,) tensor against an (N, C, *) input."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def batch_moments(
+    x: Tensor,
+    shift: Tensor,
+    sync: bool = False,
+    process_group=None,
+    differentiable: bool = True,
+    groups: tuple[Tensor, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, biased variance and count of ``x`` over every dim but the channel dim.
+
+    Across processes the sum, the sum of squares and the count are reduced, so ranks holding
+    unequal batches still get the statistics of the union. Sums are taken around ``shift``
+    (the running mean, identical on every rank) to keep E[x^2] - E[x]^2 from cancelling.
+
+    Args:
+        x: input of shape (N, C, *).
+        shift: per-channel (C,) value subtracted before summing; no gradient flows into it.
+        sync: reduce over ``process_group`` when one with more than one rank exists.
+        process_group: group to reduce over; None is the whole world.
+        differentiable: let gradients flow through the reduction (and the statistics).
+        groups: optional (index, G): sample n belongs to group index[n] of G groups (ghost
+            batches); statistics are then returned per group with shape (G, C).
+
+    Returns:
+        mean and biased variance of shape (C,) or (G, C), and the count of shape () or (G,).
+    """
+    reduce = sync and sync_active(process_group)
+    if not differentiable:
+        with torch.no_grad():
+            return batch_moments(x, shift, reduce, process_group, True, groups)
+    per_sample = x.numel() // max(x.shape[0] * x.shape[1], 1)
+    if groups is None and not reduce:
+        if x.shape[0] * per_sample <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        return mean, var, torch.tensor(float(x.shape[0] * per_sample), device=x.device)
+    c = x.shape[1]
+    centred = (x - shift.detach().reshape(broadcast_shape(x))).reshape(x.shape[0], c, -1)
+    s, sq = centred.sum(2), centred.square().sum(2)  # (N, C) each
+    n = torch.full((x.shape[0], 1), float(per_sample), dtype=x.dtype, device=x.device)
+    sums = torch.cat([s, sq, n], dim=1)  # (N, 2C + 1)
+    if groups is None:
+        sums = sums.sum(0)
+    else:
+        index, num_groups = groups
+        sums = sums.new_zeros(num_groups, sums.shape[1]).index_add(0, index, sums)
+    if reduce:
+        sums = _all_reduce(sums, process_group)
+    s, sq, n = sums[..., :c], sums[..., c : 2 * c], sums[..., 2 * c]
+    mean_c = s / n.unsqueeze(-1)
+    var = (sq / n.unsqueeze(-1) - mean_c.square()).clamp_min(0)
+    return shift.detach() + mean_c, var, n
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, weight=None, bias=None) -> Tensor:
+    """y = (x * scale + shift) * weight + bias, as one fused multiply-add over x.
+
+    scale and shift are per channel, (C,), or per sample and channel, (N, C).
+    """
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight + bias
+    shape = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+
+
+@torch.no_grad()
+def update_running_stats(layer: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> None:
+    """Fold one batch's mean and biased variance into ``layer``'s running statistics.
+
+    As torch's BatchNorm does: running = (1 - momentum) * running + momentum * batch, with the
+    unbiased variance, and a cumulative average when momentum is None.
+    """
+    layer.num_batches_tracked.add_(1)
+    if layer.momentum is None:
+        factor = 1.0 / float(layer.num_batches_tracked)
+    else:
+        factor = layer.momentum
+    unbiased = var * (count / (count - 1).clamp_min(1))
+    layer.running_mean.lerp_(mean.detach(), factor)
+    layer.running_var.lerp_(unbiased.detach(), factor)
+
+
+class RunningStatsNorm(nn.Module):
+    """Base of the custom layers that track running statistics, with torch's buffer names.
+
+    It deliberately does not subclass torch's ``_BatchNorm``: Lightning's
+    ``sync_batchnorm=True`` would silently replace such a layer by a plain SyncBatchNorm.
+    Cross-process statistics are switched on with ``sync_stats`` (see ``norms.sync``).
+
+    Args:
+        num_features: number of channels C of an (N, C, *) input.
+        eps: added to the variance before the square root.
+        momentum: running-statistics factor as in torch (None: cumulative average).
+        affine: learn a per-channel scale and shift.
+        sync_stats: reduce batch statistics across processes when a process group exists.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        sync_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features={num_features} must be at least 1")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.sync_stats = sync_stats
+        self.process_group = None
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (N, {self.num_features}, *), got {tuple(x.shape)}"
+            )
+
+    def _moments(self, x: Tensor, differentiable: bool = True, groups=None):
+        return batch_moments(x, self.running_mean, self.sync_stats, self.process_group, differentiable, groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, sync_stats={self.sync_stats}"
+        )

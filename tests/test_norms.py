@@ -1,0 +1,464 @@
+"""Every norm layer against an independent computation: torch's own layers where they exist,
+the papers' equations written out in plain torch where they don't."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.norms import (
+    NORMS,
+    BatchRenorm,
+    NormName,
+    WSConv2d,
+    create_norm,
+    tracks_running_stats,
+    update_bn_stats,
+)
+
+C = 8
+# Options that let every registered norm run on C channels.
+KWARGS = {"gn": {"num_groups": 4}, "evonorm_s0": {"num_groups": 4}, "ghost_bn": {"virtual_batch_size": 4}}
+STAT_NORMS = ["bn", "bnrs", "brn", "ghost_bn", "evonorm_b0"]
+BATCH_FREE = ["gn", "ln", "in", "frn", "evonorm_s0"]
+
+
+def make(name, c=C, **kwargs):
+    torch.manual_seed(0)
+    layer = create_norm(name, c, **{**KWARGS.get(name, {}), **kwargs})
+    # Non-trivial affine parameters, so that gamma and beta are tested too.
+    with torch.no_grad():
+        for pname, p in layer.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if pname in ("weight", "v1") else torch.randn_like(p) * 0.3)
+    return layer
+
+
+def sample(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=dtype) * 2 + 0.7).requires_grad_()
+
+
+def run(layer, x, upstream):
+    """Forward, backward against a fixed upstream gradient; returns output and input grad."""
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    (y * upstream).sum().backward()
+    return y.detach(), x.grad
+
+
+def bshape(x):
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_every_layer_and_literal_matches():
+    assert sorted(NORMS) == sorted(
+        ["bn", "bnrs", "brn", "ghost_bn", "gn", "ln", "in", "frn", "evonorm_b0", "evonorm_s0", "none"]
+    )
+    assert set(NormName.__args__) == set(NORMS)
+
+
+def test_unknown_norm_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown norm 'batchnorm'.*bn, bnrs, brn"):
+        create_norm("batchnorm", C)
+
+
+@pytest.mark.parametrize("name", ["gn", "evonorm_s0"])
+def test_groups_must_divide_channels(name):
+    with pytest.raises(ValueError, match=r"num_groups=32 does not divide num_features=48.*\[1, 2, 3, 4, 6, 8"):
+        create_norm(name, 48)
+    assert create_norm("gn", 64).num_groups == 32  # the paper's default
+
+
+@pytest.mark.parametrize("kwargs, msg", [({"r_max": 0.5}, "r_max=0.5 must be >= 1"), ({"d_max": -1}, "d_max=-1")])
+def test_brn_rejects_bad_limits(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        create_norm("brn", C, **kwargs)
+
+
+# --------------------------------------------------------------------------- equal to torch
+
+
+@pytest.mark.parametrize(
+    "shape, ref_cls", [((6, C, 5, 4), nn.BatchNorm2d), ((6, C), nn.BatchNorm1d), ((6, C, 7), nn.BatchNorm1d)]
+)
+def test_bn_equals_torch_batchnorm(shape, ref_cls):
+    ours, ref = make("bn"), ref_cls(C)
+    ref.load_state_dict(ours.state_dict())
+    for step in range(3):
+        x, up = sample(*shape, seed=step), sample(*shape, seed=10 + step).detach()
+        ours.zero_grad(), ref.zero_grad()
+        (y1, g1), (y2, g2) = run(ours, x, up), run(ref, x, up)
+        torch.testing.assert_close(y1, y2)
+        torch.testing.assert_close(g1, g2)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def _torch_twin(name, layer, x):
+    if name == "gn":
+        ref = nn.GroupNorm(4, C)
+        ref.load_state_dict(layer.state_dict())
+    elif name == "ln":
+        ref = nn.LayerNorm(x.shape[1:])
+        with torch.no_grad():
+            ref.weight.copy_(layer.weight.reshape(bshape(x)[1:]).expand(x.shape[1:]))
+            ref.bias.copy_(layer.bias.reshape(bshape(x)[1:]).expand(x.shape[1:]))
+    else:
+        ref = nn.InstanceNorm2d(C, affine=True)
+        ref.load_state_dict(layer.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("name", ["gn", "ln", "in"])
+def test_gn_ln_in_equal_torch(name):
+    layer, x = make(name), sample(4, C, 5, 6)
+    ref = _torch_twin(name, layer, x)
+    up = sample(*x.shape, seed=3).detach()
+    for mode in (True, False):
+        layer.train(mode), ref.train(mode)
+        layer.zero_grad(), ref.zero_grad()
+        (y1, g1), (y2, g2) = run(layer, x, up), run(ref, x, up)
+        torch.testing.assert_close(y1, y2)
+        torch.testing.assert_close(g1, g2)
+        torch.testing.assert_close(layer.weight.grad, ref.weight.grad.reshape(C, -1).sum(1))
+        torch.testing.assert_close(layer.bias.grad, ref.bias.grad.reshape(C, -1).sum(1))
+    assert not list(layer.buffers()) and not list(ref.buffers())
+
+
+# --------------------------------------------------------------------------- bnrs
+
+
+def test_bnrs_normalizes_by_running_stats_and_updates_after():
+    layer = make("bnrs")
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(C))
+        layer.running_var.copy_(torch.rand(C) + 0.5)
+    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    x, up = sample(6, C, 4, 4), sample(6, C, 4, 4, seed=5).detach()
+    y, gx = run(layer, x, up)
+    s = (var + layer.eps).sqrt().reshape(bshape(x))
+    w, b = layer.weight.detach().reshape(bshape(x)), layer.bias.detach().reshape(bshape(x))
+    torch.testing.assert_close(y, w * (x.detach() - mu.reshape(bshape(x))) / s + b)
+    # No gradient through the batch statistics: dy/dx = gamma / sigma_running.
+    torch.testing.assert_close(gx, w / s * up)
+    # This batch updated the statistics after normalizing, as torch's BatchNorm would.
+    xd = x.detach()
+    torch.testing.assert_close(layer.running_mean, 0.9 * mu + 0.1 * xd.mean((0, 2, 3)))
+    torch.testing.assert_close(layer.running_var, 0.9 * var + 0.1 * xd.var((0, 2, 3), unbiased=True))
+    assert int(layer.num_batches_tracked) == 1
+
+
+# --------------------------------------------------------------------------- brn
+
+
+def test_brn_with_unit_limits_is_batchnorm():
+    ours = make("brn", r_max=1.0, d_max=0.0, warmup_steps=0, r_max_ramp_steps=0, d_max_ramp_steps=0)
+    ref = nn.BatchNorm2d(C)
+    ref.load_state_dict(ours.state_dict())
+    for step in range(4):
+        x, up = sample(5, C, 3, 3, seed=step), sample(5, C, 3, 3, seed=20 + step).detach()
+        ours.zero_grad(), ref.zero_grad()
+        (y1, g1), (y2, g2) = run(ours, x, up), run(ref, x, up)
+        torch.testing.assert_close(y1, y2)
+        torch.testing.assert_close(g1, g2)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, key), getattr(ref, key))
+
+
+def test_brn_warmup_is_batchnorm_then_limits_open():
+    ours = make("brn")  # defaults: 200 warm-up steps with r_max = 1, d_max = 0
+    ref = nn.BatchNorm2d(C)
+    ref.load_state_dict(ours.state_dict())
+    x, up = sample(5, C, 3, 3), sample(5, C, 3, 3, seed=9).detach()
+    torch.testing.assert_close(run(ours, x, up), run(ref, x, up))
+
+
+def test_brn_loose_limits_normalize_by_running_stats():
+    layer = make("brn", r_max=1e6, d_max=1e6, warmup_steps=0, r_max_ramp_steps=0, d_max_ramp_steps=0)
+    bnrs = make("bnrs")
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(C))
+        layer.running_var.copy_(torch.rand(C) + 0.5)
+    bnrs.load_state_dict(layer.state_dict())
+    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    x = sample(6, C, 4, 4, dtype=torch.float64)
+    layer.double(), bnrs.double()
+    y = layer(x)
+    expected = (x - mu.double().reshape(bshape(x))) / (var.double() + layer.eps).sqrt().reshape(bshape(x))
+    expected = expected * layer.weight.reshape(bshape(x)) + layer.bias.reshape(bshape(x))
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y, bnrs(x))
+
+
+def _algorithm1(x, weight, bias, mu, var, eps, r_max, d_max, upstream):
+    """Batch Renorm forward and backward written out from Ioffe 2017, Algorithm 1 and the
+    backward formulas of Sec. 3, per channel, without autograd."""
+    dims = (0, 2, 3)
+    m = x.numel() // x.shape[1]
+    sh = bshape(x)
+    mu_b = x.mean(dims)
+    sigma_b = (((x - mu_b.reshape(sh)) ** 2).mean(dims) + eps).sqrt()
+    sigma = (var + eps).sqrt()
+    r = (sigma_b / sigma).clamp(1 / r_max, r_max)
+    d = ((mu_b - mu) / sigma).clamp(-d_max, d_max)
+    x_hat = (x - mu_b.reshape(sh)) / sigma_b.reshape(sh) * r.reshape(sh) + d.reshape(sh)
+    y = weight.reshape(sh) * x_hat + bias.reshape(sh)
+    dx_hat = upstream * weight.reshape(sh)
+    dsigma_b = (dx_hat * (x - mu_b.reshape(sh)) * (-r / sigma_b**2).reshape(sh)).sum(dims)
+    dmu_b = (dx_hat * (-r / sigma_b).reshape(sh)).sum(dims)
+    dx = (
+        dx_hat * (r / sigma_b).reshape(sh)
+        + dsigma_b.reshape(sh) * (x - mu_b.reshape(sh)) / (m * sigma_b.reshape(sh))
+        + dmu_b.reshape(sh) / m
+    )
+    dweight = (upstream * x_hat).sum(dims)
+    dbias = upstream.sum(dims)
+    return y, dx, dweight, dbias, r, d
+
+
+def test_brn_gradients_with_clipping_match_algorithm_1():
+    r_max, d_max = 1.5, 0.5
+    layer = make("brn", r_max=r_max, d_max=d_max, warmup_steps=0, r_max_ramp_steps=0, d_max_ramp_steps=0).double()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.linspace(-2, 2, C))
+        layer.running_var.copy_(torch.linspace(0.2, 12, C))
+    mu, var = layer.running_mean.clone(), layer.running_var.clone()
+    x = sample(6, C, 3, 3, dtype=torch.float64)
+    up = sample(6, C, 3, 3, dtype=torch.float64, seed=4).detach()
+    y, dx = run(layer, x, up)
+    y_ref, dx_ref, dw_ref, db_ref, r, d = _algorithm1(
+        x.detach(), layer.weight.detach(), layer.bias.detach(), mu, var, layer.eps, r_max, d_max, up
+    )
+    # Clipping is really active, in both directions for r and on d.
+    assert (r == r_max).any() and (r == 1 / r_max).any() and (d.abs() == d_max).any()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(layer.weight.grad, dw_ref)
+    torch.testing.assert_close(layer.bias.grad, db_ref)
+    # The running statistics are updated after r and d, with this batch's moments.
+    xd = x.detach()
+    torch.testing.assert_close(layer.running_mean, 0.9 * mu + 0.1 * xd.mean((0, 2, 3)))
+    torch.testing.assert_close(layer.running_var, 0.9 * var + 0.1 * xd.var((0, 2, 3), unbiased=True))
+
+
+def test_brn_schedule_follows_num_batches_tracked():
+    layer = BatchRenorm(C, r_max=3, d_max=5, warmup_steps=4, r_max_ramp_steps=8, d_max_ramp_steps=2)
+    expected = {0: (1, 0), 3: (1, 0), 4: (1, 0), 5: (1.25, 2.5), 6: (1.5, 5), 8: (2, 5), 12: (3, 5), 50: (3, 5)}
+    for t, (r, d) in expected.items():
+        layer.num_batches_tracked.fill_(t)
+        r_max, d_max = layer.current_limits()
+        assert (float(r_max), float(d_max)) == pytest.approx((r, d)), t
+    # The step count travels with the checkpoint.
+    fresh = BatchRenorm(C, r_max=3, d_max=5, warmup_steps=4, r_max_ramp_steps=8, d_max_ramp_steps=2)
+    fresh.load_state_dict(layer.state_dict())
+    assert float(fresh.current_limits()[0]) == 3
+    zero = BatchRenorm(C, r_max=3, d_max=5, warmup_steps=0, r_max_ramp_steps=0, d_max_ramp_steps=0)
+    assert [float(v) for v in zero.current_limits()] == [3, 5]
+
+
+def test_brn_training_loop_counts_steps():
+    layer = make("brn", warmup_steps=2, r_max_ramp_steps=0, d_max_ramp_steps=0)
+    for _ in range(3):
+        layer(sample(4, C, 2, 2))
+    assert int(layer.num_batches_tracked) == 3 and float(layer.current_limits()[0]) == 3
+
+
+# --------------------------------------------------------------------------- ghost bn
+
+
+def test_ghost_bn_equals_bn_on_each_virtual_batch():
+    ours = make("ghost_bn", virtual_batch_size=4)
+    ref = nn.BatchNorm2d(C)
+    ref.load_state_dict(ours.state_dict())
+    for step in range(2):
+        x, up = sample(10, C, 3, 3, seed=step), sample(10, C, 3, 3, seed=7 + step).detach()
+        ours.zero_grad(), ref.zero_grad()
+        y, gx = run(ours, x, up)
+        xr = x.detach().clone().requires_grad_()
+        y_ref = torch.cat([ref(chunk) for chunk in xr.split(4)])  # 4 + 4 + 2 samples
+        (y_ref * up).sum().backward()
+        torch.testing.assert_close(y, y_ref.detach())
+        torch.testing.assert_close(gx, xr.grad)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, key), getattr(ref, key))
+
+
+# --------------------------------------------------------------------------- other papers' equations
+
+
+def test_frn_matches_equations():
+    layer, x = make("frn"), sample(3, C, 5, 5)
+    nu2 = x.detach().pow(2).mean((2, 3), keepdim=True)
+    y = layer.weight.reshape(bshape(x)) * x.detach() / (nu2 + 1e-6).sqrt() + layer.bias.reshape(bshape(x))
+    torch.testing.assert_close(layer(x), torch.max(y, layer.tau.reshape(bshape(x))))
+    learned = make("frn", learnable_eps=True)
+    assert learned(sample(3, C)).isfinite().all() and learned.eps_l is not None
+
+
+def test_evonorm_b0_matches_equation():
+    layer, x = make("evonorm_b0"), sample(4, C, 5, 5, dtype=torch.float64)
+    layer.double()
+    sh, xd = bshape(x), x.detach()
+    v1, w, b, eps = layer.v1.reshape(sh), layer.weight.reshape(sh), layer.bias.reshape(sh), layer.eps
+    batch_std = (xd.var((0, 2, 3), unbiased=False) + eps).sqrt().reshape(sh)
+    inst_std = (xd.var((2, 3), unbiased=False, keepdim=True) + eps).sqrt()
+    expected = xd / torch.max(batch_std, v1 * xd + inst_std) * w + b
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.running_var, 0.9 + 0.1 * xd.var((0, 2, 3), unbiased=True))
+    layer.eval()
+    eval_std = (layer.running_var + eps).sqrt().reshape(sh)
+    torch.testing.assert_close(layer(x), xd / torch.max(eval_std, v1 * xd + inst_std) * w + b)
+
+
+def test_evonorm_s0_matches_equation():
+    layer, x = make("evonorm_s0"), sample(3, C, 4, 4, dtype=torch.float64)
+    layer.double()
+    sh, xd = bshape(x), x.detach()
+    group_std = (xd.reshape(3, 4, -1).var(2, unbiased=False) + layer.eps).sqrt()  # (N, G)
+    std = group_std.repeat_interleave(C // 4, dim=1).reshape(3, C, 1, 1)
+    expected = xd * torch.sigmoid(layer.v1.reshape(sh) * xd) / std * layer.weight.reshape(sh) + layer.bias.reshape(sh)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_weight_standardized_conv():
+    torch.manual_seed(0)
+    conv = WSConv2d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    w = conv.weight.detach()
+    flat = w.reshape(5, -1)
+    w_hat = ((flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()).view_as(w)
+    torch.testing.assert_close(conv(x), F.conv2d(x, w_hat, conv.bias, padding=1))
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- properties of all
+
+
+@pytest.mark.parametrize("name", BATCH_FREE)
+def test_batch_independent_norms(name):
+    layer, x = make(name), sample(5, C, 4, 4)
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("name", STAT_NORMS)
+def test_eval_uses_running_stats_and_never_updates(name):
+    layer = make(name)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(C))
+        layer.running_var.copy_(torch.rand(C) + 0.5)
+    before = copy.deepcopy(layer.state_dict())
+    layer.eval()
+    x = sample(2, C, 3, 3)
+    with torch.no_grad():
+        y, y_other = layer(x), layer(torch.cat([x, sample(7, C, 3, 3, seed=8)]))[:2]
+    for key, value in before.items():
+        torch.testing.assert_close(layer.state_dict()[key], value)
+    torch.testing.assert_close(y, y_other)  # the rest of the batch no longer matters
+    if name != "evonorm_b0":
+        sh = bshape(x)
+        expected = (x.detach() - layer.running_mean.reshape(sh)) / (layer.running_var.reshape(sh) + layer.eps).sqrt()
+        torch.testing.assert_close(y, expected * layer.weight.reshape(sh) + layer.bias.reshape(sh))
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_every_norm_trains_evaluates_and_round_trips(name, batch_size):
+    layer = make(name)
+    x = sample(batch_size, C, 4, 4)
+    y = layer(x)
+    (y * sample(*y.shape, seed=2).detach()).sum().backward()
+    assert y.shape == x.shape and y.isfinite().all() and x.grad.isfinite().all()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in layer.parameters())
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)
+    assert y_eval.isfinite().all()
+    fresh = create_norm(name, C, **KWARGS.get(name, {}))
+    fresh.load_state_dict(layer.state_dict())
+    fresh.eval()
+    torch.testing.assert_close(fresh(x.detach()), y_eval)
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("shape", [(4, C), (4, C, 6), (4, C, 3, 3), (4, C, 2, 2, 2)])
+def test_every_norm_takes_any_rank(name, shape):
+    layer = make(name)
+    y = layer(sample(*shape))
+    assert y.shape == shape and y.isfinite().all()
+
+
+# --------------------------------------------------------------------------- PreciseBN
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, name):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, C, 3, padding=1), make(name)
+        self.conv2, self.norm2 = nn.Conv2d(C, C, 3, padding=1), make(name)
+
+    def forward(self, x):
+        return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("name", STAT_NORMS)
+def test_precise_bn_gives_exact_population_statistics(name):
+    torch.manual_seed(0)
+    model = TwoLayer(name)
+    for _ in range(3):  # some training, so running stats and brn's step count are not fresh
+        model(torch.randn(8, 3, 6, 6) + 1)
+    model.eval()
+    batches = [(torch.randn(8, 3, 6, 6) * 1.5 + 2, torch.zeros(8)) for _ in range(5)]
+
+    # Independent: a copy whose statistics are frozen, run in training mode, its norms' inputs
+    # stored and concatenated; population moments by torch.mean / torch.var.
+    twin = copy.deepcopy(model).train()
+    for m in twin.modules():
+        if tracks_running_stats(m):
+            m.momentum = 0.0
+    seen = {"norm1": [], "norm2": []}
+    for key, store in seen.items():
+        getattr(twin, key).register_forward_pre_hook(lambda m, a, store=store: store.append(a[0].detach()))
+    with torch.no_grad():
+        for x, _ in batches[:4]:
+            twin(x)
+
+    momenta = {n: m.momentum for n, m in model.named_modules() if tracks_running_stats(m)}
+    steps = {n: int(m.num_batches_tracked) for n, m in model.named_modules() if tracks_running_stats(m)}
+    assert update_bn_stats(model, batches, num_batches=4) == 4
+    for key, inputs in seen.items():
+        flat = torch.cat(inputs).transpose(0, 1).reshape(C, -1).double()
+        layer = getattr(model, key)
+        torch.testing.assert_close(layer.running_mean, flat.mean(1).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, flat.var(1, unbiased=True).float(), rtol=1e-5, atol=1e-5)
+    # Everything it touched is back.
+    assert not model.training and not any(m.training for m in model.modules())
+    assert {n: m.momentum for n, m in model.named_modules() if tracks_running_stats(m)} == momenta
+    assert {n: int(m.num_batches_tracked) for n, m in model.named_modules() if tracks_running_stats(m)} == steps
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_precise_bn_restores_state_when_forward_fails():
+    model = TwoLayer("bn").eval()
+
+    def broken(m, batch):
+        m(batch[0])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        update_bn_stats(model, [(torch.randn(4, 3, 5, 5), None)], forward=broken)
+    assert not model.training and model.norm1.momentum == 0.1 and not model.norm1._forward_pre_hooks

@@ -1,0 +1,104 @@
+"""Cross-process statistics: two CPU processes (gloo), each holding part of a batch, must give
+what one process gives on the whole batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from normbench.norms import RunningStatsNorm, SyncBatchNorm, convert_sync_norms, create_norm
+
+C = 6
+SPLIT = (3, 5)  # unequal per-rank batches
+SYNCED = {
+    "bn": {},
+    "bnrs": {},
+    # Clipping active from the first step, so gradients through r and d would show.
+    "brn": {"r_max": 1.5, "d_max": 0.5, "warmup_steps": 0, "r_max_ramp_steps": 0, "d_max_ramp_steps": 0},
+    # Ghost batches of 2 over 3 + 5 samples: the second straddles the two ranks.
+    "ghost_bn": {"virtual_batch_size": 2},
+    "evonorm_b0": {},
+}
+STEPS = 2
+
+
+def build(name):
+    torch.manual_seed(0)
+    layer = create_norm(name, C, **SYNCED[name])
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.rand_like(p))
+    return layer
+
+
+def data(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(sum(SPLIT), C, 3, 3, generator=g) * 2 + 1
+    return x, torch.randn(x.shape, generator=g)
+
+
+def train(layer, step, part=slice(None)):
+    x, up = data(step)
+    x = x[part].clone().requires_grad_()
+    y = layer(x)
+    (y * up[part]).sum().backward()
+    return y.detach(), x.grad
+
+
+def worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        part = slice(0, SPLIT[0]) if rank == 0 else slice(SPLIT[0], None)
+        results = {}
+        for name in SYNCED:
+            layer = convert_sync_norms(build(name))
+            outs = [train(layer, step, part) for step in range(STEPS)]
+            grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+            results[name] = (outs, grads, {k: v.clone() for k, v in layer.state_dict().items()})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in SYNCED:
+        layer = build(name)
+        for step in range(STEPS):
+            y, gx = train(layer, step)
+            (y0, g0), (y1, g1) = ranks[0][name][0][step], ranks[1][name][0][step]
+            torch.testing.assert_close(torch.cat([y0, y1]), y, msg=f"{name} output, step {step}")
+            torch.testing.assert_close(torch.cat([g0, g1]), gx, msg=f"{name} input grad, step {step}")
+        for pname, p in layer.named_parameters():
+            # DDP sums the ranks' parameter gradients (up to its averaging factor).
+            torch.testing.assert_close(ranks[0][name][1][pname] + ranks[1][name][1][pname], p.grad)
+        for key, value in layer.state_dict().items():
+            for r in range(2):
+                torch.testing.assert_close(ranks[r][name][2][key], value, msg=f"{name} {key} rank {r}")
+
+
+def test_convert_sync_norms_switches_every_batch_layer():
+    model = nn.Sequential(
+        build("bn"), nn.Sequential(build("brn"), create_norm("gn", C, num_groups=3)), build("ghost_bn")
+    )
+    weight = model[0].weight
+    converted = convert_sync_norms(model)
+    assert type(converted[0]) is SyncBatchNorm and converted[0].weight is weight
+    assert converted[1][0].sync_stats and converted[2].sync_stats
+    assert not hasattr(converted[1][1], "sync_stats")
+    assert all(m.sync_stats for m in converted.modules() if isinstance(m, RunningStatsNorm))
+    # Without a process group the converted model computes what it did before.
+    x = torch.randn(4, C, 3, 3)
+    reference = nn.Sequential(
+        build("bn"), nn.Sequential(build("brn"), create_norm("gn", C, num_groups=3)), build("ghost_bn")
+    )
+    torch.testing.assert_close(converted(x), reference(x))
+
+
+@pytest.mark.parametrize("name", ["bnrs", "brn", "ghost_bn", "evonorm_b0"])
+def test_sync_stats_is_an_option_of_each_layer(name):
+    assert create_norm(name, C, sync_stats=True).sync_stats
