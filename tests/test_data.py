@@ -1,0 +1,258 @@
+"""Tests of normbench.data on fake datasets in the real on-disk formats; CPU only, no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.error import URLError
+
+import fakedata
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import cifar, mnist
+
+from normbench.data import DATAMODULES, DatasetNotFoundError, ImageDataModule
+
+N_TRAIN, N_TEST = 128, 64
+NAMES = list(DATAMODULES)
+EXPECTED = {  # name: (num_classes, in_channels, image size), from the datasets' documentation
+    "mnist": (10, 1, 28),
+    "fashion_mnist": (10, 1, 28),
+    "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32),
+}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, fakedata.FakeData]]:
+    root = tmp_path_factory.mktemp("data")
+    return root, fakedata.write_all(root, N_TRAIN, N_TEST, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
+    fakedata.skip_cifar_md5(monkeypatch)
+
+
+def make(name: str, root: Path, **kwargs) -> ImageDataModule:
+    kwargs = {"download": False, "num_workers": 0, "batch_size": 32, **kwargs}
+    dm = DATAMODULES[name](data_dir=str(root), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def collect(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+def expected(split: fakedata.FakeSplit, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(x / 255 - mean) / std from the written bytes, independent of torchvision's transforms."""
+    x = torch.from_numpy(split.images).double() / 255
+    return ((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)).float()
+
+
+def ids(images: torch.Tensor, dm: ImageDataModule) -> list[tuple[int, int]]:
+    mean, std = ((0.5,), (0.5,)) if dm.normalization == "half" else (dm.mean, dm.std)
+    return fakedata.decode_ids(images, mean, std)
+
+
+def test_registry_names_match_classes() -> None:
+    assert set(DATAMODULES) == set(EXPECTED)
+    for name, cls in DATAMODULES.items():
+        assert cls.name == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_half_normalization_matches_written_bytes(name: str, written) -> None:
+    root, data = written
+    dm = make(name, root)
+    num_classes, channels, size = EXPECTED[name]
+    assert (dm.num_classes, dm.in_channels, dm.name) == (num_classes, channels, name)
+
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, channels, size, size) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64
+
+    x, y = collect(dm.test_dataloader())
+    assert x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x, expected(data[name].test, (0.5,) * channels, (0.5,) * channels))
+    assert torch.equal(y, torch.from_numpy(data[name].test.labels))
+    assert int(y.max()) < num_classes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dataset_normalization_matches_written_bytes(name: str, written) -> None:
+    root, data = written
+    dm = make(name, root, normalization="dataset")
+    x, _ = collect(dm.test_dataloader())
+    torch.testing.assert_close(x, expected(data[name].test, dm.mean, dm.std))
+    # Unshuffled view of the training set: the same formula, in file order.
+    train = torch.stack([dm.train_set[i][0] for i in range(N_TRAIN)])
+    torch.testing.assert_close(train, expected(data[name].train, dm.mean, dm.std))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_val_split_zero_validates_on_test_split(name: str, written) -> None:
+    root, data = written
+    dm = make(name, root, eval_batch_size=50)
+    x, y = collect(dm.val_dataloader())
+    assert x.shape[0] == N_TEST
+    torch.testing.assert_close(x, expected(data[name].test, (0.5,) * dm.in_channels, (0.5,) * dm.in_channels))
+    assert torch.equal(y, torch.from_numpy(data[name].test.labels))
+    assert next(iter(dm.val_dataloader()))[0].shape[0] == 50
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar100"])
+@pytest.mark.parametrize("train_subset", [None, 100])
+def test_val_split_carves_disjoint_part_of_train(name: str, train_subset: int | None, written) -> None:
+    root, _ = written
+    dm = make(name, root, val_split=0.25, split_seed=3, train_subset=train_subset)
+    n = N_TRAIN if train_subset is None else train_subset
+    train_ids = ids(collect(dm.train_dataloader())[0], dm)
+    val_ids = ids(collect(dm.val_dataloader())[0], dm)
+    test_ids = ids(collect(dm.test_dataloader())[0], dm)
+
+    assert len(val_ids) == round(0.25 * n) and len(train_ids) == n - len(val_ids)
+    assert not set(train_ids) & set(val_ids)
+    assert set(train_ids) | set(val_ids) == {(fakedata.TRAIN, i) for i in range(n)}
+    assert {split for split, _ in train_ids + val_ids} == {fakedata.TRAIN}
+    assert set(test_ids) == {(fakedata.TEST, i) for i in range(N_TEST)}
+
+    again = make(name, root, val_split=0.25, split_seed=3, train_subset=train_subset)
+    assert again.val_set.indices == dm.val_set.indices and again.train_set.indices == dm.train_set.indices
+    other = make(name, root, val_split=0.25, split_seed=4, train_subset=train_subset)
+    assert other.val_set.indices != dm.val_set.indices
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_train_subset_takes_first_images(name: str, written) -> None:
+    root, data = written
+    dm = make(name, root, train_subset=40)
+    x, y = collect(dm.train_dataloader())
+    assert x.shape[0] == 40
+    assert sorted(ids(x, dm)) == [(fakedata.TRAIN, i) for i in range(40)]
+    assert sorted(y.tolist()) == sorted(data[name].train.labels[:40].tolist())
+
+    too_big = DATAMODULES[name](data_dir=str(root), download=False, train_subset=N_TRAIN + 1)
+    with pytest.raises(ValueError, match=rf"train_subset={N_TRAIN + 1}.*{N_TRAIN} training images"):
+        too_big.setup("fit")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_augment_changes_train_images_only(name: str, written) -> None:
+    root, data = written
+    torch.manual_seed(0)
+    dm = make(name, root, augment=True)
+    train = torch.stack([dm.train_set[i][0] for i in range(16)])
+    plain = expected(data[name].train, (0.5,) * 3, (0.5,) * 3)[:16]
+    changed = [not torch.allclose(a, b) for a, b in zip(train, plain)]
+    assert sum(changed) >= 8  # each image stays unchanged with probability 1/162
+    x, _ = collect(dm.test_dataloader())
+    torch.testing.assert_close(x, expected(data[name].test, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_augment_leaves_mnist_family_alone(written) -> None:
+    root, data = written
+    dm = make("mnist", root, augment=True)
+    train = torch.stack([dm.train_set[i][0] for i in range(16)])
+    torch.testing.assert_close(train, expected(data["mnist"].train, (0.5,), (0.5,))[:16])
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "file"),
+    [
+        ("mnist", "MNIST/raw", "train-images-idx3-ubyte"),
+        ("fashion_mnist", "FashionMNIST/raw", "t10k-labels-idx1-ubyte"),
+        ("cifar10", "cifar-10-batches-py", "data_batch_1"),
+        ("cifar100", "cifar-100-python", "train"),
+    ],
+)
+def test_missing_files_without_download(name: str, folder: str, file: str, tmp_path: Path) -> None:
+    dm = DATAMODULES[name](data_dir=str(tmp_path), download=False)
+    with pytest.raises(DatasetNotFoundError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert str(tmp_path / folder) in message and file in message and "--data.data_dir" in message
+    assert "\n" not in message and info.value.__cause__ is None and info.value.__suppress_context__
+    with pytest.raises(DatasetNotFoundError):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(("name", "module"), [("mnist", mnist), ("cifar10", cifar), ("cifar100", cifar)])
+def test_failed_download_raises_our_error(name: str, module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(url, *args, **kwargs):
+        raise URLError("offline in tests")
+
+    # The name each torchvision class calls to download, so no test touches the network.
+    monkeypatch.setattr(module, "download_and_extract_archive", offline)
+    dm = DATAMODULES[name](data_dir=str(tmp_path), download=True)
+    with pytest.raises(DatasetNotFoundError, match="download failed") as info:
+        dm.prepare_data()
+    assert "--data.download" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_message_names_only_the_missing_file(tmp_path: Path) -> None:
+    fakedata.write_mnist(tmp_path, "MNIST", n_train=8, n_test=8)
+    (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").unlink()
+    dm = DATAMODULES["mnist"](data_dir=str(tmp_path), download=False)
+    with pytest.raises(
+        DatasetNotFoundError, match=r"missing t10k-images-idx3-ubyte in \S*MNIST.raw \(download=False\)"
+    ):
+        dm.prepare_data()
+
+
+def test_real_md5_check_rejects_fake_cifar(written, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Why skip_cifar_md5 exists: with torchvision's md5 check in place, the fake files count as corrupted.
+    monkeypatch.undo()
+    root, _ = written
+    dm = DATAMODULES["cifar10"](data_dir=str(root), download=False)
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py are corrupted"):
+        dm.prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be >= 1 or null, got 0"),
+        ({"val_split": 1.0}, "got 1.0"),
+        ({"val_split": -0.1}, "got -0.1"),
+        ({"train_subset": 0}, "train_subset must be >= 1 or null, got 0"),
+        ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, shown: str) -> None:
+    with pytest.raises(ValueError, match=shown):
+        DATAMODULES["mnist"](**kwargs)
+
+
+def test_val_split_too_small_for_subset(written) -> None:
+    root, _ = written
+    dm = DATAMODULES["mnist"](data_dir=str(root), download=False, val_split=0.01, train_subset=10)
+    with pytest.raises(ValueError, match="val_split=0.01 of 10 training images leaves 0"):
+        dm.setup("fit")
+
+
+def test_loader_settings(written) -> None:
+    root, _ = written
+    dm = make("mnist", root, batch_size=16, eval_batch_size=None)
+    assert dm.eval_batch_size == 16
+    loader = dm.train_dataloader()
+    assert loader.batch_size == 16 and not loader.drop_last
+    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
+    assert dm.predict_dataloader().dataset is dm.test_set
+    assert loader.pin_memory == torch.cuda.is_available()
+    workers = DATAMODULES["mnist"](data_dir=str(root), download=False, num_workers=1)
+    workers.setup("test")
+    assert workers.test_dataloader().persistent_workers and workers.train_set is None
+
+
+def test_setup_for_test_stage_skips_training_set(written) -> None:
+    root, data = written
+    dm = DATAMODULES["cifar10"](data_dir=str(root), download=False, num_workers=0)
+    dm.setup("test")
+    assert dm.train_set is None and len(dm.test_set) == N_TEST
+    np.testing.assert_array_equal(np.asarray(dm.test_set.targets), data["cifar10"].test.labels)
