@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from normbench.norms import RunningStatsNorm, SyncBatchNorm, convert_sync_norms, create_norm
+from normbench.norms import BatchNorm, RunningStatsNorm, convert_sync_norms, create_norm
 
 C = 6
 SPLIT = (3, 5)  # unequal per-rank batches
@@ -81,22 +81,28 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
                 torch.testing.assert_close(ranks[r][name][2][key], value, msg=f"{name} {key} rank {r}")
 
 
-def test_convert_sync_norms_switches_every_batch_layer():
-    model = nn.Sequential(
-        build("bn"), nn.Sequential(build("brn"), create_norm("gn", C, num_groups=3)), build("ghost_bn")
+def _mixed():
+    return nn.Sequential(
+        nn.BatchNorm2d(C), nn.Sequential(build("brn"), create_norm("gn", C, num_groups=3)), build("ghost_bn")
     )
-    weight = model[0].weight
+
+
+def test_convert_sync_norms_on_cpu_keeps_parameters_and_math():
+    model = _mixed()
+    weight, running = model[0].weight, model[0].running_mean
     converted = convert_sync_norms(model)
-    assert type(converted[0]) is SyncBatchNorm and converted[0].weight is weight
-    assert converted[1][0].sync_stats and converted[2].sync_stats
-    assert not hasattr(converted[1][1], "sync_stats")
+    assert type(converted[0]) is BatchNorm and converted[0].sync_stats
+    assert converted[0].weight is weight and converted[0].running_mean is running
     assert all(m.sync_stats for m in converted.modules() if isinstance(m, RunningStatsNorm))
+    assert not hasattr(converted[1][1], "sync_stats")
     # Without a process group the converted model computes what it did before.
     x = torch.randn(4, C, 3, 3)
-    reference = nn.Sequential(
-        build("bn"), nn.Sequential(build("brn"), create_norm("gn", C, num_groups=3)), build("ghost_bn")
-    )
-    torch.testing.assert_close(converted(x), reference(x))
+    torch.testing.assert_close(converted(x), _mixed()(x))
+
+
+def test_convert_sync_norms_uses_torch_syncbatchnorm_on_accelerators():
+    converted = convert_sync_norms(_mixed(), device="cuda")  # conversion itself needs no GPU
+    assert type(converted[0]) is nn.SyncBatchNorm and converted[1][0].sync_stats and converted[2].sync_stats
 
 
 @pytest.mark.parametrize("name", ["bnrs", "brn", "ghost_bn", "evonorm_b0"])

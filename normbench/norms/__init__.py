@@ -4,7 +4,7 @@
 turns on cross-process statistics for a whole model; ``update_bn_stats`` is PreciseBN.
 """
 
-from normbench.norms.batch_norm import BatchNorm, BatchNormRS, SyncBatchNorm
+from normbench.norms.batch_norm import BatchNorm, BatchNormRS
 from normbench.norms.batch_renorm import BatchRenorm
 from normbench.norms.evonorm import EvoNormB0, EvoNormS0
 from normbench.norms.filter_response_norm import FilterResponseNorm
@@ -34,7 +34,6 @@ __all__ = [
     "NoNorm",
     "NormName",
     "RunningStatsNorm",
-    "SyncBatchNorm",
     "WSConv2d",
     "convert_sync_norms",
     "create_norm",

@@ -19,8 +19,13 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     y = gamma * (x - mu_B) / sqrt(sigma_B^2 + eps) + beta over (N, *) per channel in training;
     the running mean and unbiased variance replace the batch moments in eval. This is torch's
-    own BatchNorm, which it stays so that ``SyncBatchNorm`` conversion and cuDNN apply; it only
+    own BatchNorm, which it stays so that cuDNN and ``SyncBatchNorm`` conversion apply; it only
     accepts every (N, C, *) input rather than one rank per class.
+
+    ``sync_stats`` computes the batch moments over all processes by reducing the sum, the sum
+    of squares and the count, with gradients through them. ``convert_sync_norms`` uses it where
+    torch's SyncBatchNorm cannot run (CPU process groups, where torch and DDP refuse it) and
+    torch's SyncBatchNorm everywhere else.
 
     Args:
         num_features: number of channels C.
@@ -28,6 +33,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         momentum: running-statistics factor (None: cumulative average).
         affine: learn gamma and beta.
         track_running_stats: keep running statistics for eval.
+        sync_stats: reduce batch moments across processes.
     """
 
     def __init__(
@@ -37,24 +43,18 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        sync_stats: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.sync_stats = sync_stats
+        self.process_group = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected an (N, C, *) input, got {input.dim()}D input")
 
-
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, which also runs on CPU process groups (gloo).
-
-    torch's version raises for CPU tensors. On CPU this reduces the same statistics the custom
-    layers reduce (sum, sum of squares, count) with gradients through them, as BatchNorm's math
-    requires; on accelerators it is torch's kernel unchanged.
-    """
-
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and input.device.type == "cpu" and sync_active(self.process_group)):
+        if not (self.training and self.sync_stats and sync_active(self.process_group)):
             return super().forward(input)
         self._check_input_dim(input)
         shift = self.running_mean if self.running_mean is not None else input.new_zeros(input.shape[1])
@@ -88,8 +88,7 @@ class BatchNormRS(RunningStatsNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        inv_std = torch.rsqrt(self.running_var + self.eps)
-        y = scale_shift(x, inv_std, -self.running_mean * inv_std, self.weight, self.bias)
+        y = self._by_running_stats(x)  # before this batch updates the statistics
         if self.training:
             mean, var, count = self._moments(x, differentiable=False)
             update_running_stats(self, mean, var, count)

@@ -94,8 +94,7 @@ class BatchRenorm(RunningStatsNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
-            inv_std = torch.rsqrt(self.running_var + self.eps)
-            return scale_shift(x, inv_std, -self.running_mean * inv_std, self.weight, self.bias)
+            return self._by_running_stats(x)
         mean, var, count = self._moments(x)
         std_b = torch.sqrt(var + self.eps)
         with torch.no_grad():

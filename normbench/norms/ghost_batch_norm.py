@@ -64,8 +64,7 @@ class GhostBatchNorm(RunningStatsNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
-            inv_std = torch.rsqrt(self.running_var + self.eps)
-            return scale_shift(x, inv_std, -self.running_mean * inv_std, self.weight, self.bias)
+            return self._by_running_stats(x)
         offset, total = self._global_position(x)
         num_ghosts = -(-total // self.virtual_batch_size)
         index = torch.div(

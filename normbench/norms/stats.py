@@ -1,8 +1,8 @@
 """Batch statistics shared by every layer that normalizes with, or tracks, batch moments.
 
 One place computes per-channel batch moments, optionally reduced across processes, and one
-place updates running statistics, so that bnrs, brn, ghost_bn, evonorm_b0 and the CPU path of
-SyncBatchNorm agree to the last bit on what "batch statistics" mean.
+place updates running statistics, so that bnrs, brn, ghost_bn, evonorm_b0 and bn's
+cross-process path agree on what "batch statistics" mean.
 """
 
 from __future__ import annotations
@@ -166,6 +166,11 @@ class RunningStatsNorm(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (N, {self.num_features}, *), got {tuple(x.shape)}"
             )
+
+    def _by_running_stats(self, x: Tensor) -> Tensor:
+        """gamma * (x - running_mean) / sqrt(running_var + eps) + beta: eval of every BN-like layer."""
+        inv_std = torch.rsqrt(self.running_var + self.eps)
+        return scale_shift(x, inv_std, -self.running_mean * inv_std, self.weight, self.bias)
 
     def _moments(self, x: Tensor, differentiable: bool = True, groups=None):
         return batch_moments(x, self.running_mean, self.sync_stats, self.process_group, differentiable, groups)

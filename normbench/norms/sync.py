@@ -2,40 +2,57 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from normbench.norms.batch_norm import SyncBatchNorm
+from normbench.norms.batch_norm import BatchNorm
 from normbench.norms.stats import RunningStatsNorm
 
 
-def convert_sync_norms(module: nn.Module, process_group=None) -> nn.Module:
+def _as_synced_bn(module: nn.modules.batchnorm._BatchNorm, process_group) -> BatchNorm:
+    """``module`` as a ``bn`` layer with ``sync_stats``, sharing its parameters and buffers."""
+    if not isinstance(module, BatchNorm):
+        bn = BatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.affine:
+            bn.weight, bn.bias = module.weight, module.bias
+        bn.running_mean, bn.running_var = module.running_mean, module.running_var
+        bn.num_batches_tracked = module.num_batches_tracked
+        bn.train(module.training)
+        module = bn
+    module.sync_stats, module.process_group = True, process_group
+    return module
+
+
+def convert_sync_norms(module: nn.Module, process_group=None, device: torch.device | str | None = None) -> nn.Module:
     """Make every norm layer in ``module`` compute batch statistics over all processes.
 
-    torch BatchNorm layers (``bn``) become ``normbench.norms.SyncBatchNorm`` (torch's
-    SyncBatchNorm, also on CPU), sharing their parameters and buffers; layers built on
-    ``RunningStatsNorm`` (bnrs, brn, ghost_bn, evonorm_b0) get ``sync_stats = True``.
-    Batch-independent norms are left alone. Use it in place of Lightning's
-    ``sync_batchnorm=True``, which knows only torch's BatchNorm.
+    BatchNorm layers become torch's ``SyncBatchNorm`` on accelerators. On CPU, where torch's
+    SyncBatchNorm and DDP refuse to run it, they become ``bn`` layers with ``sync_stats``,
+    which reduce the same statistics. Layers built on ``RunningStatsNorm`` (bnrs, brn, ghost_bn,
+    evonorm_b0) get ``sync_stats = True``. Batch-independent norms are left alone. Use it in
+    place of Lightning's ``sync_batchnorm=True``, which knows only torch's BatchNorm.
 
     Args:
         module: the model (or a single layer).
         process_group: group to reduce over; None is the whole world.
+        device: where the model will train; None reads it off the first parameter or buffer.
 
     Returns:
         The model, converted in place; a new layer when ``module`` itself is a BatchNorm.
     """
+    if device is None:
+        tensors = [*module.parameters(), *module.buffers()]
+        device = tensors[0].device if tensors else "cpu"
+    if torch.device(device).type != "cpu":
+        return _convert(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group), process_group, False)
+    return _convert(module, process_group, True)
+
+
+def _convert(module: nn.Module, process_group, convert_bn: bool) -> nn.Module:
     if isinstance(module, RunningStatsNorm):
         module.sync_stats, module.process_group = True, process_group
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) is not SyncBatchNorm:
-        sync = SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group
-        )
-        if module.affine:
-            sync.weight, sync.bias = module.weight, module.bias
-        sync.running_mean, sync.running_var = module.running_mean, module.running_var
-        sync.num_batches_tracked = module.num_batches_tracked
-        sync.train(module.training)
-        module = sync
+    if convert_bn and isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module = _as_synced_bn(module, process_group)
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_norms(child, process_group))
+        module.add_module(name, _convert(child, process_group, convert_bn))
     return module

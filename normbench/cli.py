@@ -1,0 +1,82 @@
+"""``normbench fit|validate|test|predict``: LightningCLI over the module and the data modules."""
+
+from __future__ import annotations
+
+import os
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from normbench.callbacks import RunningStatsLogger
+from normbench.data import DATAMODULES, ImageDataModule
+from normbench.module import NormBenchModule
+
+LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+def run_name(config: Namespace) -> str:
+    """The readable run name, e.g. ``cifar100_brn_bs2``: the same words as the configs."""
+    data_cls = config.data.class_path.rsplit(".", 1)[-1]
+    dataset = next((k for k, v in DATAMODULES.items() if v.__name__ == data_cls), data_cls)
+    net = "" if config.model.net == "seed_cnn" else f"{config.model.net}_"
+    return f"{dataset}_{net}{config.model.norm}_bs{config.data.init_args.batch_size}"
+
+
+class NormBenchCLI(LightningCLI):
+    """LightningCLI that links the dataset's classes and channels into the model and names
+    each run directory after its experiment: ``lightning_logs/<name>/version_N``."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        super().__init__(
+            NormBenchModule,
+            ImageDataModule,
+            subclass_mode_data=True,
+            trainer_defaults={
+                "callbacks": [
+                    RunningStatsLogger(),
+                    # The last checkpoint to resume from, and the best by the validation accuracy.
+                    ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{epoch}"),
+                ]
+            },
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--name",
+            type=str | None,
+            default=None,
+            help="Run directory under lightning_logs/ (default: <dataset>_<norm>_bs<batch_size>)",
+        )
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            root = config.trainer.default_root_dir or "."
+            config.trainer.logger = Namespace(
+                class_path=LOGGER,
+                init_args=Namespace(
+                    save_dir=os.path.join(root, "lightning_logs"),
+                    name=config.name or run_name(config),
+                    default_hp_metric=False,
+                ),
+            )
+
+
+def main(args: ArgsType = None) -> None:
+    """The one entry point: ``normbench ...`` in a shell, ``main([...])`` in tests and sweeps.
+
+    Args:
+        args: command-line arguments; None reads ``sys.argv``.
+    """
+    NormBenchCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

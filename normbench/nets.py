@@ -1,0 +1,153 @@
+"""Plain nn.Module networks. They take a norm factory, ``norm(num_features) -> nn.Module``, and
+never switch on a norm's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normbench.norms import WSConv2d
+
+NormFactory = Callable[[int], nn.Module]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+ActivationName = Literal["relu", "sigmoid", "tanh", "gelu", "silu", "elu", "leaky_relu"]
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = True, ws: bool = False) -> nn.Conv2d:
+    """3x3 convolution with padding 1; weight-standardized when ``ws``."""
+    return (WSConv2d if ws else nn.Conv2d)(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+class NormBlock(nn.Module):
+    """conv3x3 -> norm -> activation: one block of study 2's network."""
+
+    def __init__(self, channels: int, norm: NormFactory, activation: str, ws: bool = False) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels, ws=ws)
+        self.norm = norm(channels)
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class SeedCNN(nn.Module):
+    """Study 2's network ("Normalization: Batch vs Group"): a 3x3 conv stem to ``width``
+    channels, ``num_blocks`` blocks of conv3x3 + norm + activation, global average pooling and a
+    linear head.
+
+    Args:
+        norm: factory ``norm(num_features)`` for each block's norm layer.
+        in_channels: image channels.
+        num_classes: classes of the head.
+        width: channels of the stem and every block.
+        num_blocks: how many conv + norm + activation blocks.
+        activation: a name of ``ACTIVATIONS``.
+        weight_standardization: use weight-standardized convolutions in the blocks.
+    """
+
+    def __init__(
+        self,
+        norm: NormFactory,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 64,
+        num_blocks: int = 4,
+        activation: str = "relu",
+        weight_standardization: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        self.blocks = nn.Sequential(
+            *[NormBlock(width, norm, activation, weight_standardization) for _ in range(num_blocks)]
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.blocks(self.conv1(x))).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016, Fig. 2) with the parameter-free option-A shortcut
+    (strided identity, zero-padded channels) used for CIFAR in Sec. 4.2."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: NormFactory, activation: str, ws: bool):
+        super().__init__()
+        self.conv = conv3x3(in_channels, out_channels, stride, bias=False, ws=ws)
+        self.norm = norm(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels, bias=False, ws=ws)
+        self.norm2 = norm(out_channels)
+        self.act = ACTIVATIONS[activation]()
+        self.stride, self.pad = stride, out_channels - in_channels
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.pad)) if self.pad else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.norm(self.conv(x)))
+        return self.act(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, Sec. 4.2): a 3x3 conv stem, three stages of
+    ``num_blocks`` basic blocks at ``width``, 2x and 4x channels (stride 2 between stages),
+    global average pooling and a linear head; depth 6 * num_blocks + 2, so 3 gives ResNet-20.
+
+    Args:
+        norm: factory ``norm(num_features)`` for every norm layer.
+        in_channels: image channels.
+        num_classes: classes of the head.
+        width: channels of the first stage (16 in the paper).
+        num_blocks: basic blocks per stage (3 for ResNet-20).
+        activation: a name of ``ACTIVATIONS``.
+        weight_standardization: use weight-standardized convolutions.
+    """
+
+    def __init__(
+        self,
+        norm: NormFactory,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 16,
+        num_blocks: int = 3,
+        activation: str = "relu",
+        weight_standardization: bool = False,
+    ) -> None:
+        super().__init__()
+        ws = weight_standardization
+        self.conv1 = conv3x3(in_channels, width, bias=False, ws=ws)
+        self.norm1 = norm(width)
+        self.act = ACTIVATIONS[activation]()
+        blocks, channels = [], width
+        for stage in range(3):
+            out = width * 2**stage
+            for i in range(num_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(channels, out, stride, norm, activation, ws))
+                channels = out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.norm1(self.conv1(x)))
+        return self.fc(self.pool(self.blocks(x)).flatten(1))
+
+
+NETS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": SeedCNN, "resnet": CifarResNet}
+NetName = Literal["seed_cnn", "resnet"]

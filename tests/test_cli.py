@@ -1,0 +1,164 @@
+"""`normbench fit|validate|test`: configs, runs for every norm, the test split, errors, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fakedata
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from normbench.cli import NormBenchCLI, main
+from normbench.data import DatasetNotFoundError
+from normbench.experiments import STUDY1, STUDY2, render_configs
+from normbench.norms import NORMS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def fast(data_dir, root, *extra):
+    """Arguments for a few quick steps on fake data."""
+    return [
+        "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "2", "--trainer.accelerator", "cpu", *QUIET, *extra,
+    ]  # fmt: skip
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_committed_configs_are_generated_from_one_source():
+    generated = render_configs()
+    assert sorted(generated) == sorted(p.name for p in CONFIGS)
+    for path in CONFIGS:
+        assert path.read_text() == generated[path.name], f"{path.name} drifted: run python -m normbench.experiments"
+    assert len(generated) == len(STUDY1) + len(STUDY2) == 18 + 14
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_instantiates(path, tmp_path):
+    dataset, norm, bs = path.stem.rsplit("_", 2)
+    cli = NormBenchCLI(args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    assert model.hparams.norm == norm and data.batch_size == int(bs.removeprefix("bs")) and data.name == dataset
+    assert trainer.max_epochs == 10 and model.hparams.num_blocks == 4 and model.hparams.width == 64
+    assert model.hparams.num_classes == data.num_classes and model.hparams.in_channels == data.in_channels
+    assert data.normalization == "half" and data.val_split == 0
+    assert model.optimizer_factory(model.parameters()).defaults["lr"] == 1e-3
+    if norm == "gn":
+        assert {m.num_groups for m in model.modules() if type(m).__name__ == "GroupNorm"} == {4}
+    assert Path(trainer.logger.log_dir).parent.name == path.stem
+
+
+def test_typo_in_norm_fails_at_parse_time(capsys):
+    with pytest.raises(SystemExit):
+        NormBenchCLI(args=["--config", str(CONFIGS[0]), "--model.norm", "batchnorm"], run=False)
+    assert "batchnorm" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_study_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "cifar100_brn_bs2.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["norm"] == "brn" and printed["data"]["init_args"]["batch_size"] == 2
+    assert printed["model"]["optimizer"]["init_args"]["lr"] == 0.001 and printed["trainer"]["max_epochs"] == 10
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_fit_runs_every_norm(norm, fake_data, tmp_path):
+    main(["fit", "--config", str(ROOT / "configs" / "mnist_bn_bs16.yaml"), "--model.norm", norm,
+          *fast(fake_data, tmp_path)])  # fmt: skip
+    run = tmp_path / "lightning_logs" / f"mnist_{norm}_bs16" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["norm"] == norm and saved["seed_everything"] == 0
+    assert list((run / "checkpoints").glob("*.ckpt"))
+    logged = scalars(run)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best"} <= set(logged)
+    assert all(math.isfinite(v) for v in logged["train/loss"])
+    has_stats = any(tag.startswith("running_stats/") for tag in logged)
+    assert has_stats == (norm in ("bn", "bnrs", "brn", "ghost_bn", "evonorm_b0"))
+
+
+def test_fit_then_test_from_checkpoint_on_cifar100(fake_data, tmp_path):
+    config = str(ROOT / "configs" / "cifar100_brn_bs2.yaml")
+    args = fast(fake_data, tmp_path, "--trainer.limit_test_batches", "2")
+    main(["fit", "--config", config, *args])
+    ckpt = next((tmp_path / "lightning_logs" / "cifar100_brn_bs2" / "version_0" / "checkpoints").glob("*.ckpt"))
+    main(["test", "--config", config, *args, "--ckpt_path", str(ckpt)])
+    assert "test/acc" in scalars(tmp_path / "lightning_logs" / "cifar100_brn_bs2" / "version_1")
+
+
+def test_training_never_sees_the_test_split(fake_data, tmp_path):
+    for val_split in ("0", "0.25"):
+        cli = NormBenchCLI(args=["--config", str(ROOT / "configs" / "cifar10_bn_bs16.yaml"),
+                                 *fast(fake_data, tmp_path), "--data.val_split", val_split], run=False)  # fmt: skip
+        dm = cli.datamodule
+        dm.prepare_data()
+        dm.setup("fit")
+        seen = [i for x, _ in dm.train_dataloader() for i in fakedata.decode_ids(x, (0.5,) * 3, (0.5,) * 3)]
+        assert len(seen) == len(dm.train_set) and {split for split, _ in seen} == {fakedata.TRAIN}
+        val = [i for x, _ in dm.val_dataloader() for i in fakedata.decode_ids(x, (0.5,) * 3, (0.5,) * 3)]
+        if val_split == "0":  # the studies' protocol: evaluate on the official test split
+            assert {split for split, _ in val} == {fakedata.TEST}
+        else:
+            assert {split for split, _ in val} == {fakedata.TRAIN} and not set(val) & set(seen)
+
+
+def test_missing_files_name_the_folder(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"train-images-idx3-ubyte.*MNIST[/\\]raw"):
+        main(["fit", "--config", str(ROOT / "configs" / "mnist_bn_bs2.yaml"), *fast(tmp_path / "empty", tmp_path)])
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
+    out = tmp_path / f"sync_{sync}"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", str(ROOT / "configs" / "mnist_bn_bs16.yaml"),
+           *fast(fake_data, out), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--model.sync_norms", str(sync).lower(), "--trainer.limit_val_batches", "0",
+           "--trainer.callbacks+=ddp_probe.SaveNormBuffers", f"--trainer.callbacks.out_dir={out}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_ddp_on_two_cpu_processes_syncs_norm_statistics(fake_data, tmp_path):
+    synced = _ddp_run(fake_data, tmp_path, sync=True)
+    assert synced[0] and synced[0].keys() == synced[1].keys()
+    for key in synced[0]:
+        torch.testing.assert_close(synced[0][key], synced[1][key], msg=key)
+    # The check can fail: without sync the ranks' statistics drift apart on their own shards.
+    unsynced = _ddp_run(fake_data, tmp_path, sync=False)
+    assert any(not torch.allclose(unsynced[0][k], unsynced[1][k]) for k in unsynced[0] if "running_mean" in k)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_one_epoch_on_real_mnist_subset_reaches_90_percent(mnist_dir, tmp_path):
+    main(["fit", "--config", str(ROOT / "configs" / "mnist_bn_bs16.yaml"), "--data.data_dir", str(mnist_dir),
+          "--data.train_subset", "5000", "--data.eval_batch_size", "1000", "--trainer.max_epochs", "1",
+          "--trainer.default_root_dir", str(tmp_path), *QUIET])  # fmt: skip
+    acc = scalars(tmp_path / "lightning_logs" / "mnist_bn_bs16" / "version_0")["val/acc"]
+    assert len(acc) == 1 and acc[0] >= 0.90, acc
