@@ -1,23 +1,314 @@
-"""Diagnostics that read the model and write TensorBoard. They never change training."""
+"""Diagnostics that read the model and write TensorBoard, and the run record. They never
+change training: every state they touch (mode, buffers, hooks) is put back in a ``finally``,
+and steps that do not log cost no host sync."""
 
 from __future__ import annotations
 
+import copy
+import os
+import time
+from typing import Any
+
 import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
-from normbench.norms import tracks_running_stats
+from normbench.norms import BatchRenorm, local_norms, tracks_running_stats, update_bn_stats
+from normbench.results import update_record
+
+BATCH_STATS_ACC = "train_eval/val_acc_batch_stats"
+PRECISE_BN_ACC = "train_eval/val_acc_precise_bn"
 
 
-class RunningStatsLogger(L.Callback):
-    """Logs, per layer that tracks running statistics, the mean over channels of
-    ``running_mean`` and ``running_var`` at the end of every training epoch, as study 2 prints
-    them: ``running_stats/<layer>/mean`` and ``running_stats/<layer>/var``."""
+def stat_layers(pl_module: nn.Module) -> dict[str, nn.Module]:
+    """Readable name -> layer, for every layer that tracks running statistics."""
+    return {name.removeprefix("net."): m for name, m in pl_module.named_modules() if tracks_running_stats(m)}
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        stats = {}
-        for name, module in pl_module.named_modules():
-            if tracks_running_stats(module):
-                layer = name.removeprefix("net.")
-                stats[f"running_stats/{layer}/mean"] = module.running_mean.mean()
-                stats[f"running_stats/{layer}/var"] = module.running_var.mean()
-        if stats:
-            pl_module.log_dict(stats, on_step=False, on_epoch=True)
+
+def block_convs(pl_module: nn.Module) -> list[nn.Module]:
+    """The first convolution of every block of the network, in depth order."""
+    blocks = getattr(getattr(pl_module, "net", pl_module), "blocks", [])
+    return [b.conv for b in blocks if isinstance(getattr(b, "conv", None), nn.Conv2d)]
+
+
+@torch.no_grad()
+def batch_running_gap(x: Tensor, layer: nn.Module) -> dict[str, Tensor]:
+    """How far this batch's statistics stray from the layer's running ones, per channel then
+    averaged: |mu_B - mu_run| / sigma_run and sigma_B / sigma_run, with sigma_B = sqrt(biased
+    batch variance + eps) and sigma_run = sqrt(running_var + eps): BRN's d and r before clipping
+    (Ioffe 2017, Algorithm 1). For brn also the current limits and the fraction of channels
+    whose r or d is clipped. All values stay on the device."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
+    std_run = torch.sqrt(layer.running_var.float() + layer.eps)
+    d = (mean - layer.running_mean.float()) / std_run
+    r = torch.sqrt(var + layer.eps) / std_run
+    out = {"mean_gap": d.abs().mean(), "std_ratio": r.mean()}
+    if isinstance(layer, BatchRenorm):
+        r_max, d_max = layer.current_limits()
+        out.update(
+            r_max=r_max,
+            d_max=d_max,
+            r_clip_fraction=((r > r_max) | (r < 1 / r_max)).float().mean(),
+            d_clip_fraction=(d.abs() > d_max).float().mean(),
+        )
+    return out
+
+
+def _tensorboard(trainer: L.Trainer):
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class NormDiagnostics(L.Callback):
+    """Why a norm wins or loses, in TensorBoard.
+
+    Every ``every_n_steps`` training steps (on the batch just trained on, captured by forward
+    pre-hooks that return at once on other steps):
+
+    - ``running_stats/<layer>/mean``, ``/var``: mean over channels of running_mean and
+      running_var (as study 2 prints them), and their histograms.
+    - ``batch_vs_running/<layer>/mean_gap``, ``/std_ratio``: mean over channels of
+      |mu_B - mu_run| / sigma_run and sigma_B / sigma_run, what BRN clips.
+    - ``brn/<layer>/r_max``, ``/d_max``, ``/r_clip_fraction``, ``/d_clip_fraction``.
+    - ``grad/block_<i>``: mean |gradient| of each block's conv weight, and
+      ``grad/last_over_first``: study 2's gradient magnitude reduction with depth.
+
+    At each validation, ``train_eval/val_acc_batch_stats``: the accuracy with the norm layers in
+    training mode (batch statistics; running statistics restored, parameters untouched), beside
+    ``val/acc`` with running statistics. At the end of fit, ``train_eval/val_acc_precise_bn``:
+    the accuracy after PreciseBN recalibrates a copy of the model on ``precise_bn_batches``
+    training batches. Statistics are those of this rank's batch.
+
+    Args:
+        every_n_steps: log the per-step figures every this many optimizer steps.
+        histograms: also log histograms of the running statistics.
+        batch_stats_eval: measure accuracy with batch statistics at each validation.
+        precise_bn_batches: training batches for PreciseBN at the end of fit (0: skip).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        histograms: bool = True,
+        batch_stats_eval: bool = True,
+        precise_bn_batches: int = 200,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.histograms = histograms
+        self.batch_stats_eval = batch_stats_eval
+        self.precise_bn_batches = precise_bn_batches
+        self._armed = False
+        self._hooks: list = []
+        self._captured: dict[str, dict[str, Tensor]] = {}
+        self._grads: list[Tensor] = []
+        self._batch_acc: MulticlassAccuracy | None = None
+
+    # -- hooks on the model ----------------------------------------------------------------
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+        for name, layer in stat_layers(pl_module).items():
+            self._hooks.append(layer.register_forward_pre_hook(self._capture_hook(name)))
+        num_classes = pl_module.hparams.get("num_classes", 10)
+        self._batch_acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
+
+    def _capture_hook(self, name: str):
+        def hook(layer: nn.Module, args: tuple) -> None:
+            if self._armed and layer.training:
+                self._captured[name] = batch_running_gap(args[0], layer)
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._armed = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    # -- training steps --------------------------------------------------------------------
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Only rank zero writes; the other ranks never capture anything.
+        self._armed = trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0
+        self._step = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self._armed:
+            self._grads = [
+                c.weight.grad.detach().abs().mean() for c in block_convs(pl_module) if c.weight.grad is not None
+            ]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        try:
+            writer = _tensorboard(trainer)
+            if writer is not None:
+                self._write(writer, pl_module, self._step)
+        finally:
+            self._captured, self._grads = {}, []
+
+    def _write(self, writer, pl_module: L.LightningModule, step: int) -> None:
+        for name, layer in stat_layers(pl_module).items():
+            writer.add_scalar(f"running_stats/{name}/mean", layer.running_mean.mean(), step)
+            writer.add_scalar(f"running_stats/{name}/var", layer.running_var.mean(), step)
+            if self.histograms:
+                writer.add_histogram(f"running_stats/{name}/running_mean", layer.running_mean, step)
+                writer.add_histogram(f"running_stats/{name}/running_var", layer.running_var, step)
+        for name, values in self._captured.items():
+            for key, value in values.items():
+                group = "brn" if key in ("r_max", "d_max", "r_clip_fraction", "d_clip_fraction") else "batch_vs_running"
+                writer.add_scalar(f"{group}/{name}/{key}", value, step)
+        for i, g in enumerate(self._grads):
+            writer.add_scalar(f"grad/block_{i}", g, step)
+        if len(self._grads) > 1:
+            writer.add_scalar("grad/last_over_first", self._grads[-1] / self._grads[0], step)
+
+    # -- validation: batch statistics against running statistics -----------------------------
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        layers = list(stat_layers(pl_module).values())
+        if not self.batch_stats_eval or trainer.sanity_checking or not layers or self._batch_acc is None:
+            return
+        x, y = batch
+        saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in layers]
+        try:
+            for m in layers:
+                m.train()
+            logits = pl_module(x)
+        finally:
+            for m, mode, buffers in saved:
+                m.train(mode)
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(buffers[k])
+        self._batch_acc.update(logits, y)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batch_acc is None or trainer.sanity_checking or not self._batch_acc.update_count:
+            return
+        pl_module.log(BATCH_STATS_ACC, self._batch_acc.compute(), sync_dist=True)
+        self._batch_acc.reset()
+
+    # -- end of fit: PreciseBN --------------------------------------------------------------
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.precise_bn_batches <= 0 or not stat_layers(pl_module) or trainer.datamodule is None:
+            return
+        if trainer.is_global_zero:
+            acc = self._precise_bn_accuracy(trainer, pl_module)
+            trainer.callback_metrics[PRECISE_BN_ACC] = acc
+            writer = _tensorboard(trainer)
+            if writer is not None:
+                writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
+
+    @torch.no_grad()
+    def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
+        """Validation accuracy of a copy of the network whose running statistics PreciseBN
+        recomputed; the trained model itself is left as it is. Runs on rank zero alone, so the
+        copy's norms reduce nothing across processes."""
+        device = pl_module.device
+        net = local_norms(copy.deepcopy(pl_module.net))
+        dm = trainer.datamodule
+        update_bn_stats(net, dm.train_dataloader(), self.precise_bn_batches, forward=lambda m, b: m(b[0].to(device)))
+        net.eval()
+        correct = total = torch.zeros((), device=device)
+        for x, y in dm.val_dataloader():
+            pred = net(x.to(device)).argmax(1)
+            correct = correct + (pred == y.to(device)).sum()
+            total = total + y.numel()
+        return correct / total
+
+
+class RunRecorder(L.Callback):
+    """Writes the run record, ``metrics.json`` in the run directory, and TensorBoard's HParams.
+
+    The record holds per-epoch metrics, the final and best figures, the seed, the global step,
+    the wall time and the status; it is rewritten atomically after every epoch, so an
+    interrupted run keeps what it had. At the end of fit the run's hyperparameters go to the
+    HParams tab with ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies
+    under the studies' ``val_split: 0``) and the train/eval diagnostics when present.
+    """
+
+    def __init__(self) -> None:
+        self._epochs: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epochs, self._start = [], time.time()
+        self._save(trainer, status="running")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning has aggregated the previous epoch's train and val metrics by now.
+        if trainer.current_epoch > len(self._epochs):
+            self._collect(trainer, trainer.current_epoch - 1)
+            self._save(trainer, status="running")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, max(trainer.current_epoch - 1, 0))
+        final = self._epochs[-1] if self._epochs else {}
+        metrics = {
+            "val_acc_final": final.get("val/acc"),
+            "val_acc_best": max((e["val/acc"] for e in self._epochs if "val/acc" in e), default=None),
+            "val_acc_batch_stats_final": final.get(BATCH_STATS_ACC),
+            "val_acc_precise_bn": _float(trainer.callback_metrics.get(PRECISE_BN_ACC)),
+        }
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        self._save(trainer, status="finished", **metrics)
+        self._log_hparams(trainer, pl_module, metrics)
+
+    def _collect(self, trainer: L.Trainer, epoch: int) -> None:
+        if any(e["epoch"] == epoch for e in self._epochs):
+            return
+        row = {k: _float(v) for k, v in trainer.callback_metrics.items() if "/" in k and _float(v) is not None}
+        if row:
+            self._epochs.append({"epoch": epoch, **row})
+
+    def _save(self, trainer: L.Trainer, **fields: Any) -> None:
+        # trainer.log_dir is a broadcast: every rank must ask for it, only rank zero writes.
+        log_dir = trainer.log_dir
+        if log_dir is None or not trainer.is_global_zero:
+            return
+        update_record(
+            log_dir,
+            epochs=self._epochs,
+            global_step=trainer.global_step,
+            seed=_seed(),
+            wall_time_s=round(time.time() - self._start, 3),
+            **fields,
+        )
+
+    @rank_zero_only
+    def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        params = {"model": dict(pl_module.hparams)}
+        if trainer.datamodule is not None:
+            params["data"] = {"dataset": getattr(trainer.datamodule, "name", ""), **dict(trainer.datamodule.hparams)}
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.log_hyperparams(params, {f"hparams/{k}": v for k, v in metrics.items()})
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, Tensor):
+        return float(value.detach().float().cpu()) if value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _seed() -> int | None:
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None

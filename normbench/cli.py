@@ -8,7 +8,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from normbench.callbacks import RunningStatsLogger
+from normbench.callbacks import RunRecorder
 from normbench.data import DATAMODULES, ImageDataModule
 from normbench.module import NormBenchModule
 
@@ -34,7 +34,7 @@ class NormBenchCLI(LightningCLI):
             subclass_mode_data=True,
             trainer_defaults={
                 "callbacks": [
-                    RunningStatsLogger(),
+                    RunRecorder(),
                     # The last checkpoint to resume from, and the best by the validation accuracy.
                     ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{epoch}"),
                 ]

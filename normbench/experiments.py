@@ -32,7 +32,10 @@ def experiment_config(dataset: str, norm: str, batch_size: int) -> dict[str, Any
     """The complete config of one experiment, with the studies' hyperparameters."""
     return {
         "seed_everything": 0,
-        "trainer": {"max_epochs": 10},
+        "trainer": {
+            "max_epochs": 10,
+            "callbacks": [{"class_path": "normbench.callbacks.NormDiagnostics", "init_args": {"every_n_steps": 50}}],
+        },
         "model": {
             "norm": norm,
             "norm_kwargs": NORM_OPTIONS.get(norm, {}),

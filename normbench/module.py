@@ -114,7 +114,7 @@ class NormBenchModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.val_acc_best.update(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.test_loss, self.test_acc)

@@ -16,7 +16,7 @@ from normbench.norms.layer_norm import LayerNorm
 from normbench.norms.precise_bn import tracks_running_stats, update_bn_stats
 from normbench.norms.registry import NORMS, NormName, create_norm
 from normbench.norms.stats import RunningStatsNorm
-from normbench.norms.sync import convert_sync_norms
+from normbench.norms.sync import convert_sync_norms, local_norms
 from normbench.norms.weight_standardization import WSConv2d
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "WSConv2d",
     "convert_sync_norms",
     "create_norm",
+    "local_norms",
     "tracks_running_stats",
     "update_bn_stats",
 ]

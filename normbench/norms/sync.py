@@ -56,3 +56,25 @@ def _convert(module: nn.Module, process_group, convert_bn: bool) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, _convert(child, process_group, convert_bn))
     return module
+
+
+def local_norms(module: nn.Module) -> nn.Module:
+    """Undo ``convert_sync_norms``: every norm computes statistics of its own process's batch.
+
+    For work one rank does alone (PreciseBN on a copy of the model, say), where a reduction
+    across processes would wait forever for the others.
+
+    Args:
+        module: the model (or a single layer).
+
+    Returns:
+        The model, converted in place; a new layer when ``module`` itself is a SyncBatchNorm.
+    """
+    if isinstance(module, (RunningStatsNorm, BatchNorm)):
+        module.sync_stats = False
+    if isinstance(module, nn.SyncBatchNorm):
+        module = _as_synced_bn(module, None)
+        module.sync_stats = False
+    for name, child in module.named_children():
+        module.add_module(name, local_norms(child))
+    return module

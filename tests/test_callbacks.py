@@ -1,0 +1,155 @@
+"""Diagnostics: the tags they write, the numbers behind them, and that training is untouched."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from normbench.callbacks import NormDiagnostics
+from normbench.cli import main
+from normbench.module import NormBenchModule
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+LAYERS = [f"blocks.{i}.norm" for i in range(4)]
+
+
+def run_args(data_dir, root, norm, *extra):
+    return [
+        "fit", "--config", str(ROOT / "configs" / "mnist_brn_bs16.yaml"), "--model.norm", norm,
+        "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "2", "--trainer.accelerator", "cpu", *QUIET, *extra,
+    ]  # fmt: skip
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+EXPECTED = {
+    "bn": {"running", "gap", "grad", "train_eval"},
+    "brn": {"running", "gap", "grad", "train_eval", "brn"},
+    "bnrs": {"running", "gap", "grad", "train_eval"},
+    "ghost_bn": {"running", "gap", "grad", "train_eval"},
+    "evonorm_b0": {"running", "gap", "grad", "train_eval"},
+    "gn": {"grad"},
+    "frn": {"grad"},
+    "none": {"grad"},
+}
+
+
+@pytest.mark.parametrize("norm", sorted(EXPECTED))
+def test_each_norm_family_writes_its_tags(norm, fake_data, tmp_path):
+    main(run_args(fake_data, tmp_path, norm))
+    run = tmp_path / "lightning_logs" / f"mnist_{norm}_bs16" / "version_0"
+    acc = events(run)
+    scalars, hists = set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
+    families = {
+        "running": {f"running_stats/{n}/{s}" for n in LAYERS for s in ("mean", "var")},
+        "gap": {f"batch_vs_running/{n}/{s}" for n in LAYERS for s in ("mean_gap", "std_ratio")},
+        "brn": {f"brn/{n}/{s}" for n in LAYERS for s in ("r_max", "d_max", "r_clip_fraction", "d_clip_fraction")},
+        "grad": {f"grad/block_{i}" for i in range(4)} | {"grad/last_over_first"},
+        "train_eval": {"train_eval/val_acc_batch_stats", "train_eval/val_acc_precise_bn"},
+    }
+    for family, tags in families.items():
+        if family in EXPECTED[norm]:
+            assert tags <= scalars, (family, tags - scalars)
+        else:
+            assert not tags & scalars, (family, tags & scalars)
+    if "running" in EXPECTED[norm]:
+        assert {f"running_stats/{n}/running_mean" for n in LAYERS} <= hists
+    # The HParams tab has this run with its figures.
+    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+    assert {"hparams/val_acc_final", "hparams/val_acc_best"} <= scalars
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "finished" and [e["epoch"] for e in record["epochs"]] == [0, 1]
+    assert record["val_acc_best"] == max(e["val/acc"] for e in record["epochs"])
+    assert record["val_acc_final"] == record["epochs"][-1]["val/acc"]
+    assert ("val_acc_precise_bn" in record) == ("train_eval" in EXPECTED[norm])
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "ghost_bn"])
+def test_diagnostics_do_not_change_training(norm, fake_data, tmp_path):
+    # Every step logged, batch-statistics evaluation and PreciseBN on: the most they can touch.
+    loud = ["--trainer.callbacks.init_args.every_n_steps", "1"]
+    main(run_args(fake_data, tmp_path / "with", norm, *loud, "--name", "run"))
+    main(run_args(fake_data, tmp_path / "without", norm, "--trainer.callbacks", "[]", "--name", "run"))
+    with_ = torch.load(tmp_path / "with/lightning_logs/run/version_0/checkpoints/last.ckpt", weights_only=False)
+    without = torch.load(tmp_path / "without/lightning_logs/run/version_0/checkpoints/last.ckpt", weights_only=False)
+    logged = {
+        k: set(events(tmp_path / k / "lightning_logs/run/version_0").Tags()["scalars"]) for k in ("with", "without")
+    }
+    assert "grad/block_0" in logged["with"] and "train_eval/val_acc_batch_stats" in logged["with"]
+    assert not any(t.startswith(("grad/", "train_eval/")) for t in logged["without"])
+    assert with_["state_dict"].keys() == without["state_dict"].keys()
+    for key, value in with_["state_dict"].items():
+        assert torch.equal(value, without["state_dict"][key]), key
+    for a, b in zip(with_["optimizer_states"][0]["state"].values(), without["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_logged_figures_equal_an_independent_computation(tmp_path):
+    torch.manual_seed(0)
+    brn = {"r_max": 1.5, "d_max": 0.05, "warmup_steps": 0, "r_max_ramp_steps": 0, "d_max_ramp_steps": 0}
+    module = NormBenchModule(norm="brn", norm_kwargs=brn, width=8, num_blocks=3, num_classes=10, in_channels=1)
+    x, y = torch.randn(16, 1, 12, 12) * 2 + 0.5, torch.randint(0, 10, (16,))
+    twin = copy.deepcopy(module)
+
+    trainer = L.Trainer(
+        max_steps=1, logger=TensorBoardLogger(tmp_path, name="fixed"), accelerator="cpu", limit_val_batches=0,
+        callbacks=[NormDiagnostics(every_n_steps=1, batch_stats_eval=False, precise_bn_batches=0)],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+    logged = {
+        t: events(tmp_path / "fixed" / "version_0").Scalars(t)[0].value
+        for t in events(tmp_path / "fixed" / "version_0").Tags()["scalars"]
+    }
+
+    # Independent: the same model by hand, the norms' inputs stored, formulas in plain torch.
+    inputs = {}
+    for i, block in enumerate(twin.net.blocks):
+        block.norm.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach().clone()))
+    running = {i: (b.norm.running_mean.clone(), b.norm.running_var.clone()) for i, b in enumerate(twin.net.blocks)}
+    F.cross_entropy(twin(x), y).backward()
+    for i, block in enumerate(twin.net.blocks):
+        h, (mu, var) = inputs[i], running[i]
+        mu_b, var_b = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+        sigma = (var + 1e-5).sqrt()
+        d, r = (mu_b - mu) / sigma, (var_b + 1e-5).sqrt() / sigma
+        name = f"blocks.{i}.norm"
+        assert logged[f"batch_vs_running/{name}/mean_gap"] == pytest.approx(d.abs().mean().item(), rel=1e-5)
+        assert logged[f"batch_vs_running/{name}/std_ratio"] == pytest.approx(r.mean().item(), rel=1e-5)
+        clipped_r = sum(1 for v in r.tolist() if v > 1.5 or v < 1 / 1.5) / len(r)
+        clipped_d = sum(1 for v in d.tolist() if abs(v) > 0.05) / len(d)
+        assert logged[f"brn/{name}/r_clip_fraction"] == pytest.approx(clipped_r)
+        assert logged[f"brn/{name}/d_clip_fraction"] == pytest.approx(clipped_d)
+        assert logged[f"brn/{name}/r_max"] == 1.5 and logged[f"brn/{name}/d_max"] == pytest.approx(0.05)
+    # Clipping really happened, so the fractions are not trivially 0.
+    assert 0 < sum(logged[f"brn/blocks.{i}.norm/d_clip_fraction"] for i in range(3)) < 3
+    assert 0 < sum(logged[f"brn/blocks.{i}.norm/r_clip_fraction"] for i in range(3)) < 3
+    grads = [b.conv.weight.grad.abs().mean().item() for b in twin.net.blocks]
+    for i, g in enumerate(grads):
+        assert logged[f"grad/block_{i}"] == pytest.approx(g, rel=1e-5)
+    assert logged["grad/last_over_first"] == pytest.approx(grads[-1] / grads[0], rel=1e-5)
+
+
+def test_hooks_are_removed_after_fit(fake_data, tmp_path):
+    from normbench.cli import NormBenchCLI
+
+    cli = NormBenchCLI(args=run_args(fake_data, tmp_path, "bn")[1:], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert not any(m._forward_pre_hooks for m in cli.model.modules())
+    assert all(m.training for m in cli.model.modules())  # modes as Lightning left them
