@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.norms import BatchRenorm, local_norms, tracks_running_stats, update_bn_stats
-from normbench.results import update_record
+from normbench.results import code_revision, update_record
 
 BATCH_STATS_ACC = "train_eval/val_acc_batch_stats"
 PRECISE_BN_ACC = "train_eval/val_acc_precise_bn"
@@ -251,7 +254,10 @@ class RunRecorder(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epochs, self._start = [], time.time()
-        self._save(trainer, status="running")
+        log_dir = trainer.log_dir
+        config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
+        config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else None
+        self._save(trainer, status="running", config=config, revision=code_revision(), hardware=hardware(pl_module))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning has aggregated the previous epoch's train and val metrics by now.
@@ -301,6 +307,13 @@ class RunRecorder(L.Callback):
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.log_hyperparams(params, {f"hparams/{k}": v for k, v in metrics.items()})
+
+
+def hardware(pl_module: L.LightningModule) -> str:
+    """The device a run trains on, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU x86_64, 2 threads``."""
+    if pl_module.device.type == "cuda":
+        return torch.cuda.get_device_name(pl_module.device)
+    return f"{pl_module.device.type.upper()} {platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def _float(value: Any) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -52,6 +53,12 @@ class NormBenchCLI(LightningCLI):
             default=None,
             help="Run directory under lightning_logs/ (default: <dataset>_<norm>_bs<batch_size>)",
         )
+        parser.add_argument(
+            "--version",
+            type=int | str | None,
+            default=None,
+            help="Version folder under the run directory (default: the next free version_N)",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
 
@@ -64,6 +71,7 @@ class NormBenchCLI(LightningCLI):
                 init_args=Namespace(
                     save_dir=os.path.join(root, "lightning_logs"),
                     name=config.name or run_name(config),
+                    version=config.version,
                     default_hp_metric=False,
                 ),
             )
@@ -72,10 +80,23 @@ class NormBenchCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """The one entry point: ``normbench ...`` in a shell, ``main([...])`` in tests and sweeps.
 
+    ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI; ``sweep`` and ``report``
+    to ``normbench.sweep`` and ``normbench.report``.
+
     Args:
         args: command-line arguments; None reads ``sys.argv``.
     """
-    NormBenchCLI(args=args)
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "sweep":
+        from normbench.sweep import sweep
+
+        sweep(argv[1:])
+    elif argv and argv[0] == "report":
+        from normbench.report import report
+
+        report(argv[1:])
+    else:
+        NormBenchCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,3 +48,18 @@ def update_record(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     record = {**read_record(run_dir), **fields}
     write_json_atomic(Path(run_dir) / RECORD, record)
     return record
+
+
+def code_revision() -> str:
+    """The git commit of the normbench checkout (``+dirty`` with uncommitted changes), or the
+    package version when it is not a git checkout."""
+    from normbench import __version__
+
+    repo = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return f"normbench {__version__}"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

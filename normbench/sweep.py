@@ -1,0 +1,295 @@
+"""``normbench sweep``: a grid of ``normbench fit`` runs over any config keys.
+
+A sweep config names a base experiment, overrides for every run, and axes::
+
+    name: study2
+    base: configs/cifar10_bn_bs2.yaml
+    overrides: {trainer.max_epochs: 10}
+    grid:
+      model.norm: [bn, gn]
+      data.batch_size: [2, 4, 8, 16, 32, 64, 128]
+      seed_everything: [0, 1, 2, 3, 4]
+
+An axis is a list of values for one key, or a mapping of named variants, each setting several
+keys at once (``gn: {model.norm: gn, model.norm_kwargs: {num_groups: 4}}``). Each cell runs
+``main(["fit", "--config", base, --key value ...])`` in its own run directory,
+``<output>/<name>/lightning_logs/<cell name>/version_0``, named from its axis values
+(``bn_bs2_seed0``). Its run record (``metrics.json``) says whether it finished, failed or
+diverged; running the sweep again skips finished and diverged cells and reruns the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from normbench.data import DATAMODULES
+from normbench.results import read_record, update_record, write_json_atomic
+
+DONE = ("finished", "diverged")
+# Short labels for common axes in run names; other keys use their last component.
+LABELS = {
+    "dataset": "",
+    "data": "",
+    "model.norm": "",
+    "model.net": "",
+    "model.activation": "",
+    "data.batch_size": "bs",
+    "seed_everything": "seed",
+    "model.num_blocks": "blocks",
+}
+
+
+@dataclass
+class Cell:
+    """One run of the grid."""
+
+    index: int
+    name: str
+    values: dict[str, Any]
+    args: list[str]
+    run_dir: str
+
+    def status(self) -> str:
+        return read_record(self.run_dir).get("status", "pending")
+
+
+def cli_value(value: Any) -> str:
+    """A config value as one command-line token (YAML flow style for lists and dicts)."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _key_args(key: str, value: Any) -> list[str]:
+    if key == "dataset":
+        if value not in DATAMODULES:
+            raise ValueError(
+                f"unknown dataset {value!r} in the sweep grid; valid datasets are: {', '.join(DATAMODULES)}"
+            )
+        return ["--data", f"normbench.data.{DATAMODULES[value].__name__}"]
+    return [f"--{key}", cli_value(value)]
+
+
+def _label(key: str, value: Any) -> str:
+    prefix = LABELS.get(key, key.rsplit(".", 1)[-1])
+    if key == "data":
+        value = next((k for k, v in DATAMODULES.items() if v.__name__ == str(value).rsplit(".", 1)[-1]), value)
+    return prefix + re.sub(r"[^A-Za-z0-9_.+-]+", "-", cli_value(value)).strip("-")
+
+
+def _axis(key: str, spec: list[Any] | dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, {config key: value}) for each point of one axis."""
+    if isinstance(spec, dict):
+        for label, keys in spec.items():
+            if not isinstance(keys, dict) or not keys:
+                raise ValueError(f"sweep axis {key}: variant {label!r} must map config keys to values")
+        return [(str(label), dict(keys)) for label, keys in spec.items()]
+    return [(_label(key, v), {key: v}) for v in spec]
+
+
+def expand(grid: dict[str, Any], base: str, overrides: dict[str, Any], sweep_dir: str | Path) -> list[Cell]:
+    """The cells of the grid, in a stable order (the axes' order, last axis fastest).
+
+    Args:
+        grid: config key -> the values it takes (``dataset`` takes registry names), or axis
+            name -> {variant name: {config key: value}}.
+        base: the base experiment config every run starts from.
+        overrides: config key -> value, for every run.
+        sweep_dir: the sweep's directory.
+    """
+    empty = [k for k, v in grid.items() if not isinstance(v, (list, dict)) or not v]
+    if not grid or empty:
+        where = f" at {', '.join(empty)}" if empty else ""
+        raise ValueError(f"the sweep grid is empty{where}; give every axis a list of values")
+    sweep_dir = Path(sweep_dir).resolve()
+    fixed = [a for k, v in overrides.items() for a in _key_args(k, v)]
+    cells = []
+    for index, combo in enumerate(itertools.product(*(_axis(k, v) for k, v in grid.items()))):
+        values = {k: v for _, keys in combo for k, v in keys.items()}
+        name = "_".join(label for label, _ in combo if label)
+        args = ["fit", "--config", str(Path(base).resolve()), *fixed]
+        args += [a for k, v in values.items() for a in _key_args(k, v)]
+        args += ["--trainer.default_root_dir", str(sweep_dir), "--name", name, "--version", "0"]
+        cells.append(Cell(index, name, values, args, str(sweep_dir / "lightning_logs" / name / "version_0")))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise ValueError("two cells of the sweep get the same name; give the axes distinct values")
+    return cells
+
+
+def run_cell(cell: Cell | dict) -> str:
+    """Run one cell through ``main`` and return its status; a failure is recorded, not raised.
+
+    An unfinished run directory left by an earlier attempt is cleared first, so the run starts
+    clean in the same place.
+    """
+    from normbench.cli import main
+
+    cell = Cell(**cell) if isinstance(cell, dict) else cell
+    run_dir = Path(cell.run_dir)
+    if cell.status() in DONE:
+        return cell.status()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    start = time.time()
+    try:
+        main(cell.args)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
+        update_record(
+            run_dir,
+            status="failed",
+            error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
+            traceback=traceback.format_exc()[-4000:],
+            wall_time_s=round(time.time() - start, 3),
+        )
+    update_record(run_dir, sweep={"cell": cell.name, "index": cell.index, "values": cell.values})
+    return cell.status()
+
+
+def _ray_trainable(config: dict) -> None:
+    from ray import tune
+
+    tune.report({"status": run_cell(config["cell"])})
+
+
+def run_ray(cells: list[Cell], sweep_dir: Path, cpus_per_run: float, gpus_per_run: float, address: str | None) -> None:
+    """Run the cells as trials of Ray Tune (``pip install normbench[ray]``), on a local Ray
+    instance or the cluster at ``address``."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError:
+        raise SystemExit("the ray backend needs Ray Tune: pip install 'normbench[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    trainable = tune.with_resources(_ray_trainable, {"cpu": cpus_per_run, "gpu": gpus_per_run})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([asdict(c) for c in cells])},
+        run_config=tune.RunConfig(name="ray", storage_path=str(sweep_dir), verbose=0),
+    )
+    tuner.fit()
+
+
+def run_local(cells: list[Cell], workers: int, gpus: int) -> None:
+    """Run the cells here: in this process one after another, or ``workers`` processes at once
+    (cell i on GPU i mod ``gpus`` when there are GPUs, several per GPU when workers > gpus)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
+    if workers <= 1:
+        for cell in cells:
+            bar.set_postfix_str(cell.name)
+            run_cell(cell)
+            bar.update()
+        bar.close()
+        return
+    if gpus:
+        for cell in cells:
+            cell.args += ["--trainer.accelerator", "gpu", "--trainer.devices", f"[{cell.index % gpus}]"]
+    # A fresh process per run: nothing leaks from one run into the next.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        for future in as_completed([pool.submit(run_cell, asdict(c)) for c in cells]):
+            future.result()
+            bar.update()
+    bar.close()
+
+
+def _find_base(base: str, sweep_file: Path | None) -> Path:
+    """The base config: as given, else relative to the sweep file's folder or one above it
+    (``configs/sweeps/x.yaml`` names ``configs/y.yaml`` from the repository root)."""
+    candidates = [Path(base)]
+    if sweep_file is not None and not Path(base).is_absolute():
+        candidates += [parent / base for parent in sweep_file.resolve().parents]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"base config {base} not found; set base: to the path of an experiment config")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="normbench sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="the sweep config (YAML)")
+    parser.add_argument("--name", type=str | None, default=None, help="sweep name (default: the config file's stem)")
+    parser.add_argument("--base", type=str, required=True, help="base experiment config every run starts from")
+    parser.add_argument(
+        "--grid",
+        type=dict[str, Any],
+        default={},
+        help="config key -> list of values, or name -> {variant: {key: value}}",
+    )
+    parser.add_argument("--overrides", type=dict[str, Any], default={}, help="config key -> value for every run")
+    parser.add_argument("--output", type=str, default="sweeps", help="where sweep directories go")
+    parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once (local backend)")
+    parser.add_argument("--gpus", type=int | None, default=None, help="GPUs to spread runs over (default: all)")
+    parser.add_argument("--ray_address", type=str | None, default=None, help="Ray cluster (default: local)")
+    parser.add_argument("--cpus_per_run", type=float, default=1.0, help="Ray resources per run")
+    parser.add_argument("--gpus_per_run", type=float, default=0.0, help="Ray resources per run")
+    parser.add_argument("--cell", type=int | None, default=None, help="run only this cell (e.g. a SLURM array task)")
+    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their status, run none")
+    return parser
+
+
+def sweep(args: list[str] | None = None) -> list[Cell]:
+    """``normbench sweep``: expand the grid and run what is not done yet.
+
+    Args:
+        args: command-line arguments after ``sweep``.
+
+    Returns:
+        The cells of the grid.
+    """
+    cfg = build_parser().parse_args(args)
+    config_files = cfg.get("config") or []
+    name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
+    sweep_dir = Path(cfg.output).resolve() / name
+    base = _find_base(cfg.base, Path(str(config_files[-1])) if config_files else None)
+    cells = expand(dict(cfg.grid), str(base), dict(cfg.overrides), sweep_dir)
+    # One metadata file per sweep config, so that sweeps sharing a directory each state theirs.
+    stem = Path(str(config_files[-1])).stem if config_files else "cli"
+    write_json_atomic(
+        sweep_dir / ("sweep.json" if stem == name else f"sweep.{stem}.json"),
+        {"name": name, "command": "normbench sweep " + " ".join(sys.argv[2:] if args is None else args),
+         "base": str(base.resolve()), "grid": cfg.grid, "overrides": cfg.overrides,
+         "cells": [asdict(c) for c in cells]},
+    )  # fmt: skip
+    if cfg.cell is not None:
+        if not 0 <= cfg.cell < len(cells):
+            raise ValueError(f"--cell {cfg.cell} is not in the grid; use 0 to {len(cells) - 1}")
+        cells_to_run = [cells[cfg.cell]]
+    else:
+        cells_to_run = cells
+    todo = [c for c in cells_to_run if c.status() not in DONE]
+    if cfg.dry_run:
+        for c in cells:
+            print(f"{c.index:4d}  {c.status():9s}  {c.name}  {' '.join(c.args[3:-6])}")
+        print(f"{len(cells)} runs, {len(cells) - len(todo)} done, {len(todo)} to run, in {sweep_dir}")
+        return cells
+    print(
+        f"sweep {name}: {len(cells)} runs, {len(cells_to_run) - len(todo)} already done, in {sweep_dir}",
+        file=sys.stderr,
+    )
+    if cfg.backend == "ray":
+        run_ray(todo, sweep_dir, cfg.cpus_per_run, cfg.gpus_per_run, cfg.ray_address)
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
+        run_local(todo, cfg.workers, gpus)
+    statuses = [c.status() for c in cells_to_run]
+    print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
+    return cells

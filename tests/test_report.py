@@ -1,0 +1,126 @@
+"""normbench report on synthetic run records: tables to the digit, and the studies' verdicts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from normbench.cli import main
+from normbench.data import DATAMODULES
+from normbench.report import CLAIMS, find_runs
+
+
+def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
+           activation="relu", blocks=4) -> None:  # fmt: skip
+    """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]."""
+    curve = curve if curve is not None else ([best] if best is not None else [])
+    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}" / "version_0"
+    run.mkdir(parents=True)
+    config = {
+        "seed_everything": seed,
+        "model": {"norm": norm, "net": "seed_cnn", "activation": activation, "num_blocks": blocks},
+        "data": {"class_path": f"normbench.data.{DATAMODULES[dataset].__name__}",
+                 "init_args": {"batch_size": bs, "val_split": 0.0}},
+    }  # fmt: skip
+    rec = {"status": status, "config": config, "epochs": [{"epoch": i, "val/acc": a} for i, a in enumerate(curve)]}
+    if status == "finished":
+        rec.update(val_acc_best=max(curve), val_acc_final=curve[-1])
+    (run / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_tables_to_the_digit(tmp_path):
+    for seed, best in enumerate([0.50, 0.60, 0.70]):
+        record(tmp_path, norm="bn", bs=2, seed=seed, best=best)
+    for seed, best in enumerate([0.80, 0.82]):
+        record(tmp_path, norm="gn", bs=2, seed=seed, best=best)
+    record(tmp_path, norm="gn", bs=2, seed=2, status="failed")
+    record(tmp_path, norm="bn", bs=128, seed=0, status="diverged")
+    record(tmp_path, norm="gn", bs=128, seed=0, best=0.9012)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| batch size | bn | gn |" in text
+    # mean and sample std: bn (50, 60, 70) -> 60 +- 10; gn (80, 82) -> 81 +- 1.41421...
+    assert "| 2 | 60.00 ± 10.00 (n=3) | 81.00 ± 1.41 (n=2, 1 failed) |" in text
+    assert "| 128 | 1 diverged | 90.12 (n=1) |" in text  # a diverged run is never shown as 0%
+    assert "from 8 run records (1 diverged, 1 failed, 6 finished)" in text
+    rows = {
+        (r["norm"], r["batch_size"]): r
+        for r in csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").read_text().splitlines())
+    }
+    assert rows[("bn", "2")]["mean"] == "60.0000" and rows[("bn", "2")]["std"] == "10.0000"
+    assert rows[("gn", "2")]["std"] == f"{statistics.stdev([80, 82]):.4f}" and rows[("gn", "2")]["failed"] == "1"
+    assert (
+        rows[("bn", "128")]["n"] == "0" and rows[("bn", "128")]["diverged"] == "1" and rows[("bn", "128")]["mean"] == ""
+    )
+    assert list((tmp_path / "rep").glob("acc_vs_batch_size_*.png"))
+
+
+def study(root: Path, gn_spread=1.0, brn_gain_large=0.0, sigmoid_slope=-2.0) -> None:
+    """Synthetic runs of both studies, 3 seeds each (+-0.5 points around the mean)."""
+    sizes = [2, 4, 8, 16, 32, 64, 128]
+    bn = {2: 50.0, 4: 70.0, 8: 78.0, 16: 79.5, 32: 80.0, 64: 80.5, 128: 80.0}
+    for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
+        for i, bs in enumerate(sizes):
+            gn = 80.0 + gn_spread * i / (len(sizes) - 1)
+            record(root, norm="gn", bs=bs, seed=seed, best=(gn + jitter) / 100)
+            record(root, norm="bn", bs=bs, seed=seed, best=(bn[bs] + jitter) / 100)
+        for ds, base in (("mnist", 98.0), ("cifar100", 40.0)):
+            for bs in (2, 16, 128):
+                gain = 5.0 if (ds, bs) == ("cifar100", 2) else brn_gain_large if bs == 128 else 0.0
+                bn_curve = [base - 10 + jitter, base - 2 + jitter, base + jitter]
+                record(root, ds, "bn", bs, seed, curve=[a / 100 for a in bn_curve])
+                record(root, ds, "brn", bs, seed, curve=[(a + gain) / 100 for a in bn_curve])
+                record(root, ds, "bnrs", bs, seed, curve=[(a - 20 + 5 * k) / 100 for k, a in enumerate(bn_curve)])
+        for blocks in (1, 2, 4, 8):
+            record(
+                root,
+                "fashion_mnist",
+                "bn",
+                128,
+                seed,
+                activation="relu",
+                blocks=blocks,
+                best=(70 + blocks + jitter) / 100,
+            )
+            record(root, "fashion_mnist", "bn", 128, seed, activation="sigmoid", blocks=blocks,
+                   best=(70 + sigmoid_slope * blocks + jitter) / 100)  # fmt: skip
+
+
+def verdicts(root: Path) -> dict[str, tuple[str, str]]:
+    runs = find_runs([root])
+    return {claim.__name__: (v.verdict, v.evidence) for claim in CLAIMS for v in [claim(runs)]}
+
+
+def test_verdicts_when_the_studies_hold(tmp_path):
+    study(tmp_path)
+    v = verdicts(tmp_path)
+    assert all(verdict == "supported" for verdict, _ in v.values()), v
+    assert "cifar10: 80.00 to 81.00 over batch sizes 2–128, a spread of 1.00 points" in v["gn_stable"][1]
+    # BN - GN per batch size: 50 - 80 = -30 at 2, ..., within 3 points from batch size 8 on.
+    assert "from batch size 8" in v["bn_needs_batch"][1] and "bs 2: -30.00" in v["bn_needs_batch"][1]
+    assert "largest |BN − GN| at batch sizes ≥ 8 is 2.33 points" in v["bn_close_to_gn"][1]
+    assert "hard task = cifar100" in v["brn_small_hard"][1] and "cifar100 bs 2: +5.00" in v["brn_small_hard"][1]
+    assert "slower in 6 of 6" in v["bnrs_slower"][1]
+    assert "+1.00 (relu), -2.00 (sigmoid)" in v["depth_activation"][1]
+
+
+def test_verdicts_when_the_studies_fail(tmp_path):
+    study(tmp_path, gn_spread=6.0, brn_gain_large=4.0, sigmoid_slope=0.5)
+    v = verdicts(tmp_path)
+    assert v["gn_stable"][0] == "not supported" and "a spread of 6.00 points" in v["gn_stable"][1]
+    assert v["brn_small_hard"][0] == "not supported" and "mnist bs 128: +4.00" in v["brn_small_hard"][1]
+    assert v["depth_activation"][0] == "not supported"
+
+
+def test_verdicts_without_data_say_so(tmp_path):
+    record(tmp_path, norm="bn", bs=2, best=0.5)
+    assert {verdict for verdict, _ in verdicts(tmp_path).values()} == {"not enough data"}
+
+
+def test_report_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.json run records"):
+        main(["report", str(tmp_path)])

@@ -1,0 +1,171 @@
+"""normbench sweep: grid expansion, stable names, failures, resuming after a kill, Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normbench.cli import main
+from normbench.sweep import expand
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "configs" / "mnist_bn_bs16.yaml")
+
+
+def quick_overrides(data_dir) -> dict:
+    return {
+        "data.data_dir": str(data_dir), "data.download": False, "data.num_workers": 0,
+        "trainer.max_epochs": 2, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1,
+        "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False, "trainer.callbacks": [],
+        "trainer.accelerator": "cpu",
+    }  # fmt: skip
+
+
+def write_sweep(path: Path, data_dir, grid: dict, **extra) -> Path:
+    path.write_text(
+        yaml.safe_dump({"base": BASE, "overrides": quick_overrides(data_dir), "grid": grid, **extra}, sort_keys=False)
+    )
+    return path
+
+
+def records(sweep_dir: Path) -> dict[str, list[dict]]:
+    """Run name -> the records found for it (one per version folder)."""
+    out: dict[str, list[dict]] = {}
+    for f in sorted((sweep_dir / "lightning_logs").glob("*/*/metrics.json")):
+        out.setdefault(f.parent.parent.name, []).append(json.loads(f.read_text()))
+    return out
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def test_grid_expands_in_order_with_stable_readable_names(tmp_path):
+    grid = {
+        "dataset": ["mnist", "cifar10"],
+        "norm": {"bn": {"model.norm": "bn"}, "gn": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 4}}},
+        "data.batch_size": [2, 128],
+        "seed_everything": [0],
+    }
+    cells = expand(grid, BASE, {"trainer.max_epochs": 3}, tmp_path)
+    assert [c.name for c in cells] == [
+        "mnist_bn_bs2_seed0", "mnist_bn_bs128_seed0", "mnist_gn_bs2_seed0", "mnist_gn_bs128_seed0",
+        "cifar10_bn_bs2_seed0", "cifar10_bn_bs128_seed0", "cifar10_gn_bs2_seed0", "cifar10_gn_bs128_seed0",
+    ]  # fmt: skip
+    gn = cells[2]
+    assert gn.values == {"dataset": "mnist", "model.norm": "gn", "model.norm_kwargs": {"num_groups": 4},
+                         "data.batch_size": 2, "seed_everything": 0}  # fmt: skip
+    args = gn.args
+    assert args[:3] == ["fit", "--config", BASE] and args[3:5] == ["--trainer.max_epochs", "3"]
+    assert args[args.index("--data") + 1] == "normbench.data.MNISTDataModule"
+    assert args[args.index("--model.norm_kwargs") + 1] == "{num_groups: 4}"
+    assert args[-6:] == ["--trainer.default_root_dir", str(tmp_path.resolve()), "--name", gn.name, "--version", "0"]
+    assert gn.run_dir == str(tmp_path.resolve() / "lightning_logs" / "mnist_gn_bs2_seed0" / "version_0")
+    # The same grid gives the same cells, every time.
+    assert [c.args for c in expand(grid, BASE, {"trainer.max_epochs": 3}, tmp_path)] == [c.args for c in cells]
+    assert [c.name for c in expand({"data": ["FashionMNISTDataModule", "normbench.data.MNISTDataModule"]}, BASE, {},
+                                   tmp_path)] == ["fashion_mnist", "mnist"]  # fmt: skip
+    assert [c.name for c in expand({"model.num_blocks": [1, 8], "model.activation": ["sigmoid"]}, BASE, {}, tmp_path)] == [
+        "blocks1_sigmoid", "blocks8_sigmoid"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({}, "the sweep grid is empty"),
+        ({"model.norm": []}, "empty at model.norm"),
+        ({"dataset": ["svhn"]}, "unknown dataset 'svhn'"),
+    ],
+)
+def test_bad_grids_are_refused(grid, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        expand(grid, BASE, {}, tmp_path)
+
+
+def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
+    config = write_sweep(tmp_path / "s.yaml", fake_data, {"model.norm": ["bn", "gn"], "data.batch_size": [4, 8]})
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("pending") == 4 and "bn_bs4" in out and "4 runs, 0 done, 4 to run" in out
+    assert not (tmp_path / "out" / "s" / "lightning_logs").exists()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path):
+    grid = {"norm": {"bn": {"model.norm": "bn"}, "gn5": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 5}}},
+            "data.batch_size": [4, 8]}  # fmt: skip
+    config = write_sweep(tmp_path / "tiny.yaml", fake_data, grid)
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    found = records(tmp_path / "out" / "tiny")
+    assert sorted(found) == ["bn_bs4", "bn_bs8", "gn5_bs4", "gn5_bs8"]
+    for name, (record,) in found.items():
+        if name.startswith("bn"):
+            assert record["status"] == "finished" and len(record["epochs"]) == 2
+            assert record["config"]["model"]["norm"] == "bn" and record["seed"] == 0
+            assert record["revision"] and record["wall_time_s"] > 0 and 0 <= record["val_acc_best"] <= 1
+        else:  # 5 groups do not divide 64 channels: recorded as failed, and the sweep went on
+            assert record["status"] == "failed" and "num_groups=5 does not divide" in record["error"]
+        assert record["sweep"]["cell"] == name
+    # Run again: everything finished or failed is final for finished runs, failed ones are retried.
+    mtimes = {f: f.stat().st_mtime for f in (tmp_path / "out" / "tiny").rglob("events.out.tfevents*")}
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    assert {f: f.stat().st_mtime for f in mtimes} == mtimes  # finished runs were not retrained
+    report = main(["report", str(tmp_path / "out" / "tiny")])
+    text = (tmp_path / "out" / "tiny" / "report" / "report.md").read_text()
+    assert "| 4 |" in text and "2 failed" in text and report is None
+    assert list((tmp_path / "out" / "tiny" / "report").glob("acc_vs_epoch_*.png"))
+
+
+def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data, tmp_path):
+    grid = {"model.norm": ["bn", "gn"], "data.batch_size": [4, 8], "seed_everything": [0]}
+    extra = {"trainer.max_epochs": 3, "trainer.limit_train_batches": 4}
+    config = tmp_path / "kill.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"base": BASE, "overrides": {**quick_overrides(fake_data), **extra}, "grid": grid}, sort_keys=False
+        )
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    # Kill it once one run has finished and the next has started.
+    while time.time() < deadline:
+        found = records(out / "kill") if (out / "kill").exists() else {}
+        statuses = [r["status"] for rs in found.values() for r in rs]
+        if statuses.count("finished") >= 1 and "running" in statuses:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = records(out / "kill")
+    finished_before = {n for n, rs in before.items() if rs[0]["status"] == "finished"}
+    assert finished_before and any(rs[0]["status"] == "running" for rs in before.values())
+    stamps = {n: before[n][0]["wall_time_s"] for n in finished_before}
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    after = records(out / "kill")
+    assert sorted(after) == ["bn_bs4_seed0", "bn_bs8_seed0", "gn_bs4_seed0", "gn_bs8_seed0"]
+    for name, rs in after.items():
+        assert len(rs) == 1 and rs[0]["status"] == "finished", name  # once each, in version_0
+        assert [e["epoch"] for e in rs[0]["epochs"]] == [0, 1, 2]
+        assert len(list((out / "kill" / "lightning_logs" / name / "version_0").glob("events.out.tfevents*"))) == 1
+    assert {n: after[n][0]["wall_time_s"] for n in finished_before} == stamps  # not rerun
+
+
+def test_ray_backend_runs_a_two_run_grid_on_a_local_instance(fake_data, tmp_path):
+    pytest.importorskip("ray.tune", reason="the ray extra is not installed: pip install 'normbench[ray]'")
+    config = write_sweep(tmp_path / "ray.yaml", fake_data, {"model.norm": ["bn", "gn"]}, backend="ray")
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--cpus_per_run", "1"])
+    found = records(tmp_path / "out" / "ray")
+    assert sorted(found) == ["bn", "gn"] and all(rs[0]["status"] == "finished" for rs in found.values())
+    assert (tmp_path / "out" / "ray" / "ray").is_dir()  # Ray Tune's own experiment folder
