@@ -14,6 +14,8 @@ from normbench.data import DATAMODULES, ImageDataModule
 from normbench.module import NormBenchModule
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
+PROGRESS_REFRESH = 20  # steps between progress-bar redraws
 
 
 def run_name(config: Namespace) -> str:
@@ -64,6 +66,12 @@ class NormBenchCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # Lightning's bar redraws every step; at batch size 2 that is thousands a second.
+        callbacks = config.trainer.callbacks or []
+        has_bar = any("ProgressBar" in str(getattr(c, "class_path", "")) for c in callbacks)
+        if config.trainer.enable_progress_bar is not False and not has_bar:
+            bar = Namespace(class_path=PROGRESS_BAR, init_args=Namespace(refresh_rate=PROGRESS_REFRESH, leave=False))
+            config.trainer.callbacks = [*callbacks, bar]
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir or "."
             config.trainer.logger = Namespace(

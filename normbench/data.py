@@ -7,6 +7,7 @@ on disk, so every rank builds the same datasets without touching the network.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any, Literal
@@ -46,6 +47,104 @@ class TransformedSubset(Dataset):
         return len(self.indices)
 
 
+class InMemoryLoader:
+    """Batches of a dataset held as one uint8 tensor on the training device.
+
+    No per-image Python work: each batch is gathered by index, scaled to [0, 1], augmented (random
+    crop with zero padding and horizontal flip, as torchvision's RandomCrop and
+    RandomHorizontalFlip do to the image) and normalized, all batched on the device. Each epoch
+    shuffles with a permutation drawn from a generator seeded by (seed, epoch), so the same seed
+    gives the same order, also after a restart; Lightning passes the epoch through
+    ``sampler.set_epoch``. Under several processes each rank takes every world_size-th index of
+    the permutation, padded to equal length as DistributedSampler does.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        targets: int64 (N,).
+        batch_size: samples per batch (the last batch may be smaller).
+        shuffle: draw a new order every epoch.
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel std divided by.
+        augment: random crop (padding ``padding``) and horizontal flip.
+        padding: zero padding of the random crop.
+        seed: seed of the orders and augmentations.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = False,
+        padding: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.targets = images, targets
+        self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=images.device).reshape(shape)
+        self.std = torch.tensor(std, device=images.device).reshape(shape)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.sampler = self  # where Lightning looks for set_epoch
+        self.batch_sampler = None  # Lightning inspects loaders for one
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self, stream: int) -> torch.Generator:
+        g = torch.Generator(device=self.images.device)
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + stream)
+        return g
+
+    def order(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch."""
+        n, device = len(self.targets), self.images.device
+        perm = (
+            torch.randperm(n, generator=self._generator(0), device=device)
+            if self.shuffle
+            else torch.arange(n, device=device)
+        )
+        if self.world_size > 1:
+            total = -(-n // self.world_size) * self.world_size
+            perm = torch.cat([perm, perm[: total - n]])[self.rank :: self.world_size]
+        return perm
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.targets) / self.world_size)
+        return math.ceil(per_rank / self.batch_size)
+
+    def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """out[b, :, i, j] = padded[b, :, dy_b + i, dx_b + j], then a flip of half the batch."""
+        b, c, h, w = x.shape
+        p = self.padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), generator=g, device=x.device)
+        dx = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), generator=g, device=x.device)
+        rows = (dy + torch.arange(h, device=x.device).reshape(1, 1, h, 1)).expand(b, c, h, w + 2 * p)
+        cols = (dx + torch.arange(w, device=x.device).reshape(1, 1, 1, w)).expand(b, c, h, w)
+        cropped = padded.gather(2, rows).gather(3, cols)
+        flip = torch.rand((b, 1, 1, 1), generator=g, device=x.device) < 0.5
+        return torch.where(flip, cropped.flip(3), cropped)
+
+    def __iter__(self):
+        order = self.order()
+        g = self._generator(1) if self.augment else None
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.images[idx].float().div_(255)
+            if self.augment:
+                x = self._crop_flip(x, g)
+            yield x.sub_(self.mean).div_(self.std), self.targets[idx]
+
+
 class ImageDataModule(LightningDataModule):
     """Train, validation and test loaders for one torchvision image-classification dataset.
 
@@ -55,7 +154,9 @@ class ImageDataModule(LightningDataModule):
         data_dir: folder that holds (or receives) the dataset's files, in torchvision's layout.
         download: let ``prepare_data`` download missing files.
         batch_size: training batch size.
-        eval_batch_size: validation, test and predict batch size; None uses ``batch_size``.
+        eval_batch_size: validation, test and predict batch size; None uses ``batch_size`` but at
+            least 256. Evaluation results do not depend on it: in eval mode every norm here is
+            batch-independent (only NormDiagnostics' batch-statistics accuracy uses eval batches).
         val_split: 0 validates on the official test split every epoch, as the studies did; a
             fraction in (0, 1) of the training set is held out for validation instead (a fixed
             split, the same on every rank) and the test split is left to ``test_dataloader``.
@@ -68,6 +169,9 @@ class ImageDataModule(LightningDataModule):
             garment looks like and the studies trained it unaugmented. Evaluation data is never
             augmented.
         train_subset: use only the first N training images (taken before the validation carve-out).
+        in_memory: hold the images as one uint8 tensor on the training device and batch, augment
+            and normalize them there (``InMemoryLoader``); False uses torchvision transforms in a
+            DataLoader, for data that does not fit.
     """
 
     name: str
@@ -92,6 +196,7 @@ class ImageDataModule(LightningDataModule):
         normalization: Literal["half", "dataset"] = "half",
         augment: bool = False,
         train_subset: int | None = None,
+        in_memory: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -119,13 +224,15 @@ class ImageDataModule(LightningDataModule):
         self.data_dir = data_dir
         self.download = download
         self.batch_size = batch_size
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.eval_batch_size = max(batch_size, 256) if eval_batch_size is None else eval_batch_size
         self.val_split = val_split
         self.split_seed = split_seed
         self.num_workers = num_workers
         self.normalization = normalization
         self.augment = augment
         self.train_subset = train_subset
+        self.in_memory = in_memory
+        self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -227,9 +334,11 @@ class ImageDataModule(LightningDataModule):
         self.train_set = TransformedSubset(full, [indices[i] for i in train_part.indices], self.train_transform())
         self.val_set = TransformedSubset(full, [indices[i] for i in val_part.indices], self.eval_transform())
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader | InMemoryLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        if self.in_memory:
+            return self._memory_loader(dataset, batch_size, shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -240,16 +349,48 @@ class ImageDataModule(LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _as_tensors(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 (N, C, H, W), int64 (N,)) of a torchvision dataset, read once from its arrays."""
+        if id(dataset) not in self._tensors:
+            data = torch.as_tensor(dataset.data)
+            data = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # MNIST (N,H,W), CIFAR (N,H,W,C)
+            self._tensors[id(dataset)] = data.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+        return self._tensors[id(dataset)]
+
+    def _memory_loader(self, dataset: Dataset, batch_size: int, train: bool) -> InMemoryLoader:
+        base, indices = (
+            (dataset.dataset, dataset.indices) if isinstance(dataset, TransformedSubset) else (dataset, None)
+        )
+        images, targets = self._as_tensors(base)
+        if indices is not None:
+            index = torch.as_tensor(indices, dtype=torch.long)
+            images, targets = images[index], targets[index]
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        mean, std = (((0.5,) * self.in_channels,) * 2) if self.normalization == "half" else (self.mean, self.std)
+        return InMemoryLoader(
+            images.to(device),
+            targets.to(device),
+            batch_size,
+            shuffle=train,
+            mean=mean,
+            std=std,
+            augment=train and self.augment and self.augmentable,
+            seed=torch.initial_seed() % 2**31,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+
+    def train_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
 

@@ -237,15 +237,16 @@ def test_val_split_too_small_for_subset(written) -> None:
 
 def test_loader_settings(written) -> None:
     root, _ = written
-    dm = make("mnist", root, batch_size=16, eval_batch_size=None)
-    assert dm.eval_batch_size == 16
+    dm = make("mnist", root, batch_size=16, eval_batch_size=None, in_memory=False)
+    assert dm.eval_batch_size == 256  # None: the batch size, but at least 256
+    assert make("mnist", root, batch_size=512, eval_batch_size=None).eval_batch_size == 512
     loader = dm.train_dataloader()
     assert loader.batch_size == 16 and not loader.drop_last
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
     assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
     assert dm.predict_dataloader().dataset is dm.test_set
     assert loader.pin_memory == torch.cuda.is_available()
-    workers = DATAMODULES["mnist"](data_dir=str(root), download=False, num_workers=1)
+    workers = DATAMODULES["mnist"](data_dir=str(root), download=False, num_workers=1, in_memory=False)
     workers.setup("test")
     assert workers.test_dataloader().persistent_workers and workers.train_set is None
 
@@ -256,3 +257,72 @@ def test_setup_for_test_stage_skips_training_set(written) -> None:
     dm.setup("test")
     assert dm.train_set is None and len(dm.test_set) == N_TEST
     np.testing.assert_array_equal(np.asarray(dm.test_set.targets), data["cifar10"].test.labels)
+
+
+# --------------------------------------------------------------------------- the in-memory path
+
+
+def _batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("normalization", ["half", "dataset"])
+def test_in_memory_batches_equal_the_torchvision_path(name, normalization, written) -> None:
+    root, _ = written
+    fast = make(name, root, normalization=normalization, eval_batch_size=20)
+    slow = make(name, root, normalization=normalization, eval_batch_size=20, in_memory=False)
+    for a, b in zip(_batches(fast.val_dataloader()), _batches(slow.val_dataloader()), strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
+        assert torch.equal(a[1], b[1])
+    assert len(fast.val_dataloader()) == len(slow.val_dataloader())
+
+
+def test_in_memory_order_is_seeded_per_epoch_and_covers_the_set(written) -> None:
+    root, _ = written
+    torch.manual_seed(7)
+    loader = make("cifar10", root, batch_size=10, val_split=0.25).train_dataloader()
+    ids = lambda batches: [i for x, _ in batches for i in fakedata.decode_ids(x, (0.5,) * 3, (0.5,) * 3)]
+    first = ids(_batches(loader))
+    assert sorted(first) == sorted(set(first)) and len(first) == 96  # each of the 96 training images once
+    assert ids(_batches(loader)) == first  # same epoch, same order
+    loader.set_epoch(1)
+    second = ids(_batches(loader))
+    assert second != first and sorted(second) == sorted(first)
+    torch.manual_seed(7)
+    again = make("cifar10", root, batch_size=10, val_split=0.25).train_dataloader()
+    again.set_epoch(1)
+    assert ids(_batches(again)) == second  # the same seed gives the same order
+
+
+def test_in_memory_augmentation_is_a_crop_of_the_padded_image_and_a_flip(written) -> None:
+    root, _ = written
+    dm = make("cifar10", root, batch_size=16, augment=True)
+    loader = dm.train_dataloader()
+    order = loader.order()[:16]
+    x, _ = next(iter(loader))
+    originals = loader.images[order].float() / 255
+    padded = torch.nn.functional.pad(originals, (4, 4, 4, 4))
+    unnormalized = x * 0.5 + 0.5
+    moved = 0
+    for b in range(16):
+        windows = [padded[b, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        matches = [w for w in windows for v in (w, w.flip(2)) if torch.allclose(v, unnormalized[b], atol=1e-6)]
+        assert matches, f"sample {b} is no crop of its padded image"
+        moved += not torch.allclose(unnormalized[b], originals[b], atol=1e-6)
+    assert moved > 8  # most samples really were cropped or flipped
+    val = dm.val_dataloader()  # evaluation images are never augmented
+    test_x, _ = next(iter(val))
+    assert torch.allclose(test_x * 0.5 + 0.5, val.images[: len(test_x)].float() / 255, atol=1e-6)
+
+
+def test_in_memory_shards_across_ranks(written) -> None:
+    root, _ = written
+    loader = make("mnist", root, batch_size=8).train_dataloader()
+    orders = []
+    for rank in range(3):
+        loader.rank, loader.world_size = rank, 3
+        orders.append(loader.order())
+    n = len(loader.targets)
+    assert all(len(o) == -(-n // 3) for o in orders)  # equal shares, padded as DistributedSampler pads
+    assert set(torch.cat(orders).tolist()) == set(range(n))
