@@ -6,7 +6,6 @@ import os
 import sys
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from normbench.callbacks import RunRecorder
@@ -15,6 +14,7 @@ from normbench.module import NormBenchModule
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
+CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 PROGRESS_REFRESH = 20  # steps between progress-bar redraws
 
 
@@ -35,13 +35,7 @@ class NormBenchCLI(LightningCLI):
             NormBenchModule,
             ImageDataModule,
             subclass_mode_data=True,
-            trainer_defaults={
-                "callbacks": [
-                    RunRecorder(),
-                    # The last checkpoint to resume from, and the best by the validation accuracy.
-                    ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{epoch}"),
-                ]
-            },
+            trainer_defaults={"callbacks": [RunRecorder()]},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
@@ -64,14 +58,24 @@ class NormBenchCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
 
+    @staticmethod
+    def _add_default(config: Namespace, switch: str, class_path: str, **init_args) -> None:
+        """Append callback ``class_path`` unless ``trainer.<switch>`` is false or a callback of
+        that kind is configured already."""
+        callbacks = config.trainer.callbacks or []
+        kind = class_path.rsplit(".", 1)[-1].removeprefix("TQDM")
+        if config.trainer[switch] is False or any(kind in str(getattr(c, "class_path", "")) for c in callbacks):
+            return
+        config.trainer.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # Defaults that the user's own callbacks or switches replace, as Lightning's do.
+        # The last checkpoint to resume from, and the best by the validation accuracy.
+        self._add_default(config, "enable_checkpointing", CHECKPOINT, monitor="val/acc", mode="max",
+                          save_last=True, filename="best-{epoch}")  # fmt: skip
         # Lightning's bar redraws every step; at batch size 2 that is thousands a second.
-        callbacks = config.trainer.callbacks or []
-        has_bar = any("ProgressBar" in str(getattr(c, "class_path", "")) for c in callbacks)
-        if config.trainer.enable_progress_bar is not False and not has_bar:
-            bar = Namespace(class_path=PROGRESS_BAR, init_args=Namespace(refresh_rate=PROGRESS_REFRESH, leave=False))
-            config.trainer.callbacks = [*callbacks, bar]
+        self._add_default(config, "enable_progress_bar", PROGRESS_BAR, refresh_rate=PROGRESS_REFRESH, leave=False)
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir or "."
             config.trainer.logger = Namespace(
@@ -88,8 +92,8 @@ class NormBenchCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """The one entry point: ``normbench ...`` in a shell, ``main([...])`` in tests and sweeps.
 
-    ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI; ``sweep`` and ``report``
-    to ``normbench.sweep`` and ``normbench.report``.
+    ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI; ``sweep``, ``report`` and
+    ``bench`` to ``normbench.sweep``, ``normbench.report`` and ``normbench.bench``.
 
     Args:
         args: command-line arguments; None reads ``sys.argv``.
@@ -103,6 +107,10 @@ def main(args: ArgsType = None) -> None:
         from normbench.report import report
 
         report(argv[1:])
+    elif argv and argv[0] == "bench":
+        from normbench.bench import bench
+
+        bench(argv[1:])
     else:
         NormBenchCLI(args=args)
 

@@ -154,8 +154,9 @@ class ImageDataModule(LightningDataModule):
         data_dir: folder that holds (or receives) the dataset's files, in torchvision's layout.
         download: let ``prepare_data`` download missing files.
         batch_size: training batch size.
-        eval_batch_size: validation, test and predict batch size; None uses ``batch_size`` but at
-            least 256. Evaluation results do not depend on it: in eval mode every norm here is
+        eval_batch_size: validation, test and predict batch size. None picks one for the device:
+            32 on CPU, where small batches stay in cache (measured fastest), and at least 512 on
+            accelerators. Evaluation results do not depend on it: in eval mode every norm here is
             batch-independent (only NormDiagnostics' batch-statistics accuracy uses eval batches).
         val_split: 0 validates on the official test split every epoch, as the studies did; a
             fraction in (0, 1) of the training set is held out for validation instead (a fixed
@@ -224,7 +225,7 @@ class ImageDataModule(LightningDataModule):
         self.data_dir = data_dir
         self.download = download
         self.batch_size = batch_size
-        self.eval_batch_size = max(batch_size, 256) if eval_batch_size is None else eval_batch_size
+        self.eval_batch_size = eval_batch_size
         self.val_split = val_split
         self.split_seed = split_seed
         self.num_workers = num_workers
@@ -381,17 +382,23 @@ class ImageDataModule(LightningDataModule):
             world_size=trainer.world_size if trainer is not None else 1,
         )
 
+    def _eval_batch_size(self) -> int:
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return 32 if device.type == "cpu" else max(self.batch_size, 512)
+
     def train_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | InMemoryLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self._eval_batch_size(), shuffle=False)
 
     def test_dataloader(self) -> DataLoader | InMemoryLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self._eval_batch_size(), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader | InMemoryLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self._eval_batch_size(), shuffle=False)
 
 
 class MNISTDataModule(ImageDataModule):

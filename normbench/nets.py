@@ -73,11 +73,11 @@ class SeedCNN(nn.Module):
         self.blocks = nn.Sequential(
             *[NormBlock(width, norm, activation, weight_standardization) for _ in range(num_blocks)]
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.blocks(self.conv1(x))).flatten(1))
+        # Global average pooling as a mean, which torch.func.vmap batches (packed runs).
+        return self.fc(self.blocks(self.conv1(x)).mean((2, 3)))
 
 
 class BasicBlock(nn.Module):
@@ -141,12 +141,11 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(channels, out, stride, norm, activation, ws))
                 channels = out
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.norm1(self.conv1(x)))
-        return self.fc(self.pool(self.blocks(x)).flatten(1))
+        return self.fc(self.blocks(x).mean((2, 3)))  # global average pooling
 
 
 NETS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": SeedCNN, "resnet": CifarResNet}

@@ -42,7 +42,12 @@ class PackedRuns(nn.Module):
         for i, name in enumerate(self.buffer_names):
             self.register_buffer(f"stacked_buffer_{i}", buffers[name].clone())
         # The shared definition, without storage of its own: functional_call supplies the tensors.
-        self.base = copy.deepcopy(nets[0]).to("meta")
+        # Kept out of the module tree, so that .to() and state_dict() see only the stacked ones.
+        object.__setattr__(self, "base", copy.deepcopy(nets[0]).to("meta"))
+
+    def train(self, mode: bool = True) -> PackedRuns:
+        self.base.train(mode)
+        return super().train(mode)
 
     def _buffers_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, f"stacked_buffer_{i}") for i, name in enumerate(self.buffer_names)}

@@ -238,8 +238,8 @@ def test_val_split_too_small_for_subset(written) -> None:
 def test_loader_settings(written) -> None:
     root, _ = written
     dm = make("mnist", root, batch_size=16, eval_batch_size=None, in_memory=False)
-    assert dm.eval_batch_size == 256  # None: the batch size, but at least 256
-    assert make("mnist", root, batch_size=512, eval_batch_size=None).eval_batch_size == 512
+    assert dm.val_dataloader().batch_size == 32  # None on CPU: 32, which stays in cache
+    assert make("mnist", root, batch_size=512, eval_batch_size=100).val_dataloader().batch_size == 100
     loader = dm.train_dataloader()
     assert loader.batch_size == 16 and not loader.drop_last
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
