@@ -352,6 +352,18 @@ CLAIMS = (gn_stable, bn_needs_batch, bn_close_to_gn, brn_small_hard, bnrs_slower
 # --------------------------------------------------------------------------- plots
 
 
+def _save(fig, ax, path: Path) -> str:
+    """Legend, grid, layout, then the PNG; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plots(runs: list[Run], out: Path) -> list[str]:
     import matplotlib
 
@@ -376,13 +388,7 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
         ds, net, act, blocks, bs = ctx
         ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{ds}, batch size {bs}")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        name = f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(fig, ax, out / f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"))
     # Best accuracy against batch size, per context, with error bars over seeds.
     stats = aggregate(runs, (*CONTEXT, "norm", "batch_size"))
     for ctx in _sort({k[:4] for k in stats}):
@@ -396,13 +402,7 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
                         marker="o", capsize=3, label=norm)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="best test accuracy (%)", title=f"{ctx[0]}: accuracy vs batch size")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        name = f"acc_vs_batch_size_{ctx[0]}_{ctx[1]}_{ctx[2]}_{ctx[3]}blocks.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(fig, ax, out / f"acc_vs_batch_size_{ctx[0]}_{ctx[1]}_{ctx[2]}_{ctx[3]}blocks.png"))
     return written
 
 
