@@ -9,7 +9,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from normbench.callbacks import RunRecorder
-from normbench.data import DATAMODULES, ImageDataModule
+from normbench.data import ImageDataModule, dataset_name
 from normbench.module import NormBenchModule
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -20,8 +20,7 @@ PROGRESS_REFRESH = 20  # steps between progress-bar redraws
 
 def run_name(config: Namespace) -> str:
     """The readable run name, e.g. ``cifar100_brn_bs2``: the same words as the configs."""
-    data_cls = config.data.class_path.rsplit(".", 1)[-1]
-    dataset = next((k for k, v in DATAMODULES.items() if v.__name__ == data_cls), data_cls)
+    dataset = dataset_name(config.data.class_path)
     net = "" if config.model.net == "seed_cnn" else f"{config.model.net}_"
     return f"{dataset}_{net}{config.model.norm}_bs{config.data.init_args.batch_size}"
 

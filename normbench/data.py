@@ -240,10 +240,14 @@ class ImageDataModule(LightningDataModule):
 
     # -- transforms --------------------------------------------------------------------------
 
-    def _normalize(self) -> transforms.Normalize:
+    def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of the chosen normalization."""
         if self.normalization == "half":
-            return transforms.Normalize((0.5,) * self.in_channels, (0.5,) * self.in_channels)
-        return transforms.Normalize(self.mean, self.std)
+            return (0.5,) * self.in_channels, (0.5,) * self.in_channels
+        return self.mean, self.std
+
+    def _normalize(self) -> transforms.Normalize:
+        return transforms.Normalize(*self._mean_std())
 
     def eval_transform(self) -> transforms.Compose:
         """PIL image -> normalized float tensor (C, H, W)."""
@@ -368,7 +372,7 @@ class ImageDataModule(LightningDataModule):
             images, targets = images[index], targets[index]
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        mean, std = (((0.5,) * self.in_channels,) * 2) if self.normalization == "half" else (self.mean, self.std)
+        mean, std = self._mean_std()
         return InMemoryLoader(
             images.to(device),
             targets.to(device),
@@ -457,3 +461,10 @@ DATAMODULES: dict[str, type[ImageDataModule]] = {
     "cifar10": CIFAR10DataModule,
     "cifar100": CIFAR100DataModule,
 }
+
+
+def dataset_name(class_path: str) -> str:
+    """The registry name (``mnist``) of a data module's class path or class name, or the
+    input itself when it names none of them."""
+    name = str(class_path).rsplit(".", 1)[-1]
+    return next((k for k, v in DATAMODULES.items() if v.__name__ == name), str(class_path))

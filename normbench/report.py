@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from normbench.data import DATAMODULES
+from normbench.data import DATAMODULES, dataset_name
 from normbench.results import RECORD
 
 # Points of accuracy within which two norms "perform alike": the studies' "within 3 points".
@@ -57,11 +57,6 @@ class Run:
         return tuple(getattr(self, k) for k in CONTEXT)
 
 
-def _dataset_name(class_path: str) -> str:
-    name = class_path.rsplit(".", 1)[-1]
-    return next((k for k, v in DATAMODULES.items() if v.__name__ == name), class_path)
-
-
 def load_run(path: Path) -> Run:
     """A ``Run`` from one record; failed runs fall back on their sweep cell's values."""
     record = json.loads(path.read_text())
@@ -75,10 +70,10 @@ def load_run(path: Path) -> Run:
             return config_value
         return next((values[k] for k in keys if k in values), default)
 
-    dataset = _dataset_name(data.get("class_path", "")) if data else None
+    dataset = dataset_name(data.get("class_path", "")) if data else None
     dataset = pick(dataset, "dataset", default="?")
     if dataset not in DATAMODULES and "data" in values:
-        dataset = _dataset_name(str(values["data"]))
+        dataset = dataset_name(str(values["data"]))
     pct = lambda v: None if v is None else 100.0 * v
     return Run(
         path=str(path.parent),

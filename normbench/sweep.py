@@ -36,7 +36,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from normbench.data import DATAMODULES
+from normbench.data import DATAMODULES, dataset_name
 from normbench.results import read_record, update_record, write_json_atomic
 
 DONE = ("finished", "diverged")
@@ -87,7 +87,7 @@ def _key_args(key: str, value: Any) -> list[str]:
 def _label(key: str, value: Any) -> str:
     prefix = LABELS.get(key, key.rsplit(".", 1)[-1])
     if key == "data":
-        value = next((k for k, v in DATAMODULES.items() if v.__name__ == str(value).rsplit(".", 1)[-1]), value)
+        value = dataset_name(value)
     return prefix + re.sub(r"[^A-Za-z0-9_.+-]+", "-", cli_value(value)).strip("-")
 
 
