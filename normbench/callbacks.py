@@ -110,12 +110,15 @@ class NormDiagnostics(L.Callback):
         self._captured: dict[str, dict[str, Tensor]] = {}
         self._grads: list[Tensor] = []
         self._batch_acc: MulticlassAccuracy | None = None
+        self._layers: dict[str, nn.Module] = {}
 
     # -- hooks on the model ----------------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hooks()
-        for name, layer in stat_layers(pl_module).items():
+        # Found once, after LightningModule.setup has converted norms for several devices.
+        self._layers = stat_layers(pl_module)
+        for name, layer in self._layers.items():
             self._hooks.append(layer.register_forward_pre_hook(self._capture_hook(name)))
         num_classes = pl_module.hparams.get("num_classes", 10)
         self._batch_acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
@@ -166,7 +169,7 @@ class NormDiagnostics(L.Callback):
             self._captured, self._grads = {}, []
 
     def _write(self, writer, pl_module: L.LightningModule, step: int) -> None:
-        for name, layer in stat_layers(pl_module).items():
+        for name, layer in self._layers.items():
             writer.add_scalar(f"running_stats/{name}/mean", layer.running_mean.mean(), step)
             writer.add_scalar(f"running_stats/{name}/var", layer.running_var.mean(), step)
             if self.histograms:
@@ -186,7 +189,7 @@ class NormDiagnostics(L.Callback):
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        layers = list(stat_layers(pl_module).values())
+        layers = list(self._layers.values())
         if not self.batch_stats_eval or trainer.sanity_checking or not layers or self._batch_acc is None:
             return
         x, y = batch
@@ -211,7 +214,7 @@ class NormDiagnostics(L.Callback):
     # -- end of fit: PreciseBN --------------------------------------------------------------
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.precise_bn_batches <= 0 or not stat_layers(pl_module) or trainer.datamodule is None:
+        if self.precise_bn_batches <= 0 or not self._layers or trainer.datamodule is None:
             return
         if trainer.is_global_zero:
             acc = self._precise_bn_accuracy(trainer, pl_module)
