@@ -92,6 +92,12 @@ class NormBenchModule(L.LightningModule):
         if self.sync_norms and self.trainer.world_size > 1:
             self.net = convert_sync_norms(self.net, device=self.trainer.strategy.root_device)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # In-memory batches are born on the device: skip Lightning's generic walk of the batch.
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_train_start(self) -> None:
         # The sanity check's batches must not count towards the first epoch or the best.
         for metric in (self.val_loss, self.val_acc, self.val_acc_best):
@@ -106,18 +112,22 @@ class NormBenchModule(L.LightningModule):
         acc_metric.update(logits.detach(), y)
         return loss
 
+    # The metric objects are logged once, at the end of each epoch: Lightning computes them there
+    # (torchmetrics reduces across processes) and resets them. A self.log call per step costs
+    # Lightning about 0.8 ms of Python work, a sixth of a whole batch-2 step on a CPU.
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self._step(batch, self.train_loss, self.train_acc)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return self._step(batch, self.train_loss, self.train_acc)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss, prog_bar=True)
+        self.log("train/acc", self.train_acc)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.val_loss, self.val_acc)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss)
+        self.log("val/acc", self.val_acc, prog_bar=True)
         if self.trainer.sanity_checking:
             return
         self.val_acc_best.update(self.val_acc.compute())
@@ -125,8 +135,10 @@ class NormBenchModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.test_loss, self.test_acc)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss)
+        self.log("test/acc", self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
