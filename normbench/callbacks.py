@@ -245,31 +245,61 @@ class RunRecorder(L.Callback):
     """Writes the run record, ``metrics.json`` in the run directory, and TensorBoard's HParams.
 
     The record holds per-epoch metrics, the final and best figures, the seed, the global step,
-    the wall time and the status; it is rewritten atomically after every epoch, so an
-    interrupted run keeps what it had. At the end of fit the run's hyperparameters go to the
-    HParams tab with ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies
-    under the studies' ``val_split: 0``) and the train/eval diagnostics when present.
+    the wall time and the status (``running``, ``finished``, ``diverged`` with the step of the
+    first NaN or inf loss, or ``failed``); it is rewritten atomically after every epoch, so an
+    interrupted run keeps what it had. The epochs recorded so far and the wall time travel in
+    checkpoints, so a resumed run goes on with exactly the record it had at its checkpoint. At
+    the end of fit the run's hyperparameters go to the HParams tab with
+    ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies under the studies'
+    ``val_split: 0``) and the train/eval diagnostics when present.
     """
 
     def __init__(self) -> None:
         self._epochs: list[dict[str, float]] = []
         self._start = 0.0
+        self._elapsed = 0.0  # wall time of the attempts before a resume
+        self._restored = False
+        self._pending: int | None = None  # an epoch whose training ended but is not collected yet
+        self._trainer: L.Trainer | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints at the end of an epoch are taken after the module logged the epoch's
+        # training metrics (monitoring callbacks run last), so that epoch is complete here.
+        if self._pending is not None and self._trainer is not None:
+            self._collect(self._trainer, self._pending)
+        return {"epochs": copy.deepcopy(self._epochs), "wall_time_s": time.time() - self._start}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epochs = copy.deepcopy(state_dict["epochs"])
+        self._elapsed = float(state_dict["wall_time_s"])
+        self._restored = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epochs, self._start = [], time.time()
+        if not self._restored:
+            self._epochs, self._elapsed = [], 0.0
+        self._start, self._trainer, self._pending = time.time() - self._elapsed, trainer, None
         log_dir = trainer.log_dir
         config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
         config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else None
-        self._save(trainer, status="running", config=config, revision=code_revision(), hardware=hardware(pl_module))
+        fields: dict[str, Any] = {"config": config, "revision": code_revision(), "hardware": hardware(pl_module)}
+        if trainer.ckpt_path:
+            fields["resumed_from"] = str(trainer.ckpt_path)
+        self._save(trainer, status="running", **fields)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning has aggregated the previous epoch's train and val metrics by now.
-        if trainer.current_epoch > len(self._epochs):
-            self._collect(trainer, trainer.current_epoch - 1)
+        if self._pending is not None:
+            self._collect(trainer, self._pending)
             self._save(trainer, status="running")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._collect(trainer, max(trainer.current_epoch - 1, 0))
+        diverged_at = getattr(pl_module, "diverged_at", None)
+        # A run stopped mid-epoch (diverged) has no complete last epoch to collect.
+        if self._pending is not None and diverged_at is None:
+            self._collect(trainer, self._pending)
         final = self._epochs[-1] if self._epochs else {}
         metrics = {
             "val_acc_final": final.get("val/acc"),
@@ -278,10 +308,14 @@ class RunRecorder(L.Callback):
             "val_acc_precise_bn": _float(trainer.callback_metrics.get(PRECISE_BN_ACC)),
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}
+        if diverged_at is not None:
+            self._save(trainer, status="diverged", diverged_at_step=diverged_at, **metrics)
+            return
         self._save(trainer, status="finished", **metrics)
         self._log_hparams(trainer, pl_module, metrics)
 
     def _collect(self, trainer: L.Trainer, epoch: int) -> None:
+        self._pending = None
         if any(e["epoch"] == epoch for e in self._epochs):
             return
         row = {k: _float(v) for k, v in trainer.callback_metrics.items() if "/" in k and _float(v) is not None}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -58,6 +60,13 @@ class InMemoryLoader:
     ``sampler.set_epoch``. Under several processes each rank takes every world_size-th index of
     the permutation, padded to equal length as DistributedSampler does.
 
+    The loader is stateful in Lightning's sense (``state_dict``/``load_state_dict``): a
+    checkpoint taken in the middle of an epoch holds the epoch and the number of batches handed
+    out, and a run resumed from it goes on with the next batch of the same order. Lightning does
+    not prefetch from loaders that have a length, so batches handed out are batches trained on.
+    Each batch's augmentation draws from its own generator, seeded by (seed, epoch, batch), so
+    skipping the batches before the resume point changes nothing after it.
+
     Args:
         images: uint8 (N, C, H, W).
         targets: int64 (N,).
@@ -93,15 +102,32 @@ class InMemoryLoader:
         self.std = torch.tensor(std, device=images.device).reshape(shape)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self.position = 0  # batches handed out in the current epoch
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batch) from a checkpoint
         self.sampler = self  # where Lightning looks for set_epoch
         self.batch_sampler = None  # Lightning inspects loaders for one
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _generator(self, stream: int) -> torch.Generator:
+    def state_dict(self) -> dict[str, int]:
+        """Where the loader is: the epoch, and the batches of it already handed out."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume in epoch ``state["epoch"]`` at batch ``state["position"]`` (from ``state_dict``)."""
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}; "
+                "resume with the run's own seed_everything"
+            )
+        self.epoch = int(state["epoch"])
+        self._resume_at = (self.epoch, int(state["position"]))
+
+    def _generator(self, stream: int, batch: int = 0) -> torch.Generator:
         g = torch.Generator(device=self.images.device)
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 2 + stream)
+        base = (self.seed * 1_000_003 + self.epoch) * 2 + stream
+        g.manual_seed(base if stream == 0 else base * 1_000_003 + batch)
         return g
 
     def order(self) -> torch.Tensor:
@@ -136,12 +162,16 @@ class InMemoryLoader:
 
     def __iter__(self):
         order = self.order()
-        g = self._generator(1) if self.augment else None
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        first = 0
+        if self._resume_at is not None and self._resume_at[0] == self.epoch:
+            first = self._resume_at[1]
+        self._resume_at, self.position = None, first
+        for batch in range(first, len(self)):
+            self.position = batch + 1
+            idx = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             x = self.images[idx].float().div_(255)
             if self.augment:
-                x = self._crop_flip(x, g)
+                x = self._crop_flip(x, self._generator(1, batch))
             yield x.sub_(self.mean).div_(self.std), self.targets[idx]
 
 
@@ -277,24 +307,47 @@ class ImageDataModule(LightningDataModule):
     def _not_found(self, reason: str) -> DatasetNotFoundError:
         folder, files, fix = self._expected_files()
         missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
-        what = f"missing {', '.join(missing)} in {folder}" if missing else f"files in {folder} are corrupted"
         subfolder = os.path.relpath(folder, self.data_dir)
+        if not missing:
+            return DatasetNotFoundError(
+                f"{self.dataset_cls.__name__} files in {folder} are corrupted or truncated ({reason}); delete "
+                f"{subfolder} and run again with --data.download true, or copy intact files there"
+            )
         return DatasetNotFoundError(
-            f"{self.dataset_cls.__name__} not found: {what} ({reason}); {fix}, set --data.data_dir to a folder "
-            f"that holds {subfolder}, or set --data.download true on a machine with network"
+            f"{self.dataset_cls.__name__} not found: missing {', '.join(missing)} in {folder} ({reason}); {fix}, "
+            f"set --data.data_dir to a folder that holds {subfolder}, or set --data.download true on a machine "
+            "with network"
         )
 
+    def _check_archives(self) -> None:
+        """The MNIST family's .gz archives against their md5, where torchvision would extract them."""
+        if not issubclass(self.dataset_cls, datasets.MNIST):
+            return
+        folder, files, _ = self._expected_files()
+        if all(os.path.isfile(os.path.join(folder, name)) for name in files):
+            return  # torchvision reads the extracted files, not the archives
+        for name, md5 in self.dataset_cls.resources:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not check_integrity(path, md5):
+                raise DatasetNotFoundError(
+                    f"{self.dataset_cls.__name__} archive {path} fails its md5 check (corrupted or truncated); "
+                    "delete it and run again with --data.download true, or copy an intact copy there"
+                )
+
     def _open(self, train: bool, download: bool, transform: Callable[[Any], Any] | None) -> Dataset:
+        if download:
+            self._check_archives()
         try:
             return self.dataset_cls(self.data_dir, train=train, transform=transform, download=download)
         # torchvision raises RuntimeError for missing or corrupted files and URLError/OSError for a
-        # failed download; both become one short message that says which files and where.
-        except (RuntimeError, OSError) as err:
+        # failed download; both become one short message that says which files and where. Reading a
+        # truncated file fails with a RuntimeError or ValueError from the decoder.
+        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             if not download:
-                reason = "download=False"
+                reason = f"download=False; {first_line}" if "not found" not in first_line.lower() else "download=False"
             else:
-                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                reason = f"download failed: {first_line[:120]}"
+                reason = f"download failed: {first_line}"
             raise self._not_found(reason) from None
 
     # -- LightningDataModule hooks -----------------------------------------------------------
@@ -391,6 +444,13 @@ class ImageDataModule(LightningDataModule):
             return self.eval_batch_size
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return 32 if device.type == "cpu" else max(self.batch_size, 512)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # In-memory batches are born on the device: skip Lightning's generic walk of the batch,
+        # a quarter of a millisecond per step.
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

@@ -9,12 +9,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.nets import NETS, ActivationName, NetName
 from normbench.norms import NormName, convert_sync_norms, create_norm
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensors do not fit the model it is loaded into."""
 
 
 class NormBenchModule(L.LightningModule):
@@ -41,6 +46,10 @@ class NormBenchModule(L.LightningModule):
             which knows only torch's BatchNorm.
         channels_last: keep weights and activations in channels-last memory order, which
             oneDNN and cuDNN convolutions run faster (1.1-1.8x measured on CPU); same math.
+        check_finite_every_n_steps: how often the host reads the device-side record of the first
+            step whose loss was NaN or inf; a run that diverged stops there and is recorded as
+            ``diverged`` with that exact step. None: every step on CPU, where reading is free,
+            every 20 on accelerators, where each read waits for the device.
     """
 
     def __init__(
@@ -58,8 +67,14 @@ class NormBenchModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         sync_norms: bool = True,
         channels_last: bool = True,
+        check_finite_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
+        if check_finite_every_n_steps is not None and check_finite_every_n_steps < 1:
+            raise ValueError(
+                f"check_finite_every_n_steps must be >= 1 or null, got {check_finite_every_n_steps}; "
+                "set --model.check_finite_every_n_steps to a positive integer"
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.norm_name = norm
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -82,6 +97,17 @@ class NormBenchModule(L.LightningModule):
         self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
         self.train_loss, self.val_loss, self.test_loss = mean(), mean(), mean()
         self.val_acc_best = MaxMetric()
+        # In checkpoints, so that a run resumed in the middle of an epoch ends with the same
+        # epoch means and best accuracy as one never interrupted.
+        for metric in (self.train_acc, self.val_acc, self.test_acc, self.train_loss, self.val_loss, self.test_loss):
+            metric.persistent(True)
+        self.val_acc_best.persistent(True)
+        self.check_finite_every_n_steps = check_finite_every_n_steps
+        # The global step of the first non-finite loss, -1 while there is none; on the device.
+        # Not a buffer: DDP would overwrite each rank's with rank zero's.
+        self.first_nonfinite_step: Tensor | None = None
+        self.diverged_at: int | None = None
+        self._train_metrics_epoch: int | None = None  # the epoch the training metrics hold
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x)
@@ -92,16 +118,34 @@ class NormBenchModule(L.LightningModule):
         if self.sync_norms and self.trainer.world_size > 1:
             self.net = convert_sync_norms(self.net, device=self.trainer.strategy.root_device)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # In-memory batches are born on the device: skip Lightning's generic walk of the batch.
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    def on_train_epoch_start(self) -> None:
+        # A run resumed in the middle of an epoch keeps the epoch's running means from its
+        # checkpoint; any other epoch starts from zero.
+        if self._train_metrics_epoch != self.current_epoch:
+            self.train_loss.reset()
+            self.train_acc.reset()
+        self._train_metrics_epoch = self.current_epoch
 
-    def on_train_start(self) -> None:
-        # The sanity check's batches must not count towards the first epoch or the best.
-        for metric in (self.val_loss, self.val_acc, self.val_acc_best):
-            metric.reset()
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["normbench"] = {"train_metrics_epoch": self._train_metrics_epoch}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning loads the weights: say in one line what does not fit, instead
+        # of torch's list of every missing and unexpected key.
+        theirs, ours = checkpoint.get("state_dict", {}), self.state_dict()
+        missing = [k for k in ours if k not in theirs]
+        unexpected = [k for k in theirs if k not in ours]
+        mismatched = [k for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
+        if missing or unexpected or mismatched:
+            hp = checkpoint.get("hyper_parameters", {})
+            saved = ", ".join(f"{k}={hp[k]}" for k in ("norm", "net", "width", "num_blocks", "num_classes") if k in hp)
+            example = (mismatched or missing or unexpected)[0]
+            raise CheckpointMismatchError(
+                f"the checkpoint does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(mismatched)} differently shaped tensors, e.g. {example}); it was saved with {saved or 'other settings'}: "
+                "pass those --model settings, or a checkpoint of this model"
+            )
+        self._train_metrics_epoch = checkpoint.get("normbench", {}).get("train_metrics_epoch")
 
     def _step(self, batch, loss_metric, acc_metric) -> Tensor:
         x, y = batch
@@ -116,7 +160,27 @@ class NormBenchModule(L.LightningModule):
     # (torchmetrics reduces across processes) and resets them. A self.log call per step costs
     # Lightning about 0.8 ms of Python work, a sixth of a whole batch-2 step on a CPU.
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        return self._step(batch, self.train_loss, self.train_acc)
+        loss = self._step(batch, self.train_loss, self.train_acc)
+        # Remembered on the device, read every check_finite_every_n_steps: no host sync here.
+        first = self.first_nonfinite_step
+        if first is None or first.device != loss.device:
+            first = self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), self.global_step, first))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.check_finite_every_n_steps or (1 if self.device.type == "cpu" else 20)
+        if self.global_step % every:
+            return
+        step = int(self.first_nonfinite_step) if self.first_nonfinite_step is not None else -1
+        # All ranks stop together when any of them saw a non-finite loss.
+        if self.trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
+            self.diverged_at = step if step >= 0 else self.global_step
+            self.trainer.should_stop = True
+            rank_zero_warn(
+                f"the training loss became NaN or inf at step {self.diverged_at}; the run stops here and is "
+                "recorded as diverged (try a smaller learning rate or another norm)"
+            )
 
     def on_train_epoch_end(self) -> None:
         self.log("train/loss", self.train_loss, prog_bar=True)

@@ -15,26 +15,33 @@ keys at once (``gn: {model.norm: gn, model.norm_kwargs: {num_groups: 4}}``). Eac
 ``main(["fit", "--config", base, --key value ...])`` in its own run directory,
 ``<output>/<name>/lightning_logs/<cell name>/version_0``, named from its axis values
 (``bn_bs2_seed0``). Its run record (``metrics.json``) says whether it finished, failed or
-diverged; running the sweep again skips finished and diverged cells and reruns the rest.
+diverged; running the sweep again skips finished and diverged cells, resumes interrupted runs
+from their last checkpoints and reruns failed ones. A claim file per cell keeps two sweep
+processes on one directory from running the same cell.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
 import re
 import shutil
+import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from normbench.data import DATAMODULES, dataset_name
 from normbench.results import read_record, update_record, write_json_atomic
@@ -131,33 +138,99 @@ def expand(grid: dict[str, Any], base: str, overrides: dict[str, Any], sweep_dir
     return cells
 
 
+def validate(cells: list[Cell]) -> None:
+    """Parse every cell's arguments before anything runs, so that a grid or override naming a
+    key that does not exist, or a value of the wrong type, stops the sweep with one line."""
+    from jsonargparse import ArgumentError
+
+    from normbench.cli import NormBenchCLI, one_line
+
+    parser = None
+    for cell in cells:
+        try:
+            if parser is None:
+                # The first cell is also instantiated, which checks values such as batch_size.
+                parser = NormBenchCLI(args=cell.args[1:], run=False).parser
+            else:
+                parser.parse_args(cell.args[1:])
+        except (ArgumentError, ValueError) as err:
+            given = ", ".join(f"{k}={cli_value(v)}" for k, v in cell.values.items())
+            raise ValueError(
+                f"sweep run {cell.name} ({given}): {one_line(err)}; fix the sweep's grid or overrides"
+            ) from None
+
+
+@contextmanager
+def claim(cell: Cell) -> Iterator[bool]:
+    """Hold the cell's claim, ``<sweep>/claims/<cell>.lock``, while the body runs; yields False
+    when another process holds it.
+
+    The claim is a POSIX lock (``fcntl.lockf``, which NFS forwards to its lock manager) on a file
+    that says who holds it. The kernel drops the lock when its process ends in any way, SIGKILL
+    and power loss included, so a claim left by a crashed process is stale by construction: the
+    file is still there, its lock is free, and the next sweep takes it over.
+    """
+    path = Path(cell.run_dir).parents[2] / "claims" / f"{cell.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous and cell.status() not in DONE:
+            print(f"sweep: taking over the stale claim on {cell.name} ({previous})", file=sys.stderr)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.fsync(fd)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock; the file stays, to say who ran the cell last
+
+
 def run_cell(cell: Cell | dict) -> str:
     """Run one cell through ``main`` and return its status; a failure is recorded, not raised.
 
-    An unfinished run directory left by an earlier attempt is cleared first, so the run starts
-    clean in the same place.
+    A cell another process has claimed is left to it (``claimed``). An interrupted run resumes
+    from its last checkpoint in its own run directory (``--ckpt_path last``); a failed one starts
+    again from scratch. Each start is appended to the record's ``attempts``.
     """
     from normbench.cli import main
 
     cell = Cell(**cell) if isinstance(cell, dict) else cell
     run_dir = Path(cell.run_dir)
-    if cell.status() in DONE:
-        return cell.status()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    start = time.time()
-    try:
-        main(cell.args)
-    except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
+    with claim(cell) as ours:
+        if not ours:
+            return "claimed"
+        status = cell.status()
+        if status in DONE:
+            return status
+        attempts = read_record(run_dir).get("attempts", [])
+        resume = status != "failed" and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # nothing to resume from: start clean, keeping only the attempts
+        attempts.append({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "resumed": resume})
         update_record(
             run_dir,
-            status="failed",
-            error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
-            traceback=traceback.format_exc()[-4000:],
-            wall_time_s=round(time.time() - start, 3),
+            status="running",
+            attempts=attempts,
+            sweep={"cell": cell.name, "index": cell.index, "values": cell.values},
         )
-    update_record(run_dir, sweep={"cell": cell.name, "index": cell.index, "values": cell.values})
-    return cell.status()
+        start = time.time()
+        try:
+            main([*cell.args, "--ckpt_path", "last"])
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
+            update_record(
+                run_dir,
+                status="failed",
+                error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
+                traceback=traceback.format_exc()[-4000:],
+                wall_time_s=round(time.time() - start, 3),
+            )
+        return cell.status()
 
 
 def _ray_trainable(config: dict) -> None:
@@ -220,6 +293,17 @@ def _find_base(base: str, sweep_file: Path | None) -> Path:
     raise FileNotFoundError(f"base config {base} not found; set base: to the path of an experiment config")
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with jsonargparse's Namespaces (mappings inside lists) turned into dicts."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="normbench sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="the sweep config (YAML)")
@@ -258,13 +342,14 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
     sweep_dir = Path(cfg.output).resolve() / name
     base = _find_base(cfg.base, Path(str(config_files[-1])) if config_files else None)
-    cells = expand(dict(cfg.grid), str(base), dict(cfg.overrides), sweep_dir)
+    grid, overrides = _plain(cfg.grid), _plain(cfg.overrides)
+    cells = expand(grid, str(base), overrides, sweep_dir)
     # One metadata file per sweep config, so that sweeps sharing a directory each state theirs.
     stem = Path(str(config_files[-1])).stem if config_files else "cli"
     write_json_atomic(
         sweep_dir / ("sweep.json" if stem == name else f"sweep.{stem}.json"),
         {"name": name, "command": "normbench sweep " + " ".join(sys.argv[2:] if args is None else args),
-         "base": str(base.resolve()), "grid": cfg.grid, "overrides": cfg.overrides,
+         "base": str(base.resolve()), "grid": grid, "overrides": overrides,
          "cells": [asdict(c) for c in cells]},
     )  # fmt: skip
     if cfg.cell is not None:
@@ -274,6 +359,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     else:
         cells_to_run = cells
     todo = [c for c in cells_to_run if c.status() not in DONE]
+    validate(cells_to_run)
     if cfg.dry_run:
         for c in cells:
             print(f"{c.index:4d}  {c.status():9s}  {c.name}  {' '.join(c.args[3:-6])}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normbench.cli import main
 from normbench.sweep import expand
@@ -34,6 +35,12 @@ def write_sweep(path: Path, data_dir, grid: dict, **extra) -> Path:
         yaml.safe_dump({"base": BASE, "overrides": quick_overrides(data_dir), "grid": grid, **extra}, sort_keys=False)
     )
     return path
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def records(sweep_dir: Path) -> dict[str, list[dict]]:
@@ -149,8 +156,13 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
     proc.wait()
     before = records(out / "kill")
     finished_before = {n for n, rs in before.items() if rs[0]["status"] == "finished"}
-    assert finished_before and any(rs[0]["status"] == "running" for rs in before.values())
+    (cut,) = [n for n, rs in before.items() if rs[0]["status"] == "running"]
+    assert finished_before
     stamps = {n: before[n][0]["wall_time_s"] for n in finished_before}
+    cut_dir = out / "kill" / "lightning_logs" / cut / "version_0"
+    had_checkpoint = (cut_dir / "checkpoints" / "last.ckpt").is_file()
+    # The killed process's claim file is left behind, its lock released by the kernel.
+    assert (out / "kill" / "claims" / f"{cut}.lock").read_text().startswith(f"pid {proc.pid}")
 
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     after = records(out / "kill")
@@ -158,7 +170,13 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
     for name, rs in after.items():
         assert len(rs) == 1 and rs[0]["status"] == "finished", name  # once each, in version_0
         assert [e["epoch"] for e in rs[0]["epochs"]] == [0, 1, 2]
-        assert len(list((out / "kill" / "lightning_logs" / name / "version_0").glob("events.out.tfevents*"))) == 1
+        run_dir = out / "kill" / "lightning_logs" / name / "version_0"
+        # One value per epoch in TensorBoard: what the killed attempt logged is not doubled.
+        steps = [s for s, _ in scalar_steps(run_dir, "val/acc")]
+        assert len(steps) == 3 and steps == sorted(set(steps)), (name, steps)
+        assert len(rs[0]["attempts"]) == (2 if name == cut else 1), name
+    assert after[cut][0]["attempts"][1]["resumed"] == had_checkpoint
+    assert ("resumed_from" in after[cut][0]) == had_checkpoint
     assert {n: after[n][0]["wall_time_s"] for n in finished_before} == stamps  # not rerun
 
 
@@ -169,3 +187,68 @@ def test_ray_backend_runs_a_two_run_grid_on_a_local_instance(fake_data, tmp_path
     found = records(tmp_path / "out" / "ray")
     assert sorted(found) == ["bn", "gn"] and all(rs[0]["status"] == "finished" for rs in found.values())
     assert (tmp_path / "out" / "ray" / "ray").is_dir()  # Ray Tune's own experiment folder
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp_path):
+    marker = tmp_path / "killed"
+    overrides = {**quick_overrides(fake_data), "trainer.limit_train_batches": 6, "checkpoint_every_n_steps": 4,
+                 "trainer.callbacks": [{"class_path": "killer.KillAtStep", "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
+    config = tmp_path / "mid.yaml"
+    config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
+    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    # The first run dies at step 9, in its second epoch, one step after its checkpoint at step 8.
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert records(tmp_path / "out" / "mid")["bn"][0]["status"] == "running"
+
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "taking over the stale claim on bn" in second.stderr
+    found = records(tmp_path / "out" / "mid")
+    assert sorted(found) == ["bn", "gn"]
+    for name, (record,) in found.items():
+        assert record["status"] == "finished" and [e["epoch"] for e in record["epochs"]] == [0, 1]
+        assert record["global_step"] == 12
+    bn = found["bn"][0]
+    assert [a["resumed"] for a in bn["attempts"]] == [False, True] and bn["resumed_from"].endswith("last.ckpt")
+    assert len(found["gn"][0]["attempts"]) == 1
+
+
+def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
+    config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
+    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    found = records(tmp_path / "out" / "two")
+    assert sorted(found) == ["bn", "bnrs", "brn", "gn"]
+    pids = set()
+    for name, (record,) in found.items():
+        assert record["status"] == "finished" and len(record["epochs"]) == 2, name
+        assert len(record["attempts"]) == 1, (name, record["attempts"])  # one process ran it, once
+        pids.add(record["attempts"][0]["pid"])
+    assert pids <= {p.pid for p in procs}
+
+
+def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_path):
+    grid = {"lr": {"ok": {"model.optimizer.init_args.lr": 0.001}, "huge": {"model.optimizer.init_args.lr": 1.0e30}}}
+    config = write_sweep(tmp_path / "div.yaml", fake_data, grid)
+    overrides = yaml.safe_load(config.read_text())
+    overrides["overrides"].update({"model.norm": "none", "trainer.limit_train_batches": 8, "trainer.max_epochs": 3})
+    config.write_text(yaml.safe_dump(overrides))
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    found = records(tmp_path / "out" / "div")
+    ok, huge = found["ok"][0], found["huge"][0]
+    assert ok["status"] == "finished" and ok["global_step"] == 24
+    assert huge["status"] == "diverged"
+    # It stopped at the first non-finite loss (checked every step on CPU), not at the end.
+    assert huge["global_step"] == huge["diverged_at_step"] + 1 < 24
+    main(["report", str(tmp_path / "out" / "div")])
+    assert "1 diverged" in (tmp_path / "out" / "div" / "report" / "report.md").read_text()

@@ -63,9 +63,9 @@ class BatchRenorm(RunningStatsNorm):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, sync_stats)
         if r_max < 1:
-            raise ValueError(f"brn: r_max={r_max} must be >= 1 (1 turns the r correction off)")
+            raise ValueError(f"brn: r_max={r_max} must be >= 1 (1 turns the r correction off); the paper uses 3")
         if d_max < 0:
-            raise ValueError(f"brn: d_max={d_max} must be >= 0 (0 turns the d correction off)")
+            raise ValueError(f"brn: d_max={d_max} must be >= 0 (0 turns the d correction off); the paper uses 5")
         for name, value in (
             ("warmup_steps", warmup_steps),
             ("r_max_ramp_steps", r_max_ramp_steps),

@@ -7,6 +7,7 @@ keywords with defaults, and accepts any (N, C, *) input.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -52,4 +53,10 @@ def create_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     """
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; valid norms are: {', '.join(sorted(NORMS))}")
+    options = [k for k in inspect.signature(NORMS[name]).parameters if k != "num_features"]
+    unknown = [k for k in kwargs if k not in options]
+    if unknown:
+        raise ValueError(
+            f"norm {name!r} has no option {unknown[0]!r}; its options are: {', '.join(options) or 'none'}"
+        )
     return NORMS[name](num_features, **kwargs)

@@ -1,0 +1,131 @@
+"""Bad input: one line that names the bad value and the fix, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fakedata
+import pytest
+import yaml
+
+from normbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "mnist_bn_bs16.yaml")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Fake MNIST and CIFAR-10, broken copies of them, bad configs and a checkpoint."""
+    root = tmp_path_factory.mktemp("bad")
+    fakedata.write_mnist(root / "data")
+    fakedata.write_cifar(root / "data", "cifar10")
+    # Truncated MNIST: the extracted training images cut in half.
+    shutil.copytree(root / "data" / "MNIST", root / "truncated" / "MNIST")
+    images = root / "truncated" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    # A corrupted MNIST archive where torchvision would extract it: the .gz only, wrong bytes.
+    raw = root / "badgz" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"not the MNIST file")
+    (root / "broken.yaml").write_text("model: [unclosed\n  norm: bn\n")
+    (root / "unknown_key.yaml").write_text(yaml.safe_dump({"model": {"nrom": "bn"}}))
+    (root / "empty_grid.yaml").write_text(yaml.safe_dump({"base": CONFIG, "grid": {}}))
+    (root / "bad_axis.yaml").write_text(
+        yaml.safe_dump({"base": CONFIG, "overrides": {"data.data_dir": str(root / "data")},
+                        "grid": {"model.nrom": ["bn", "gn"]}})  # fmt: skip
+    )
+    main([*fit(root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]", "--name", "ckpt", "--version", "0"])  # fmt: skip
+    return root
+
+
+def fit(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", CONFIG, "--data.data_dir", str(root / "data"), "--data.download", "false",
+            "--trainer.default_root_dir", str(root / "out"), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *extra]  # fmt: skip
+
+
+def ckpt(root: Path) -> str:
+    return str(root / "out" / "lightning_logs" / "ckpt" / "version_0" / "checkpoints" / "last.ckpt")
+
+
+# name -> (arguments, given the workspace; what the one line must contain)
+CASES = {
+    "unknown norm": (lambda r: fit(r, "--model.norm", "batchnorm"), ["'batchnorm'", "not one of bn, bnrs, brn"]),
+    "unknown dataset": (lambda r: fit(r, "--data", "ImageNetDataModule"),
+                        ["'ImageNetDataModule'", "use one of MNISTDataModule"]),
+    "unknown activation": (lambda r: fit(r, "--model.activation", "swishy"), ["'swishy'", "relu, sigmoid"]),
+    "batch_size 0": (lambda r: fit(r, "--data.batch_size", "0"), ["batch_size must be >= 1, got 0", "--data.batch_size"]),
+    "batch_size not a number": (lambda r: fit(r, "--data.batch_size", "two"), ["data.batch_size", "'two'", "int"]),
+    "num_groups not dividing": (lambda r: fit(r, "--model.norm", "gn", "--model.norm_kwargs", "{num_groups: 5}"),
+                                ["num_groups=5 does not divide num_features=64", "one of [1, 2, 4"]),
+    "unknown norm option": (lambda r: fit(r, "--model.norm", "gn", "--model.norm_kwargs", "{groups: 4}"),
+                            ["no option 'groups'", "num_groups"]),
+    "r_max below 1": (lambda r: fit(r, "--model.norm", "brn", "--model.norm_kwargs", "{r_max: 0.5}"),
+                      ["r_max=0.5 must be >= 1", "uses 3"]),
+    "d_max below 0": (lambda r: fit(r, "--model.norm", "brn", "--model.norm_kwargs", "{d_max: -1}"),
+                      ["d_max=-1 must be >= 0", "uses 5"]),
+    "val_split 1": (lambda r: fit(r, "--data.val_split", "1.0"), ["val_split must be in [0, 1), got 1.0", "use 0"]),
+    "val_split negative": (lambda r: fit(r, "--data.val_split", "-0.1"), ["got -0.1"]),
+    "train_subset too large": (lambda r: fit(r, "--data.train_subset", "100000"),
+                               ["train_subset=100000 exceeds the 128 training images", "at most 128"]),
+    "files missing offline": (lambda r: fit(r, "--data.data_dir", str(r / "nothing")),
+                              ["missing train-images-idx3-ubyte", "download=False", "--data.data_dir"]),
+    "truncated files": (lambda r: fit(r, "--data.data_dir", str(r / "truncated")),
+                        ["corrupted or truncated", "delete MNIST/raw"]),
+    "archive fails md5": (lambda r: fit(r, "--data.data_dir", str(r / "badgz"), "--data.download", "true"),
+                          ["train-images-idx3-ubyte.gz fails its md5 check", "delete it"]),
+    "cifar fails md5": (lambda r: fit(r, "--data", "CIFAR10DataModule", "--data.data_dir", str(r / "data")),
+                        ["cifar-10-batches-py are corrupted", "--data.download true"]),
+    "config YAML broken": (lambda r: ["fit", "--config", str(r / "broken.yaml")],
+                           ["broken.yaml is not valid YAML at line 2", "fix it there"]),
+    "config file missing": (lambda r: ["fit", "--config", str(r / "nope.yaml")], ["nope.yaml does not exist"]),
+    "unknown key in config": (lambda r: [*fit(r), "--config", str(r / "unknown_key.yaml")], ["nrom", "--help"]),
+    "unknown key on the command line": (lambda r: fit(r, "--model.nrom", "bn"), ["--model.nrom", "--help"]),
+    "sweep axis that is no key": (lambda r: ["sweep", "--config", str(r / "bad_axis.yaml"), "--output", str(r / "sw")],
+                                  ["model.nrom", "fix the sweep's grid"]),
+    "sweep with an empty grid": (lambda r: ["sweep", "--config", str(r / "empty_grid.yaml"), "--output", str(r / "sw")],
+                                 ["grid is empty", "list of values"]),
+    "checkpoint of another norm": (lambda r: fit(r, "--model.norm", "gn", "--ckpt_path", ckpt(r)),
+                                   ["is of another model", "norm='bn'", "this run norm='gn'", "drop --model.norm"]),
+    "checkpoint of another width": (lambda r: ["test", "--config", CONFIG, "--data.data_dir", str(r / "data"),
+                                               "--model.width", "32", "--ckpt_path", ckpt(r)],
+                                    ["width=64", "width=32"]),
+    "checkpoint not a checkpoint": (lambda r: fit(r, "--ckpt_path", str(r / "broken.yaml")),
+                                    ["broken.yaml cannot be read", "saved by normbench fit"]),
+    "checkpoint missing": (lambda r: fit(r, "--ckpt_path", str(r / "gone.ckpt")), ["gone.ckpt not found", "last"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_gets_one_line_and_exit_status_2(case, workspace, capsys, monkeypatch):
+    if case == "cifar fails md5":
+        monkeypatch.undo()  # put torchvision's md5 check back: the fake files are not the real ones
+    make_args, expected = CASES[case]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(make_args(workspace))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("normbench: error:")]
+    assert len(lines) == 1, err
+    for part in expected:
+        assert part in lines[0], lines[0]
+
+
+def test_the_console_script_exits_2_with_only_the_line(workspace):
+    cmd = [sys.executable, "-m", "normbench.cli", *fit(workspace, "--data.batch_size", "0")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
+        "normbench: error: batch_size must be >= 1, got 0; set --data.batch_size to a positive integer"
+    ]
+    assert proc.stderr.strip().splitlines()[-1].startswith("normbench: error:")

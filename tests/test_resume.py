@@ -1,0 +1,124 @@
+"""Runs killed with SIGKILL resume exactly: same weights, running statistics, optimizer state,
+metrics and TensorBoard run as the same run left alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from normbench.cli import main
+from normbench.results import read_record
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# 128 fake training images at batch size 8: 16 steps per epoch, 2 epochs, last.ckpt every 5 steps.
+STEPS_PER_EPOCH, EPOCHS, EVERY = 16, 2, 5
+
+
+def args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs" / "mnist_brn_bs16.yaml"), "--data.data_dir", str(data_dir),
+        "--data.download", "false", "--data.batch_size", "8", "--trainer.max_epochs", str(EPOCHS),
+        "--trainer.deterministic", "true", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root), "--name", "run",
+        "--checkpoint_every_n_steps", str(EVERY),
+        # BRN with its limits moving during these few steps, so a resumed step count would show.
+        "--model.norm_kwargs", "{warmup_steps: 4, r_max_ramp_steps: 10, d_max_ramp_steps: 10}",
+        *extra,
+    ]  # fmt: skip
+
+
+def killer(step: int, marker: Path) -> list[str]:
+    return ["--trainer.callbacks", f"[{{class_path: killer.KillAtStep, init_args: {{step: {step}, marker: {marker}}}}}]"]
+
+
+def tensors(obj, prefix=""):
+    """Every tensor in a nested checkpoint structure, by path."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}/{i}")
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def alone(fake_data, tmp_path_factory) -> Path:
+    """The run left uninterrupted: its run directory."""
+    root = tmp_path_factory.mktemp("alone")
+    main(args(fake_data, root, "--trainer.callbacks", "[]"))
+    return root / "lightning_logs" / "run" / "version_0"
+
+
+@pytest.mark.parametrize("kill_at", [12, 23], ids=["epoch0", "epoch1"])
+def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_path, alone, kill_at):
+    marker = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "normbench.cli", *args(fake_data, tmp_path, *killer(kill_at, marker))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # The newest checkpoint is the periodic one before the kill, in the middle of an epoch.
+    assert ckpt["global_step"] == kill_at // EVERY * EVERY and ckpt["global_step"] % STEPS_PER_EPOCH
+    assert read_record(run_dir)["status"] == "running"
+
+    main(args(fake_data, tmp_path, *killer(kill_at, marker), "--ckpt_path", "last"))
+
+    # The same run directory and TensorBoard run, not a new version.
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    ours, theirs = read_record(run_dir), read_record(alone)
+    assert ours["status"] == theirs["status"] == "finished"
+    assert ours["global_step"] == theirs["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert ours["resumed_from"].endswith("last.ckpt")
+    # Per-epoch metrics, including the epoch that was cut: every figure, exactly.
+    assert ours["epochs"] == theirs["epochs"] and len(ours["epochs"]) == EPOCHS
+    assert ours["val_acc_best"] == theirs["val_acc_best"]
+
+    a = torch.load(alone / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    for part in ("state_dict", "optimizer_states"):
+        ta, tb = dict(tensors(a[part])), dict(tensors(b[part]))
+        assert ta.keys() == tb.keys() and ta
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{part}{key} differs after the resume"
+    assert any("running_var" in k for k in dict(tensors(a["state_dict"])))
+    assert a["loops"]["fit_loop"]["state_dict"]["combined_loader"] == b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+
+    # TensorBoard: one value per epoch, the values of the run left alone.
+    assert scalar_steps(run_dir, "val/acc") == scalar_steps(alone, "val/acc")
+    assert scalar_steps(run_dir, "train/loss") == scalar_steps(alone, "train/loss")
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(fake_data, tmp_path, capsys):
+    main(args(fake_data, tmp_path, "--trainer.callbacks", "[]", "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "2", "--ckpt_path", "last"))  # fmt: skip
+    assert "no last checkpoint" in capsys.readouterr().err
+    record = read_record(tmp_path / "lightning_logs" / "run" / "version_0")
+    assert record["status"] == "finished" and "resumed_from" not in record
+
+
+def test_resuming_a_finished_run_with_more_epochs_continues_its_record(fake_data, tmp_path):
+    short = ["--trainer.callbacks", "[]", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
+    main(args(fake_data, tmp_path, *short, "--trainer.max_epochs", "1"))
+    main(args(fake_data, tmp_path, *short, "--trainer.max_epochs", "3", "--ckpt_path", "last"))
+    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
+    record = read_record(run_dir)
+    assert [e["epoch"] for e in record["epochs"]] == [0, 1, 2] and record["global_step"] == 9
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
