@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -10,9 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentError
-
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from normbench.callbacks import RunRecorder
@@ -293,18 +292,24 @@ def _parse_error(text: str) -> str:
         return f"data: {path.group(1)!r} is not a data module; use one of {valid}"
     if path:
         return f"{where}{path.group(1)!r} is not an importable class; give its full class path"
-    unknown = re.search(r"[Uu]nrecognized arguments: (.*)", text) or re.search(r"does not accept option '([^']+)'", text)
+    unknown = re.search(r"[Uu]nrecognized arguments: (.*)", text) or re.search(
+        r"does not accept option '([^']+)'", text
+    )
     if unknown:
         return f"unknown option {unknown.group(1)}; see normbench fit --help for the valid keys, or check the spelling"
-    nokey = re.search(r'No action for key "([^"]+)"', text) or re.search(r"Key \"?'?([\w.]+)'?\"? is not expected", text)
+    nokey = re.search(r'No action for key "([^"]+)"', text) or re.search(
+        r"Key \"?'?([\w.]+)'?\"? is not expected", text
+    )
     if nokey:
-        return f"unknown config key {nokey.group(1)!r}; see normbench fit --help for the valid keys, or check the spelling"
+        return (
+            f"unknown config key {nokey.group(1)!r}; see normbench fit --help for the valid keys, or check the spelling"
+        )
     return where + text
 
 
 def check_config_files(argv: list[str]) -> None:
     """Each ``--config FILE``: it exists and is valid YAML, said with the file's name and line."""
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag != "--config" or value.lstrip().startswith(("{", "[")) or ":" in value and "\n" in value:
             continue
         if not os.path.isfile(value):

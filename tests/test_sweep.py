@@ -204,16 +204,16 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
     cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
     # The first run dies at step 9, in its second epoch, one step after its checkpoint at step 8.
-    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert records(tmp_path / "out" / "mid")["bn"][0]["status"] == "running"
 
-    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "taking over the stale claim on bn" in second.stderr
     found = records(tmp_path / "out" / "mid")
     assert sorted(found) == ["bn", "gn"]
-    for name, (record,) in found.items():
+    for (record,) in found.values():
         assert record["status"] == "finished" and [e["epoch"] for e in record["epochs"]] == [0, 1]
         assert record["global_step"] == 12
     bn = found["bn"][0]
@@ -224,7 +224,10 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
 def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
     config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
     cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     found = records(tmp_path / "out" / "two")

@@ -56,7 +56,5 @@ def create_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     options = [k for k in inspect.signature(NORMS[name]).parameters if k != "num_features"]
     unknown = [k for k in kwargs if k not in options]
     if unknown:
-        raise ValueError(
-            f"norm {name!r} has no option {unknown[0]!r}; its options are: {', '.join(options) or 'none'}"
-        )
+        raise ValueError(f"norm {name!r} has no option {unknown[0]!r}; its options are: {', '.join(options) or 'none'}")
     return NORMS[name](num_features, **kwargs)
