@@ -34,7 +34,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -233,6 +233,50 @@ def run_cell(cell: Cell | dict) -> str:
         return cell.status()
 
 
+def packs(cells: list[Cell], enabled: bool) -> list[list[Cell]]:
+    """The cells grouped into packs of runs that differ only in ``seed_everything`` (one cell
+    per group when packing is off or the grid has no seed axis), in grid order."""
+    if not enabled:
+        return [[c] for c in cells]
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        key = tuple((k, cli_value(v)) for k, v in cell.values.items() if k != "seed_everything")
+        groups.setdefault(key, []).append(cell)
+    return list(groups.values())
+
+
+def run_group(cells: list[Cell | dict]) -> list[str]:
+    """Run one pack (``normbench.packed_fit``) or, for a single cell, ``run_cell``; failures are
+    recorded per run, as in ``run_cell``. Packs have no checkpoints: an interrupted pack starts again."""
+    cells = [Cell(**c) if isinstance(c, dict) else c for c in cells]
+    if len(cells) == 1:
+        return [run_cell(cells[0])]
+    from normbench.packed_fit import fit_pack
+
+    with ExitStack() as stack:
+        todo = [c for c in cells if stack.enter_context(claim(c)) and c.status() not in DONE]
+        if len(todo) == 1:
+            stack.close()  # run_cell takes the claim itself
+            return [*(c.status() for c in cells if c is not todo[0]), run_cell(todo[0])]
+        for cell in todo:
+            attempts = read_record(cell.run_dir).get("attempts", [])
+            if Path(cell.run_dir).exists():
+                shutil.rmtree(cell.run_dir)
+            attempts.append({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                             "resumed": False, "packed": len(todo)})  # fmt: skip
+            update_record(cell.run_dir, status="running", attempts=attempts,
+                          sweep={"cell": cell.name, "index": cell.index, "values": cell.values})  # fmt: skip
+        start = time.time()
+        try:
+            if todo:
+                fit_pack(todo)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded for every run of the pack
+            for cell in todo:
+                update_record(cell.run_dir, status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
+                              traceback=traceback.format_exc()[-4000:], wall_time_s=round(time.time() - start, 3))  # fmt: skip
+    return [c.status() for c in cells]
+
+
 def _ray_trainable(config: dict) -> None:
     from ray import tune
 
@@ -257,17 +301,19 @@ def run_ray(cells: list[Cell], sweep_dir: Path, cpus_per_run: float, gpus_per_ru
     tuner.fit()
 
 
-def run_local(cells: list[Cell], workers: int, gpus: int) -> None:
+def run_local(cells: list[Cell], workers: int, gpus: int, pack: bool = False) -> None:
     """Run the cells here: in this process one after another, or ``workers`` processes at once
-    (cell i on GPU i mod ``gpus`` when there are GPUs, several per GPU when workers > gpus)."""
+    (cell i on GPU i mod ``gpus`` when there are GPUs, several per GPU when workers > gpus);
+    with ``pack``, the runs that differ only in their seed train together as one pack."""
     from tqdm import tqdm
 
+    groups = packs(cells, pack)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
     if workers <= 1:
-        for cell in cells:
-            bar.set_postfix_str(cell.name)
-            run_cell(cell)
-            bar.update()
+        for group in groups:
+            bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
+            run_group(group)
+            bar.update(len(group))
         bar.close()
         return
     if gpus:
@@ -275,9 +321,10 @@ def run_local(cells: list[Cell], workers: int, gpus: int) -> None:
             cell.args += ["--trainer.accelerator", "gpu", "--trainer.devices", f"[{cell.index % gpus}]"]
     # A fresh process per run: nothing leaks from one run into the next.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        for future in as_completed([pool.submit(run_cell, asdict(c)) for c in cells]):
+        futures = {pool.submit(run_group, [asdict(c) for c in g]): len(g) for g in groups}
+        for future in as_completed(futures):
             future.result()
-            bar.update()
+            bar.update(futures[future])
     bar.close()
 
 
@@ -311,11 +358,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--base", type=str, required=True, help="base experiment config every run starts from")
     parser.add_argument(
         "--grid",
-        type=dict[str, Any],
+        type=dict,  # not dict[str, Any]: that would expand class_path values with their defaults
         default={},
         help="config key -> list of values, or name -> {variant: {key: value}}",
     )
-    parser.add_argument("--overrides", type=dict[str, Any], default={}, help="config key -> value for every run")
+    parser.add_argument("--overrides", type=dict, default={}, help="config key -> value for every run")
     parser.add_argument("--output", type=str, default="sweeps", help="where sweep directories go")
     parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
     parser.add_argument("--workers", type=int, default=1, help="runs at once (local backend)")
@@ -324,6 +371,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--cpus_per_run", type=float, default=1.0, help="Ray resources per run")
     parser.add_argument("--gpus_per_run", type=float, default=0.0, help="Ray resources per run")
     parser.add_argument("--cell", type=int | None, default=None, help="run only this cell (e.g. a SLURM array task)")
+    parser.add_argument(
+        "--pack",
+        type=bool | None,
+        default=None,
+        help="train runs that differ only in seed_everything as one pack (normbench.packed_fit); "
+        "default: on with a GPU, off on CPU, where packing gains nothing (local backend)",
+    )
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their status, run none")
     return parser
 
@@ -375,7 +429,8 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        run_local(todo, cfg.workers, gpus)
+        pack = torch.cuda.is_available() if cfg.pack is None else cfg.pack
+        run_local(todo, cfg.workers, gpus, pack=pack and cfg.cell is None)
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
     return cells

@@ -1,0 +1,178 @@
+"""Sweep runs that differ only in their seed, trained as one pack (``normbench sweep --pack``).
+
+Each run of the pack is built exactly as ``normbench fit`` builds it alone (its config parsed by
+the same CLI, its model initialized after its own ``seed_everything``, its data order from its
+own seed), then the K networks train in one process and one step through
+``normbench.packed.PackedRuns``. Each run keeps its own metrics, its own TensorBoard run and its
+own run record in its own run directory, as if it had run alone; a run whose loss turns NaN or
+inf is recorded as diverged at that step while the others go on (nothing couples the runs).
+
+A pack has no checkpoints of its own: an interrupted pack runs again from the start. Trainer
+callbacks of the runs' configs (NormDiagnostics) are not run for packed runs; their records and
+TensorBoard runs hold the loss and accuracy curves.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from normbench.callbacks import hardware
+from normbench.packed import PackedLoader, PackedRuns, packed_loss
+from normbench.results import code_revision, update_record
+
+# Trainer settings a pack takes from its runs' configs (all equal within a pack).
+TRAINER_KEYS = ("max_epochs", "max_steps", "accelerator", "limit_train_batches", "limit_val_batches",
+                "deterministic", "precision", "check_val_every_n_epoch")  # fmt: skip
+
+
+class PackedModule(L.LightningModule):
+    """K runs of one NormBenchModule configuration in one step, with per-run metrics.
+
+    Args:
+        modules: the K runs' modules, built alone (same configuration, own initialization).
+        run_dirs: each run's run directory, where its record is written.
+        loggers: each run's TensorBoard logger (or None).
+    """
+
+    def __init__(self, modules: list[nn.Module], run_dirs: list[str], loggers: list[Any]) -> None:
+        super().__init__()
+        self.k = len(modules)
+        self.packed = PackedRuns([m.net for m in modules])
+        self.optimizer_factory = modules[0].optimizer_factory
+        self.run_dirs, self.run_loggers = run_dirs, loggers
+        acc = lambda: MulticlassAccuracy(
+            num_classes=modules[0].hparams.num_classes, average="micro", validate_args=False
+        )
+        mean = lambda: MeanMetric(nan_strategy="disable")
+        self.train_acc = nn.ModuleList(acc() for _ in range(self.k))
+        self.val_acc = nn.ModuleList(acc() for _ in range(self.k))
+        self.train_loss = nn.ModuleList(mean() for _ in range(self.k))
+        self.val_loss = nn.ModuleList(mean() for _ in range(self.k))
+        self.val_acc_best = nn.ModuleList(MaxMetric() for _ in range(self.k))
+        self.first_nonfinite = torch.full((self.k,), -1, dtype=torch.long)
+        self.epochs: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
+        self._val_done = False
+
+    def on_fit_start(self) -> None:
+        self.first_nonfinite = self.first_nonfinite.to(self.device)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.packed(x)
+        total, per_run = packed_loss(logits, y)
+        for k in range(self.k):
+            self.train_loss[k].update(per_run[k].detach(), weight=y.shape[1])
+            self.train_acc[k].update(logits[k].detach(), y[k])
+        bad = ~torch.isfinite(per_run.detach()) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, self.global_step, self.first_nonfinite)
+        return total
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.packed(x, shared_input=True)
+        for k in range(self.k):
+            loss = torch.nn.functional.cross_entropy(logits[k], y)
+            self.val_loss[k].update(loss, weight=y.numel())
+            self.val_acc[k].update(logits[k], y)
+
+    def on_validation_epoch_end(self) -> None:
+        self._val_done = not self.trainer.sanity_checking
+        if self.trainer.sanity_checking:
+            for metric in (*self.val_loss, *self.val_acc):
+                metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        diverged = self.first_nonfinite.tolist()
+        for k in range(self.k):
+            row: dict[str, float] = {"epoch": self.current_epoch}
+            row["train/loss"] = float(self.train_loss[k].compute())
+            row["train/acc"] = float(self.train_acc[k].compute())
+            if self._val_done:
+                row["val/loss"] = float(self.val_loss[k].compute())
+                row["val/acc"] = float(self.val_acc[k].compute())
+                self.val_acc_best[k].update(torch.tensor(row["val/acc"]))
+                row["val/acc_best"] = float(self.val_acc_best[k].compute())
+            for metric in (self.train_loss[k], self.train_acc[k], self.val_loss[k], self.val_acc[k]):
+                metric.reset()
+            if diverged[k] >= 0:
+                continue  # alone, a diverged run stops there: its record ends before that epoch
+            self.epochs[k].append(row)
+            if self.run_loggers[k] is not None:
+                self.run_loggers[k].log_metrics({m: v for m, v in row.items() if m != "epoch"}, step=self.global_step)
+            update_record(self.run_dirs[k], epochs=self.epochs[k], global_step=self.global_step, status="running")
+        self._val_done = False
+        if all(step >= 0 for step in diverged):
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        # Elementwise optimizers on the stacked tensors are K independent optimizers.
+        return self.optimizer_factory(self.packed.parameters())
+
+
+def fit_pack(cells: list[Any]) -> None:
+    """Train the cells (identical but for ``seed_everything``) as one pack and write each run's
+    record and TensorBoard events in its own run directory.
+
+    Args:
+        cells: ``normbench.sweep.Cell`` objects.
+    """
+    from normbench.cli import NormBenchCLI
+
+    start = time.time()
+    clis = [NormBenchCLI(args=cell.args[1:], run=False) for cell in cells]  # each seeds, then builds its model
+    first = clis[0].config
+    # One device per pack: the one the sweep assigned (--trainer.devices [i]), else the first.
+    devices = first.trainer.devices if isinstance(first.trainer.devices, list) else 1
+    trainer = L.Trainer(
+        **{k: first.trainer[k] for k in TRAINER_KEYS if first.trainer.get(k) is not None},
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(Path(cells[0].run_dir).parents[2]),
+    )
+    loaders = []
+    for cli in clis:
+        dm = cli.datamodule
+        dm.trainer = trainer  # the device its in-memory data goes to
+        dm.prepare_data()
+        dm.setup("fit")
+        L.seed_everything(cli.config.seed_everything, verbose=False)  # the run's own data order, as alone
+        loaders.append(dm.train_dataloader())
+    val_loader = clis[0].datamodule.val_dataloader()
+    loggers = [cli.trainer.logger for cli in clis]
+    run_dirs = [cell.run_dir for cell in cells]
+    for cli, run_dir, cell in zip(clis, run_dirs, cells, strict=True):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        config = cli.parser.dump(cli.config, skip_none=False)
+        (Path(run_dir) / "config.yaml").write_text(config)
+        update_record(run_dir, status="running", config=yaml.safe_load(config), revision=code_revision(),
+                      seed=cli.config.seed_everything, packed={"runs": [c.name for c in cells], "index": cells.index(cell)})  # fmt: skip
+    module = PackedModule([cli.model for cli in clis], run_dirs, loggers)
+    trainer.fit(module, train_dataloaders=PackedLoader(loaders), val_dataloaders=val_loader)
+    diverged = module.first_nonfinite.tolist()
+    for k, run_dir in enumerate(run_dirs):
+        epochs = module.epochs[k]
+        accs = [e["val/acc"] for e in epochs if "val/acc" in e]
+        fields: dict[str, Any] = {"global_step": trainer.global_step, "hardware": hardware(module),
+                                  "wall_time_s": round(time.time() - start, 3)}  # fmt: skip
+        if accs:
+            fields.update(val_acc_final=accs[-1], val_acc_best=max(accs))
+        if diverged[k] >= 0:
+            fields["global_step"] = diverged[k] + 1  # where it would have stopped alone
+            update_record(run_dir, status="diverged", diverged_at_step=diverged[k], **fields)
+        else:
+            update_record(run_dir, status="finished", **fields)
+        if loggers[k] is not None:
+            loggers[k].finalize("success")
