@@ -168,8 +168,10 @@ class NormBenchCLI(LightningCLI):
             )
             if self.subcommand == "fit" and ckpt is not None:
                 # The resumed run appends to its own TensorBoard run; events the interrupted one
-                # wrote after its checkpoint are hidden, as they are written again.
-                init_args.purge_step = checkpoint_step(ckpt) + 1
+                # wrote after its checkpoint are hidden, as they are written again. Lightning logs
+                # step n's figures at step n (the epoch's at its last step), and a checkpoint
+                # taken after n steps says global_step = n: everything from n on is redone.
+                init_args.purge_step = checkpoint_step(ckpt)
             config.trainer.logger = Namespace(class_path=LOGGER, init_args=init_args)
 
     @staticmethod

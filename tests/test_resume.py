@@ -35,11 +35,16 @@ def args(data_dir: Path, root: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# Step-level TensorBoard scalars, so that what the killed attempt logged after its checkpoint shows.
+DIAGNOSTICS = (
+    "{class_path: normbench.callbacks.NormDiagnostics, init_args: {every_n_steps: 1, histograms: false, "
+    "batch_stats_eval: false, precise_bn_batches: 0}}"
+)
+
+
 def killer(step: int, marker: Path) -> list[str]:
-    return [
-        "--trainer.callbacks",
-        f"[{{class_path: killer.KillAtStep, init_args: {{step: {step}, marker: {marker}}}}}]",
-    ]
+    kill = f"{{class_path: killer.KillAtStep, init_args: {{step: {step}, marker: {marker}}}}}"
+    return ["--trainer.callbacks", f"[{DIAGNOSTICS}, {kill}]"]
 
 
 def tensors(obj, prefix=""):
@@ -64,7 +69,7 @@ def scalar_steps(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def alone(fake_data, tmp_path_factory) -> Path:
     """The run left uninterrupted: its run directory."""
     root = tmp_path_factory.mktemp("alone")
-    main(args(fake_data, root, "--trainer.callbacks", "[]"))
+    main(args(fake_data, root, "--trainer.callbacks", f"[{DIAGNOSTICS}]"))
     return root / "lightning_logs" / "run" / "version_0"
 
 
@@ -107,9 +112,13 @@ def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_
         == b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     )
 
-    # TensorBoard: one value per epoch, the values of the run left alone.
-    assert scalar_steps(run_dir, "val/acc") == scalar_steps(alone, "val/acc")
-    assert scalar_steps(run_dir, "train/loss") == scalar_steps(alone, "train/loss")
+    # TensorBoard: the values of the run left alone, each step once; the steps the killed attempt
+    # logged after its checkpoint (purge_step) are not doubled.
+    for tag in ("val/acc", "train/loss", "running_stats/blocks.0.norm/var", "grad/block_0"):
+        ours_tb, theirs_tb = scalar_steps(run_dir, tag), scalar_steps(alone, tag)
+        assert [s for s, _ in ours_tb] == [s for s, _ in theirs_tb], tag
+        assert [v for _, v in ours_tb] == pytest.approx([v for _, v in theirs_tb], rel=1e-6), tag
+    assert len(scalar_steps(run_dir, "grad/block_0")) == EPOCHS * STEPS_PER_EPOCH
 
 
 def test_ckpt_path_last_without_a_checkpoint_starts_fresh(fake_data, tmp_path, capsys):
