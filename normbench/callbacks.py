@@ -246,7 +246,7 @@ class RunRecorder(L.Callback):
 
     The record holds per-epoch metrics, the final and best figures, the seed, the global step,
     the wall time and the status (``running``, ``finished``, ``diverged`` with the step of the
-    first NaN or inf loss, or ``failed``); it is rewritten atomically after every epoch, so an
+    first NaN or inf loss, ``interrupted`` by Ctrl-C, or ``failed``); it is rewritten atomically after every epoch, so an
     interrupted run keeps what it had. The epochs recorded so far and the wall time travel in
     checkpoints, so a resumed run goes on with exactly the record it had at its checkpoint. At
     the end of fit the run's hyperparameters go to the HParams tab with
@@ -294,6 +294,14 @@ class RunRecorder(L.Callback):
         if self._pending is not None:
             self._collect(trainer, self._pending)
             self._save(trainer, status="running")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Ctrl-C leaves a run to resume (--ckpt_path last); an error is a failure, said in one line.
+        if isinstance(exception, KeyboardInterrupt):
+            self._save(trainer, status="interrupted")
+        else:
+            error = (str(exception).strip().splitlines() or [""])[0][:500]
+            self._save(trainer, status="failed", error=f"{type(exception).__name__}: {error}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         diverged_at = getattr(pl_module, "diverged_at", None)

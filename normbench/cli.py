@@ -357,6 +357,14 @@ def main(args: ArgsType = None) -> None:
             bench(argv[1:])
         else:
             NormBenchCLI(args=args)
+    except KeyboardInterrupt:
+        if args is not None:
+            raise  # a caller's own loop decides
+        print(
+            "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     except USER_ERRORS as err:
         if os.environ.get("NORMBENCH_DEBUG"):
             raise

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -223,6 +224,11 @@ def run_cell(cell: Cell | dict) -> str:
         try:
             main([*cell.args, "--ckpt_path", "last"])
         except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
+            if cell.status() == "interrupted":
+                # Ctrl-C stops the sweep, not just this run (Lightning turned it into an exit and
+                # ignores SIGINT from then on); the run resumes when the sweep runs again.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt from None
             update_record(
                 run_dir,
                 status="failed",
@@ -310,11 +316,13 @@ def run_local(cells: list[Cell], workers: int, gpus: int, pack: bool = False) ->
     groups = packs(cells, pack)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
     if workers <= 1:
-        for group in groups:
-            bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
-            run_group(group)
-            bar.update(len(group))
-        bar.close()
+        try:
+            for group in groups:
+                bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
+                run_group(group)
+                bar.update(len(group))
+        finally:
+            bar.close()
         return
     if gpus:
         for cell in cells:

@@ -25,3 +25,12 @@ class KillAtStep(L.Callback):
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InterruptAtStep(KillAtStep):
+    """Like ``KillAtStep``, with SIGINT: the user's Ctrl-C."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGINT)

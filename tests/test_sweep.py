@@ -284,3 +284,24 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
         assert a["config"]["model"] == p["config"]["model"]
     # The seeds really differ: the runs of one pack are not copies of each other.
     assert packed["gn_seed0"][0]["epochs"][-1]["train/loss"] != packed["gn_seed1"][0]["epochs"][-1]["train/loss"]
+
+
+def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_path):
+    marker = tmp_path / "interrupted"
+    overrides = {**quick_overrides(fake_data), "trainer.limit_train_batches": 6, "checkpoint_every_n_steps": 4,
+                 "trainer.callbacks": [{"class_path": "killer.InterruptAtStep", "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
+    config = tmp_path / "int.yaml"
+    config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
+    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert "run the same command again to resume" in first.stderr.splitlines()[-1]
+    found = records(tmp_path / "out" / "int")
+    assert sorted(found) == ["bn"] and found["bn"][0]["status"] == "interrupted"  # gn never started
+
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert second.returncode == 0, second.stderr[-2000:]
+    found = records(tmp_path / "out" / "int")
+    assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "finished", "gn": "finished"}
+    assert [a["resumed"] for a in found["bn"][0]["attempts"]] == [False, True]
+    assert found["bn"][0]["global_step"] == 12 and len(found["bn"][0]["epochs"]) == 2
