@@ -340,7 +340,7 @@ class RunRecorder(L.Callback):
             epochs=self._epochs,
             global_step=trainer.global_step,
             seed=_seed(),
-            wall_time_s=round(time.time() - self._start, 3),
+            wall_time_s=round(time.time() - self._start, 3) if self._start else 0.0,
             **fields,
         )
 
