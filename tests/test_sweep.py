@@ -196,14 +196,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp_path):
-    marker = tmp_path / "killed"
+def _stopped_sweep(fake_data, tmp_path: Path, callback: str) -> list[str]:
+    """The command of a bn/gn sweep whose first run gets ``callback`` (tests/killer.py) at step 9,
+    in its second 6-step epoch, one step after its checkpoint at step 8, once."""
+    marker = tmp_path / "stopped"
     overrides = {**quick_overrides(fake_data), "trainer.limit_train_batches": 6, "checkpoint_every_n_steps": 4,
-                 "trainer.callbacks": [{"class_path": "killer.KillAtStep", "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
+                 "trainer.callbacks": [{"class_path": callback, "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
     config = tmp_path / "mid.yaml"
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
-    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
-    # The first run dies at step 9, in its second epoch, one step after its checkpoint at step 8.
+    return [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+
+
+def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp_path):
+    cmd = _stopped_sweep(fake_data, tmp_path, "killer.KillAtStep")
     first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert records(tmp_path / "out" / "mid")["bn"][0]["status"] == "running"
@@ -287,21 +292,16 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
 
 
 def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_path):
-    marker = tmp_path / "interrupted"
-    overrides = {**quick_overrides(fake_data), "trainer.limit_train_batches": 6, "checkpoint_every_n_steps": 4,
-                 "trainer.callbacks": [{"class_path": "killer.InterruptAtStep", "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
-    config = tmp_path / "int.yaml"
-    config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
-    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    cmd = _stopped_sweep(fake_data, tmp_path, "killer.InterruptAtStep")
     first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert first.returncode == 130, first.stderr[-2000:]
     assert "run the same command again to resume" in first.stderr.splitlines()[-1]
-    found = records(tmp_path / "out" / "int")
+    found = records(tmp_path / "out" / "mid")
     assert sorted(found) == ["bn"] and found["bn"][0]["status"] == "interrupted"  # gn never started
 
     second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
-    found = records(tmp_path / "out" / "int")
+    found = records(tmp_path / "out" / "mid")
     assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "finished", "gn": "finished"}
     assert [a["resumed"] for a in found["bn"][0]["attempts"]] == [False, True]
     assert found["bn"][0]["global_step"] == 12 and len(found["bn"][0]["epochs"]) == 2
