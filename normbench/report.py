@@ -114,6 +114,7 @@ class Stat:
     values: list[float]
     failed: int = 0
     diverged: int = 0
+    unfinished: int = 0  # still running, or interrupted and waiting to be resumed
 
     @property
     def n(self) -> int:
@@ -129,11 +130,16 @@ class Stat:
 
     def cell(self) -> str:
         """``98.12 ± 0.10 (n=3)``; failures and divergences are named, never shown as 0%."""
-        notes = [f"{k} {name}" for k, name in ((self.failed, "failed"), (self.diverged, "diverged")) if k]
+        counts = ((self.failed, "failed"), (self.diverged, "diverged"), (self.unfinished, "unfinished"))
+        notes = [f"{k} {name}" for k, name in counts if k]
         if not self.values:
             return ", ".join(notes) or "–"
         text = f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
         return f"{text} (n={self.n}{', ' + ', '.join(notes) if notes else ''})"
+
+
+# Statuses of runs that have not ended: neither a result nor a failure yet.
+UNFINISHED = ("running", "interrupted", "pending")
 
 
 def aggregate(runs: list[Run], keys: tuple[str, ...], metric: str = "best") -> dict[tuple, Stat]:
@@ -145,6 +151,8 @@ def aggregate(runs: list[Run], keys: tuple[str, ...], metric: str = "best") -> d
             stat.values.append(getattr(r, metric))
         elif r.status == "diverged":
             stat.diverged += 1
+        elif r.status in UNFINISHED:
+            stat.unfinished += 1
         else:
             stat.failed += 1
     return dict(groups)
@@ -444,9 +452,9 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str) ->
     ]
     with open(out / "best_accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*CONTEXT, "batch_size", "norm", "n", "mean", "std", "failed", "diverged"])
+        writer.writerow([*CONTEXT, "batch_size", "norm", "n", "mean", "std", "failed", "diverged", "unfinished"])
         for key, s in sorted(aggregate(runs, (*CONTEXT, "batch_size", "norm")).items(), key=lambda kv: str(kv[0])):
-            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged])
+            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished])
     for ctx, header, rows in batch_size_tables(runs):
         lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
     for ctx, header, rows in depth_tables(runs):

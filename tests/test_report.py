@@ -40,13 +40,14 @@ def test_tables_to_the_digit(tmp_path):
     record(tmp_path, norm="gn", bs=2, seed=2, status="failed")
     record(tmp_path, norm="bn", bs=128, seed=0, status="diverged")
     record(tmp_path, norm="gn", bs=128, seed=0, best=0.9012)
+    record(tmp_path, norm="gn", bs=128, seed=1, status="interrupted")  # to be resumed: not a failure
     main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| batch size | bn | gn |" in text
     # mean and sample std: bn (50, 60, 70) -> 60 +- 10; gn (80, 82) -> 81 +- 1.41421...
     assert "| 2 | 60.00 ± 10.00 (n=3) | 81.00 ± 1.41 (n=2, 1 failed) |" in text
-    assert "| 128 | 1 diverged | 90.12 (n=1) |" in text  # a diverged run is never shown as 0%
-    assert "from 8 run records (1 diverged, 1 failed, 6 finished)" in text
+    assert "| 128 | 1 diverged | 90.12 (n=1, 1 unfinished) |" in text  # a diverged run is never shown as 0%
+    assert "from 9 run records (1 diverged, 1 failed, 6 finished, 1 interrupted)" in text
     rows = {
         (r["norm"], r["batch_size"]): r
         for r in csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").read_text().splitlines())
@@ -56,6 +57,7 @@ def test_tables_to_the_digit(tmp_path):
     assert (
         rows[("bn", "128")]["n"] == "0" and rows[("bn", "128")]["diverged"] == "1" and rows[("bn", "128")]["mean"] == ""
     )
+    assert rows[("gn", "128")]["unfinished"] == "1" and rows[("gn", "128")]["failed"] == "0"
     assert list((tmp_path / "rep").glob("acc_vs_batch_size_*.png"))
 
 
