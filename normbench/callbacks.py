@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.norms import BatchRenorm, local_norms, tracks_running_stats, update_bn_stats
-from normbench.results import code_revision, update_record
+from normbench.results import code_revision, error_line, update_record
 
 BATCH_STATS_ACC = "train_eval/val_acc_batch_stats"
 PRECISE_BN_ACC = "train_eval/val_acc_precise_bn"
@@ -300,8 +300,7 @@ class RunRecorder(L.Callback):
         if isinstance(exception, KeyboardInterrupt):
             self._save(trainer, status="interrupted")
         else:
-            error = (str(exception).strip().splitlines() or [""])[0][:500]
-            self._save(trainer, status="failed", error=f"{type(exception).__name__}: {error}")
+            self._save(trainer, status="failed", error=error_line(exception))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         diverged_at = getattr(pl_module, "diverged_at", None)

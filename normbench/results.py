@@ -50,6 +50,11 @@ def update_record(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     return record
 
 
+def error_line(err: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message``, as run records store an error."""
+    return f"{type(err).__name__}: {err}".splitlines()[0][:limit]
+
+
 def code_revision() -> str:
     """The git commit of the normbench checkout (``+dirty`` with uncommitted changes), or the
     package version when it is not a git checkout."""

@@ -45,7 +45,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from normbench.data import DATAMODULES, dataset_name
-from normbench.results import read_record, update_record, write_json_atomic
+from normbench.results import error_line, read_record, update_record, write_json_atomic
 
 DONE = ("finished", "diverged")
 # Short labels for common axes in run names; other keys use their last component.
@@ -209,17 +209,8 @@ def run_cell(cell: Cell | dict) -> str:
         status = cell.status()
         if status in DONE:
             return status
-        attempts = read_record(run_dir).get("attempts", [])
         resume = status != "failed" and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # nothing to resume from: start clean, keeping only the attempts
-        attempts.append({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "resumed": resume})
-        update_record(
-            run_dir,
-            status="running",
-            attempts=attempts,
-            sweep={"cell": cell.name, "index": cell.index, "values": cell.values},
-        )
+        _start_attempt(cell, resume=resume)
         start = time.time()
         try:
             main([*cell.args, "--ckpt_path", "last"])
@@ -229,14 +220,36 @@ def run_cell(cell: Cell | dict) -> str:
                 # ignores SIGINT from then on); the run resumes when the sweep runs again.
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt from None
-            update_record(
-                run_dir,
-                status="failed",
-                error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
-                traceback=traceback.format_exc()[-4000:],
-                wall_time_s=round(time.time() - start, 3),
-            )
+            _record_failure(cell, err, start)
         return cell.status()
+
+
+def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
+    """Append this start to the record's ``attempts`` and mark the run running; without a
+    checkpoint to resume from, the run directory is cleared first (the attempts are kept)."""
+    run_dir = Path(cell.run_dir)
+    attempts = read_record(run_dir).get("attempts", [])
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    attempts.append(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "resumed": resume, **extra}
+    )
+    update_record(
+        run_dir,
+        status="running",
+        attempts=attempts,
+        sweep={"cell": cell.name, "index": cell.index, "values": cell.values},
+    )
+
+
+def _record_failure(cell: Cell, err: BaseException, start: float) -> None:
+    update_record(
+        cell.run_dir,
+        status="failed",
+        error=error_line(err),
+        traceback=traceback.format_exc()[-4000:],
+        wall_time_s=round(time.time() - start, 3),
+    )
 
 
 def packs(cells: list[Cell], enabled: bool) -> list[list[Cell]]:
@@ -265,21 +278,14 @@ def run_group(cells: list[Cell | dict]) -> list[str]:
             stack.close()  # run_cell takes the claim itself
             return [*(c.status() for c in cells if c is not todo[0]), run_cell(todo[0])]
         for cell in todo:
-            attempts = read_record(cell.run_dir).get("attempts", [])
-            if Path(cell.run_dir).exists():
-                shutil.rmtree(cell.run_dir)
-            attempts.append({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                             "resumed": False, "packed": len(todo)})  # fmt: skip
-            update_record(cell.run_dir, status="running", attempts=attempts,
-                          sweep={"cell": cell.name, "index": cell.index, "values": cell.values})  # fmt: skip
+            _start_attempt(cell, resume=False, packed=len(todo))
         start = time.time()
         try:
             if todo:
                 fit_pack(todo)
         except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded for every run of the pack
             for cell in todo:
-                update_record(cell.run_dir, status="failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500],
-                              traceback=traceback.format_exc()[-4000:], wall_time_s=round(time.time() - start, 3))  # fmt: skip
+                _record_failure(cell, err, start)
     return [c.status() for c in cells]
 
 
