@@ -22,8 +22,6 @@ import lightning as L
 import torch
 import yaml
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.callbacks import hardware
 from normbench.packed import PackedLoader, PackedRuns, packed_loss
@@ -49,60 +47,65 @@ class PackedModule(L.LightningModule):
         self.packed = PackedRuns([m.net for m in modules])
         self.optimizer_factory = modules[0].optimizer_factory
         self.run_dirs, self.run_loggers = run_dirs, loggers
-        acc = lambda: MulticlassAccuracy(
-            num_classes=modules[0].hparams.num_classes, average="micro", validate_args=False
-        )
-        mean = lambda: MeanMetric(nan_strategy="disable")
-        self.train_acc = nn.ModuleList(acc() for _ in range(self.k))
-        self.val_acc = nn.ModuleList(acc() for _ in range(self.k))
-        self.train_loss = nn.ModuleList(mean() for _ in range(self.k))
-        self.val_loss = nn.ModuleList(mean() for _ in range(self.k))
-        self.val_acc_best = nn.ModuleList(MaxMetric() for _ in range(self.k))
-        self.first_nonfinite = torch.full((self.k,), -1, dtype=torch.long)
+        # Per-run sums on the device, one (K,) tensor each, updated for all runs at once: the
+        # same sums as the module's MeanMetric (batch mean x batch size) and micro accuracy.
+        for split in ("train", "val"):
+            for name in ("loss_sum", "correct", "count"):
+                self.register_buffer(f"{split}_{name}", torch.zeros(self.k), persistent=False)
+        self.register_buffer("first_nonfinite", torch.full((self.k,), -1, dtype=torch.long), persistent=False)
+        self.best = [float("-inf")] * self.k
         self.epochs: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
         self._val_done = False
 
-    def on_fit_start(self) -> None:
-        self.first_nonfinite = self.first_nonfinite.to(self.device)
+    def _accumulate(self, split: str, per_run: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Add one batch: per_run (K,) mean losses, logits (K, B, classes), y (K, B)."""
+        b = y.shape[1]
+        getattr(self, f"{split}_loss_sum").add_(per_run.detach() * b)
+        getattr(self, f"{split}_correct").add_((logits.detach().argmax(-1) == y).sum(1))
+        getattr(self, f"{split}_count").add_(b)
+
+    def _take(self, split: str) -> tuple[list[float], list[float]]:
+        """(per-run mean loss, per-run accuracy) of the split so far, then zero its sums."""
+        sums = [getattr(self, f"{split}_{name}") for name in ("loss_sum", "correct", "count")]
+        loss, acc = (sums[0] / sums[2]).tolist(), (sums[1] / sums[2]).tolist()
+        for t in sums:
+            t.zero_()
+        return loss, acc
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
         logits = self.packed(x)
         total, per_run = packed_loss(logits, y)
-        for k in range(self.k):
-            self.train_loss[k].update(per_run[k].detach(), weight=y.shape[1])
-            self.train_acc[k].update(logits[k].detach(), y[k])
+        self._accumulate("train", per_run, logits, y)
         bad = ~torch.isfinite(per_run.detach()) & (self.first_nonfinite < 0)
-        self.first_nonfinite = torch.where(bad, self.global_step, self.first_nonfinite)
+        self.first_nonfinite.copy_(torch.where(bad, self.global_step, self.first_nonfinite))
         return total
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.packed(x, shared_input=True)
-        for k in range(self.k):
-            loss = torch.nn.functional.cross_entropy(logits[k], y)
-            self.val_loss[k].update(loss, weight=y.numel())
-            self.val_acc[k].update(logits[k], y)
+        targets = y.expand(self.k, -1)
+        _, per_run = packed_loss(logits, targets)
+        self._accumulate("val", per_run, logits, targets)
 
     def on_validation_epoch_end(self) -> None:
         self._val_done = not self.trainer.sanity_checking
         if self.trainer.sanity_checking:
-            for metric in (*self.val_loss, *self.val_acc):
-                metric.reset()
+            self._take("val")
 
     def on_train_epoch_end(self) -> None:
         diverged = self.first_nonfinite.tolist()
+        train_loss, train_acc = self._take("train")
+        val_loss, val_acc = self._take("val") if self._val_done else (None, None)
         for k in range(self.k):
-            row: dict[str, float] = {"epoch": self.current_epoch}
-            row["train/loss"] = float(self.train_loss[k].compute())
-            row["train/acc"] = float(self.train_acc[k].compute())
-            if self._val_done:
-                row["val/loss"] = float(self.val_loss[k].compute())
-                row["val/acc"] = float(self.val_acc[k].compute())
-                self.val_acc_best[k].update(torch.tensor(row["val/acc"]))
-                row["val/acc_best"] = float(self.val_acc_best[k].compute())
-            for metric in (self.train_loss[k], self.train_acc[k], self.val_loss[k], self.val_acc[k]):
-                metric.reset()
+            row: dict[str, float] = {
+                "epoch": self.current_epoch,
+                "train/loss": train_loss[k],
+                "train/acc": train_acc[k],
+            }
+            if val_acc is not None:
+                self.best[k] = max(self.best[k], val_acc[k])
+                row.update({"val/loss": val_loss[k], "val/acc": val_acc[k], "val/acc_best": self.best[k]})
             if diverged[k] >= 0:
                 continue  # alone, a diverged run stops there: its record ends before that epoch
             self.epochs[k].append(row)
@@ -153,12 +156,12 @@ def fit_pack(cells: list[Any]) -> None:
     val_loader = clis[0].datamodule.val_dataloader()
     loggers = [cli.trainer.logger for cli in clis]
     run_dirs = [cell.run_dir for cell in cells]
-    for cli, run_dir, cell in zip(clis, run_dirs, cells, strict=True):
+    for index, (cli, run_dir) in enumerate(zip(clis, run_dirs, strict=True)):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         config = cli.parser.dump(cli.config, skip_none=False)
         (Path(run_dir) / "config.yaml").write_text(config)
         update_record(run_dir, status="running", config=yaml.safe_load(config), revision=code_revision(),
-                      seed=cli.config.seed_everything, packed={"runs": [c.name for c in cells], "index": cells.index(cell)})  # fmt: skip
+                      seed=cli.config.seed_everything, packed={"runs": [c.name for c in cells], "index": index})  # fmt: skip
     module = PackedModule([cli.model for cli in clis], run_dirs, loggers)
     trainer.fit(module, train_dataloaders=PackedLoader(loaders), val_dataloaders=val_loader)
     diverged = module.first_nonfinite.tolist()
