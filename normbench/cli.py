@@ -128,7 +128,7 @@ class NormBenchCLI(LightningCLI):
         kind = class_path.rsplit(".", 1)[-1].removeprefix("TQDM")
         if config.trainer[switch] is False or any(kind in str(getattr(c, "class_path", "")) for c in callbacks):
             return
-        config.trainer.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
+        NormBenchCLI._append_callback(config, class_path, **init_args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
