@@ -246,8 +246,8 @@ class RunRecorder(L.Callback):
 
     The record holds per-epoch metrics, the final and best figures, the seed, the global step,
     the wall time and the status (``running``, ``finished``, ``diverged`` with the step of the
-    first NaN or inf loss, ``interrupted`` by Ctrl-C, or ``failed``); it is rewritten atomically after every epoch, so an
-    interrupted run keeps what it had. The epochs recorded so far and the wall time travel in
+    first NaN or inf loss, ``interrupted`` by Ctrl-C, or ``failed``); it is rewritten atomically
+    after every epoch, so an interrupted run keeps what it had. The epochs recorded so far and the wall time travel in
     checkpoints, so a resumed run goes on with exactly the record it had at its checkpoint. At
     the end of fit the run's hyperparameters go to the HParams tab with
     ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies under the studies'
