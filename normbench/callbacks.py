@@ -274,6 +274,15 @@ class RunRecorder(L.Callback):
         self._elapsed = float(state_dict["wall_time_s"])
         self._restored = True
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # A killed run resumes from this checkpoint and hides what was logged after it
+        # (purge_step), so everything logged before it must be on disk now: TensorBoard's writer
+        # drains its queue on its own schedule, and SIGKILL loses what is still queued.
+        for lg in trainer.loggers:
+            flush = getattr(lg.experiment, "flush", None) if isinstance(lg, TensorBoardLogger) else lg.save
+            if callable(flush):
+                flush()
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._restored:
             self._epochs, self._elapsed = [], 0.0

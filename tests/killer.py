@@ -1,9 +1,10 @@
-"""A callback for tests: the process SIGKILLs itself after a given training step, once."""
+"""Callbacks for tests: the process SIGKILLs itself after a given training step, once; a slow disk."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -34,3 +35,38 @@ class InterruptAtStep(KillAtStep):
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class SlowEventFile(L.Callback):
+    """A slow disk under TensorBoard: each event record takes ``seconds`` to reach the file, so
+    that events are still queued in the writer whenever the process dies.
+
+    Args:
+        seconds: time to write one record.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        records = trainer.logger.experiment.file_writer.event_writer._async_writer._writer
+        write = records.write
+
+        def slow(data: bytes) -> None:
+            time.sleep(self.seconds)
+            write(data)
+
+        records.write = slow
+
+
+class KillAfterCheckpoint(KillAtStep):
+    """SIGKILL this process as the batch after step ``step`` starts: right after the checkpoint of
+    step ``step``, before anything else is logged."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pass
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)

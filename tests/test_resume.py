@@ -121,6 +121,27 @@ def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_
     assert len(scalar_steps(run_dir, "grad/block_0")) == EPOCHS * STEPS_PER_EPOCH
 
 
+def test_sigkill_right_after_a_checkpoint_loses_no_scalar_logged_before_it(fake_data, tmp_path):
+    # A slow disk keeps TensorBoard's queue full, so the kill always finds events in it: only a
+    # flush when the checkpoint is saved puts those logged before the checkpoint on disk.
+    marker = tmp_path / "killed"
+    slow = "{class_path: killer.SlowEventFile, init_args: {seconds: 0.01}}"
+    kill = f"{{class_path: killer.KillAfterCheckpoint, init_args: {{step: {EVERY}, marker: {marker}}}}}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "normbench.cli",
+           *args(fake_data, tmp_path, "--trainer.callbacks", f"[{DIAGNOSTICS}, {slow}, {kill}]")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == EVERY
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith(("running_stats/", "batch_vs_running/", "brn/", "grad/"))]
+    assert len(tags) > 30
+    for tag in tags:
+        assert [e.step for e in acc.Scalars(tag)] == list(range(EVERY)), tag
+
+
 def test_ckpt_path_last_without_a_checkpoint_starts_fresh(fake_data, tmp_path, capsys):
     main(args(fake_data, tmp_path, "--trainer.callbacks", "[]", "--trainer.max_epochs", "1",
               "--trainer.limit_train_batches", "2", "--ckpt_path", "last"))  # fmt: skip
