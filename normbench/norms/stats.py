@@ -17,13 +17,34 @@ def sync_active(process_group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def _all_reduce(t: Tensor, process_group) -> Tensor:
-    # Differentiable: the backward of a summed all-reduce is a summed all-reduce of the
-    # gradients, so every rank's share of the loss reaches the inputs of every other rank.
-    # Under no_grad it is a plain all-reduce.
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``process_group``, differentiable.
 
-    return all_reduce(t, group=process_group)
+    The backward of a summed all-reduce is a summed all-reduce of the gradients, so every
+    rank's share of the loss reaches the inputs of every other rank. Both directions are plain
+    ``dist.all_reduce`` calls, as in torch's own SyncBatchNorm (``torch/nn/modules/_functions.py``).
+    The deprecated ``torch.distributed.nn.functional.all_reduce`` did the same math, but a
+    backward through it followed by ``destroy_process_group`` aborted the process at exit
+    (SIGABRT) about one time in ten.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=process_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        return grad, None
+
+
+def _all_reduce(t: Tensor, process_group) -> Tensor:
+    # Under no_grad the Function records nothing: a plain all-reduce.
+    return _AllReduceSum.apply(t, process_group)
 
 
 def broadcast_shape(x: Tensor) -> tuple[int, ...]:
