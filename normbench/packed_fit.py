@@ -8,8 +8,11 @@ own run record in its own run directory, as if it had run alone; a run whose los
 inf is recorded as diverged at that step while the others go on (nothing couples the runs).
 
 A pack has no checkpoints of its own: an interrupted pack runs again from the start. Trainer
-callbacks of the runs' configs (NormDiagnostics) are not run for packed runs; their records and
-TensorBoard runs hold the loss and accuracy curves.
+callbacks of the runs' configs that only observe (NormDiagnostics) are not run for packed runs;
+their records and TensorBoard runs hold the loss and accuracy curves. A run whose config sets
+anything else a pack would not apply (a learning-rate scheduler, gradient clipping, any Trainer
+setting outside ``TRAINER_KEYS``, a callback that acts on training) is refused with a one-line
+error naming the setting, so that a pack trains exactly the runs it stands for.
 """
 
 from __future__ import annotations
@@ -30,6 +33,44 @@ from normbench.results import code_revision, update_record
 # Trainer settings a pack takes from its runs' configs (all equal within a pack).
 TRAINER_KEYS = ("max_epochs", "max_steps", "accelerator", "limit_train_batches", "limit_val_batches",
                 "deterministic", "precision", "check_val_every_n_epoch")  # fmt: skip
+# Trainer settings that do not change what a run trains: the pack sets its own (one device, its
+# own logging, no checkpoints, no progress bar or sanity check) and the records say the same.
+TRAINER_OWN = ("devices", "logger", "callbacks", "default_root_dir", "enable_checkpointing", "enable_progress_bar",
+               "enable_model_summary", "num_sanity_val_steps", "log_every_n_steps")  # fmt: skip
+# Callbacks that only observe or save (the pack does not run them; see the module docstring).
+CALLBACKS_OBSERVING = ("NormDiagnostics", "ModelCheckpoint", "TQDMProgressBar", "RichProgressBar", "RunRecorder")
+
+
+def unpackable(config, defaults) -> str | None:
+    """The first setting of a run's parsed config that a pack would not apply, as
+    ``key=value``, or None when the pack trains exactly this run.
+
+    Args:
+        config: the run's config as ``NormBenchCLI``'s parser gives it (no subcommand).
+        defaults: that parser's defaults.
+    """
+    if config.model.get("lr_scheduler") is not None:
+        return f"model.lr_scheduler={config.model.lr_scheduler.class_path}"
+    for key, value in config.trainer.items():
+        if "." in key or key in TRAINER_KEYS or key in TRAINER_OWN:
+            continue
+        if value != defaults.trainer.get(key):
+            return f"trainer.{key}={value}"
+    for callback in config.trainer.callbacks or []:
+        kind = str(getattr(callback, "class_path", callback))
+        if kind.rsplit(".", 1)[-1] not in CALLBACKS_OBSERVING:
+            return f"trainer.callbacks: {kind}"
+    return None
+
+
+def check_packable(config, defaults, run: str) -> None:
+    """Raise a one-line ValueError when run ``run`` sets something a pack would not apply."""
+    setting = unpackable(config, defaults)
+    if setting is not None:
+        raise ValueError(
+            f"sweep --pack: run {run} sets {setting}, which packed runs do not apply; "
+            "run the sweep with --pack false, or drop that setting"
+        )
 
 
 class PackedModule(L.LightningModule):
@@ -133,6 +174,9 @@ def fit_pack(cells: list[Any]) -> None:
     start = time.time()
     clis = [NormBenchCLI(args=cell.args[1:], run=False) for cell in cells]  # each seeds, then builds its model
     first = clis[0].config
+    defaults = clis[0].parser.get_defaults()
+    for cli, cell in zip(clis, cells, strict=True):
+        check_packable(cli.config, defaults, cell.name)
     # One device per pack: the one the sweep assigned (--trainer.devices [i]), else the first.
     devices = first.trainer.devices if isinstance(first.trainer.devices, list) else 1
     trainer = L.Trainer(

@@ -139,26 +139,33 @@ def expand(grid: dict[str, Any], base: str, overrides: dict[str, Any], sweep_dir
     return cells
 
 
-def validate(cells: list[Cell]) -> None:
+def validate(cells: list[Cell], pack: bool = False) -> None:
     """Parse every cell's arguments before anything runs, so that a grid or override naming a
-    key that does not exist, or a value of the wrong type, stops the sweep with one line."""
+    key that does not exist, or a value of the wrong type, stops the sweep with one line; with
+    ``pack``, also a setting that a pack would not apply (``normbench.packed_fit.check_packable``)."""
     from jsonargparse import ArgumentError
 
     from normbench.cli import NormBenchCLI, one_line
 
-    parser = None
+    parser = defaults = None
+    packed = {id(c) for group in packs(cells, pack) if len(group) > 1 for c in group}
     for cell in cells:
         try:
             if parser is None:
                 # The first cell is also instantiated, which checks values such as batch_size.
                 parser = NormBenchCLI(args=cell.args[1:], run=False).parser
-            else:
-                parser.parse_args(cell.args[1:])
+            config = parser.parse_args(cell.args[1:])
         except (ArgumentError, ValueError) as err:
             given = ", ".join(f"{k}={cli_value(v)}" for k, v in cell.values.items())
             raise ValueError(
                 f"sweep run {cell.name} ({given}): {one_line(err)}; fix the sweep's grid or overrides"
             ) from None
+        if id(cell) in packed:
+            from normbench.packed_fit import check_packable
+
+            if defaults is None:
+                defaults = parser.get_defaults()
+            check_packable(config, defaults, cell.name)
 
 
 @contextmanager
@@ -387,10 +394,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--cell", type=int | None, default=None, help="run only this cell (e.g. a SLURM array task)")
     parser.add_argument(
         "--pack",
-        type=bool | None,
-        default=None,
-        help="train runs that differ only in seed_everything as one pack (normbench.packed_fit); "
-        "default: on with a GPU, off on CPU, where packing gains nothing (local backend)",
+        type=bool,
+        default=False,
+        help="train runs that differ only in seed_everything as one pack (normbench.packed_fit; local "
+        "backend). Opt-in: it gains nothing on CPU and has not been measured on a GPU yet",
     )
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their status, run none")
     return parser
@@ -427,7 +434,8 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     else:
         cells_to_run = cells
     todo = [c for c in cells_to_run if c.status() not in DONE]
-    validate(cells_to_run)
+    pack = cfg.pack and cfg.backend == "local" and cfg.cell is None
+    validate(cells_to_run, pack=pack)
     if cfg.dry_run:
         for c in cells:
             print(f"{c.index:4d}  {c.status():9s}  {c.name}  {' '.join(c.args[3:-6])}")
@@ -443,8 +451,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        pack = torch.cuda.is_available() if cfg.pack is None else cfg.pack
-        run_local(todo, cfg.workers, gpus, pack=pack and cfg.cell is None)
+        run_local(todo, cfg.workers, gpus, pack=pack)
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
     return cells

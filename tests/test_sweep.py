@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normbench.cli import main
 from normbench.sweep import expand
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = str(ROOT / "configs" / "mnist_bn_bs16.yaml")
+BASE = mnist_config("bn", 16)
 
 
 def quick_overrides(data_dir) -> dict:
@@ -289,6 +290,45 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
         assert a["config"]["model"] == p["config"]["model"]
     # The seeds really differ: the runs of one pack are not copies of each other.
     assert packed["gn_seed0"][0]["epochs"][-1]["train/loss"] != packed["gn_seed1"][0]["epochs"][-1]["train/loss"]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"model.lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}},
+         "model.lr_scheduler=torch.optim.lr_scheduler.StepLR"),
+        ({"trainer.gradient_clip_val": 1.0}, "trainer.gradient_clip_val=1.0"),
+        ({"trainer.accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches=2"),
+        ({"trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                                 "init_args": {"monitor": "val/acc"}}]}, "trainer.callbacks: lightning.pytorch.callbacks.EarlyStopping"),
+    ],
+    ids=["lr_scheduler", "gradient_clip_val", "accumulate_grad_batches", "callback"],
+)  # fmt: skip
+def test_a_pack_refuses_a_setting_it_would_not_apply(fake_data, tmp_path, capsys, override, named):
+    config = write_sweep(tmp_path / "pack.yaml", fake_data, {"seed_everything": [0, 1]})
+    spec = yaml.safe_load(config.read_text())
+    spec["overrides"].update(override)
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--pack", "true"])
+    assert exit_info.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("normbench: error:")]
+    assert "run seed0 sets " + named in line and "--pack false" in line, line
+    assert not (tmp_path / "out" / "pack" / "lightning_logs").exists()  # nothing ran
+
+
+def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
+    import torch
+
+    from normbench import sweep as sweep_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    seen = []
+    monkeypatch.setattr(sweep_module, "run_local", lambda cells, workers, gpus, pack=False: seen.append(pack))
+    config = write_sweep(tmp_path / "s.yaml", fake_data, {"seed_everything": [0, 1]})
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    assert seen == [False]
 
 
 def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_path):
