@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from normbench.callbacks import RunRecorder
@@ -64,6 +65,28 @@ class NormBenchCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """Lightning's subcommands, and normbench's own, each with its one line in ``--help``.
+
+        ``main`` hands sweep, report and bench to their modules before this parser runs; they
+        are here so that ``normbench --help`` lists them.
+        """
+        super()._add_subcommands(parser, **kwargs)
+        for name, help_line in OWN_SUBCOMMANDS.items():
+            own = ArgumentParser(prog=f"normbench {name}", description=help_line, add_help=False)
+            parser._subcommands_action.add_subcommand(name, own, help=help_line)
+
+    def instantiate_classes(self) -> None:
+        # A value that type hints cannot rule out (width 0, a Lightning setting it refuses, a
+        # norm option of the wrong type) fails while the classes are built: a user error.
+        try:
+            super().instantiate_classes()
+        except (TypeError, MisconfigurationException) as err:
+            message = one_line(err)
+            if isinstance(err, MisconfigurationException) and "gpu" in message.lower() and not torch.cuda.is_available():
+                message = f"trainer.accelerator: this machine has no usable GPU ({message}); use cpu or auto"
+            raise ValueError(message) from err
 
     def _parse_ckpt_path(self) -> None:
         """A checkpoint and this command must agree on the network.
@@ -132,6 +155,12 @@ class NormBenchCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps in (None, -1) and trainer.max_time is None:
+            raise ValueError(
+                "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "
+                "a positive number of epochs, or give --trainer.max_steps"
+            )
         if config.checkpoint_every_n_steps < 0:
             raise ValueError(
                 f"checkpoint_every_n_steps must be >= 0, got {config.checkpoint_every_n_steps}; "
@@ -239,8 +268,20 @@ def _versions_newest_first(run_dir: Path) -> list[str]:
 
 # Errors in what the user gave (a value, a file, a config): one line that names the bad value
 # and the fix, exit status 2, no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ArgumentError, ValueError, FileNotFoundError, DatasetNotFoundError, yaml.YAMLError)
+USER_ERRORS = (
+    ArgumentError,
+    ValueError,
+    FileNotFoundError,
+    DatasetNotFoundError,
+    yaml.YAMLError,
+    MisconfigurationException,
+)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+OWN_SUBCOMMANDS = {  # one line each in normbench --help
+    "sweep": "Run a grid of fit runs from a sweep config.",
+    "report": "Tables, plots and verdicts from run records.",
+    "bench": "Time normbench against the study's own loop.",
+}
 
 
 class UserError(SystemExit):

@@ -75,6 +75,8 @@ class NormBenchModule(L.LightningModule):
                 f"check_finite_every_n_steps must be >= 1 or null, got {check_finite_every_n_steps}; "
                 "set --model.check_finite_every_n_steps to a positive integer"
             )
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}; set --model.width to a positive number of channels")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.norm_name = norm
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler

@@ -11,11 +11,12 @@ from pathlib import Path
 import fakedata
 import pytest
 import yaml
+from quick_configs import mnist_config
 
 from normbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "mnist_bn_bs16.yaml")
+CONFIG = mnist_config("bn", 16)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ CASES = {
     ),
     "d_max below 0": (
         lambda r: fit(r, "--model.norm", "brn", "--model.norm_kwargs", "{d_max: -1}"),
-        ["d_max=-1 must be >= 0", "uses 5"],
+        ["d_max=-1", "must be >= 0", "uses 5"],
     ),
     "val_split 1": (lambda r: fit(r, "--data.val_split", "1.0"), ["val_split must be in [0, 1), got 1.0", "use 0"]),
     "val_split negative": (lambda r: fit(r, "--data.val_split", "-0.1"), ["got -0.1"]),
@@ -142,11 +143,43 @@ CASES = {
         ["broken.yaml cannot be read", "saved by normbench fit"],
     ),
     "checkpoint missing": (lambda r: fit(r, "--ckpt_path", str(r / "gone.ckpt")), ["gone.ckpt not found", "last"]),
+    # Lightning's own refusals (MisconfigurationException) and values only building can judge.
+    "max_epochs -1 with no max_steps": (
+        lambda r: fit(r, "--trainer.max_epochs", "-1", "--trainer.max_steps", "-1"),
+        ["max_epochs=-1", "trains forever", "--trainer.max_epochs"],
+    ),
+    "max_epochs -2": (lambda r: fit(r, "--trainer.max_epochs", "-2"), ["max_epochs", "-2"]),
+    "gpu on a machine without one": (
+        lambda r: fit(r, "--trainer.accelerator", "gpu"),
+        ["trainer.accelerator", "no usable GPU", "use cpu or auto"],
+    ),
+    "norm option of the wrong type": (
+        lambda r: fit(r, "--model.norm", "brn", "--model.norm_kwargs", "{r_max: abc}"),
+        ["brn", "r_max='abc'", "str", "expected float"],
+    ),
+    "norm option int for bool": (
+        lambda r: fit(r, "--model.norm", "gn", "--model.norm_kwargs", "{affine: 1}"),
+        ["gn", "affine=1", "expected bool"],
+    ),
+    "width 0": (lambda r: fit(r, "--model.width", "0"), ["width must be >= 1, got 0", "--model.width"]),
+    "eps 0": (
+        lambda r: fit(r, "--model.norm", "bn", "--model.norm_kwargs", "{eps: 0}"),
+        ["bn: eps=0 must be > 0"],
+    ),
+    "momentum above 1": (
+        lambda r: fit(r, "--model.norm", "bnrs", "--model.norm_kwargs", "{momentum: 2}"),
+        ["bnrs: momentum=2 must be in [0, 1]"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_bad_input_gets_one_line_and_exit_status_2(case, workspace, capsys, monkeypatch):
+    if case == "gpu on a machine without one":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     if case == "cifar fails md5":
         monkeypatch.undo()  # put torchvision's md5 check back: the fake files are not the real ones
     make_args, expected = CASES[case]

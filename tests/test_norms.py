@@ -462,3 +462,31 @@ def test_precise_bn_restores_state_when_forward_fails():
     with pytest.raises(RuntimeError, match="boom"):
         update_bn_stats(model, [(torch.randn(4, 3, 5, 5), None)], forward=broken)
     assert not model.training and model.norm1.momentum == 0.1 and not model.norm1._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_every_norm_option_is_checked_against_its_annotated_type(name):
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(NORMS[name].__init__)
+    options = [k for k in inspect.signature(NORMS[name]).parameters if k != "num_features" and k in hints]
+    for option in options:
+        with pytest.raises(TypeError, match=rf"^{name}: option {option}='abc' is of type str; expected "):
+            create_norm(name, 8, **{option: "abc"})
+        hint = hints[option]
+        if float in typing.get_args(hint) or hint is float:
+            assert create_norm(name, 64, **{option: 1}) is not None  # an int is a valid float
+        if hint is int:
+            with pytest.raises(TypeError, match="expected int"):
+                create_norm(name, 8, **{option: True})  # a bool is not a count
+
+
+@pytest.mark.parametrize(("options", "message"), [({"eps": 0}, "eps=0 must be > 0"), ({"eps": -1e-5}, "eps=-1e-05"),
+                                                  ({"momentum": 1.5}, "momentum=1.5 must be in")])  # fmt: skip
+def test_impossible_option_values_are_refused(options, message):
+    for name in ("bn", "bnrs", "brn", "ghost_bn", "evonorm_b0"):
+        with pytest.raises(ValueError, match=message):
+            create_norm(name, 8, **options)
+    with pytest.raises(ValueError, match="num_features=0"):
+        create_norm("gn", 0, num_groups=1)
