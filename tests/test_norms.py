@@ -405,11 +405,17 @@ def test_every_norm_takes_any_rank(name, shape):
 # --------------------------------------------------------------------------- PreciseBN
 
 
+# brn with its r and d limits still ramping during the calibration batches: a step count that
+# moved during recalibration would change them.
+PRECISE_KWARGS = {"brn": {"warmup_steps": 0, "r_max_ramp_steps": 8, "d_max_ramp_steps": 8, "r_max": 1.5, "d_max": 0.5}}
+
+
 class TwoLayer(nn.Module):
     def __init__(self, name):
         super().__init__()
-        self.conv1, self.norm1 = nn.Conv2d(3, C, 3, padding=1), make(name)
-        self.conv2, self.norm2 = nn.Conv2d(C, C, 3, padding=1), make(name)
+        options = PRECISE_KWARGS.get(name, {})
+        self.conv1, self.norm1 = nn.Conv2d(3, C, 3, padding=1), make(name, **options)
+        self.conv2, self.norm2 = nn.Conv2d(C, C, 3, padding=1), make(name, **options)
 
     def forward(self, x):
         return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
@@ -424,32 +430,52 @@ def test_precise_bn_gives_exact_population_statistics(name):
     model.eval()
     batches = [(torch.randn(8, 3, 6, 6) * 1.5 + 2, torch.zeros(8)) for _ in range(5)]
 
-    # Independent: a copy whose statistics are frozen, run in training mode, its norms' inputs
-    # stored and concatenated; population moments by torch.mean / torch.var.
+    # Independent: a copy whose statistics are frozen and whose step counts are put back before
+    # every batch, run in training mode, one layer at a time in depth order: each layer's inputs
+    # are stored and concatenated, population moments by torch.mean / torch.var, and set in the
+    # copy before the next layer's inputs are taken (bnrs and brn read them in training).
     twin = copy.deepcopy(model).train()
     for m in twin.modules():
         if tracks_running_stats(m):
             m.momentum = 0.0
-    seen = {"norm1": [], "norm2": []}
-    for key, store in seen.items():
-        getattr(twin, key).register_forward_pre_hook(lambda m, a, store=store: store.append(a[0].detach()))
-    with torch.no_grad():
-        for x, _ in batches[:4]:
-            twin(x)
+    steps = {n: int(m.num_batches_tracked) for n, m in model.named_modules() if tracks_running_stats(m)}
+    expected = {}
+    for key in ("norm1", "norm2"):
+        inputs = []
+        hook = getattr(twin, key).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+        with torch.no_grad():
+            for x, _ in batches[:4]:
+                for n, m in twin.named_modules():
+                    if n in steps:
+                        m.num_batches_tracked.fill_(steps[n])
+                twin(x)
+        hook.remove()
+        flat = torch.cat(inputs).transpose(0, 1).reshape(C, -1).double()
+        expected[key] = (flat.mean(1).float(), flat.var(1, unbiased=True).float())
+        getattr(twin, key).running_mean.copy_(expected[key][0])
+        getattr(twin, key).running_var.copy_(expected[key][1])
 
     momenta = {n: m.momentum for n, m in model.named_modules() if tracks_running_stats(m)}
-    steps = {n: int(m.num_batches_tracked) for n, m in model.named_modules() if tracks_running_stats(m)}
     assert update_bn_stats(model, batches, num_batches=4) == 4
-    for key, inputs in seen.items():
-        flat = torch.cat(inputs).transpose(0, 1).reshape(C, -1).double()
+    for key, (mean, var) in expected.items():
         layer = getattr(model, key)
-        torch.testing.assert_close(layer.running_mean, flat.mean(1).float(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer.running_var, flat.var(1, unbiased=True).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-5, atol=1e-5, msg=f"{name} {key} mean")
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-5, atol=1e-5, msg=f"{name} {key} var")
     # Everything it touched is back.
     assert not model.training and not any(m.training for m in model.modules())
     assert {n: m.momentum for n, m in model.named_modules() if tracks_running_stats(m)} == momenta
     assert {n: int(m.num_batches_tracked) for n, m in model.named_modules() if tracks_running_stats(m)} == steps
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_precise_bn_takes_a_one_shot_iterator_of_batches():
+    torch.manual_seed(0)
+    model = TwoLayer("bnrs").eval()
+    twin = copy.deepcopy(model)
+    batches = [(torch.randn(8, 3, 6, 6) + 1, None) for _ in range(3)]
+    assert update_bn_stats(model, iter(batches), num_batches=3) == 3  # a layer-by-layer pass per layer
+    update_bn_stats(twin, batches, num_batches=3)
+    torch.testing.assert_close(model.norm2.running_var, twin.norm2.running_var)
 
 
 def test_precise_bn_restores_state_when_forward_fails():
@@ -462,6 +488,39 @@ def test_precise_bn_restores_state_when_forward_fails():
     with pytest.raises(RuntimeError, match="boom"):
         update_bn_stats(model, [(torch.randn(4, 3, 5, 5), None)], forward=broken)
     assert not model.training and model.norm1.momentum == 0.1 and not model.norm1._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name", STAT_NORMS + BATCH_FREE)
+def test_bf16_autocast_keeps_statistics_in_float32(name):
+    # Under --trainer.precision bf16-mixed a norm gets a bfloat16 input; torch's BatchNorm keeps
+    # its statistics in float32, and so must every layer here.
+    torch.manual_seed(0)
+    conv, layer = nn.Conv2d(3, C, 3), make(name)
+    x = torch.randn(6, 3, 8, 8) + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = conv(x)
+        y = layer(features)
+    assert features.dtype == torch.bfloat16 and y.isfinite().all()
+    y.float().sum().backward()
+    if tracks_running_stats(layer):
+        reference = make(name)
+        reference(features.detach().float())  # the same bf16 features, in float32
+        for key in ("running_mean", "running_var"):
+            buffer = getattr(layer, key)
+            assert buffer.dtype == torch.float32
+            torch.testing.assert_close(buffer, getattr(reference, key), rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_bn_refuses_a_one_value_ghost_batch_as_torch_refuses_a_one_value_batch():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm1d(C)(torch.randn(1, C))
+    layer = make("ghost_bn")  # ghost batches of 4: 5 samples leave a last ghost batch of 1
+    running = layer.running_var.clone()
+    with pytest.raises(ValueError, match="ghost_bn: expected more than 1 value per channel .* 1 sample"):
+        layer(torch.randn(5, C))
+    assert torch.equal(layer.running_var, running)
+    layer(torch.randn(5, C, 2))  # one sample of 2 values per channel is a valid ghost batch
+    layer(torch.randn(6, C))
 
 
 @pytest.mark.parametrize("name", sorted(NORMS))

@@ -67,6 +67,16 @@ class GhostBatchNorm(RunningStatsNorm):
             return self._by_running_stats(x)
         offset, total = self._global_position(x)
         num_ghosts = -(-total // self.virtual_batch_size)
+        # As torch's BatchNorm refuses a batch of one value per channel (its variance is 0 and
+        # would be folded into running_var), so does every ghost batch; the last is the smallest.
+        last = total - (num_ghosts - 1) * self.virtual_batch_size
+        per_sample = x[0, 0].numel() if x.shape[0] else 1
+        if last * per_sample <= 1:
+            raise ValueError(
+                f"ghost_bn: expected more than 1 value per channel in every ghost batch when training, got a "
+                f"last ghost batch of {last} sample(s) of shape {tuple(x.shape[1:])} (batch {total}, "
+                f"virtual_batch_size {self.virtual_batch_size}); use a batch size that leaves no 1-sample ghost batch"
+            )
         index = torch.div(
             torch.arange(offset, offset + x.shape[0], device=x.device), self.virtual_batch_size, rounding_mode="floor"
         )

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from normbench.norms.batch_norm import BatchNormRS
+from normbench.norms.batch_renorm import BatchRenorm
+
 
 def tracks_running_stats(module: nn.Module) -> bool:
     """True for layers with torch's running-statistics buffers (bn, bnrs, brn, ghost_bn, evonorm_b0)."""
@@ -17,6 +20,13 @@ def tracks_running_stats(module: nn.Module) -> bool:
 
 def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def uses_running_stats_in_training(module: nn.Module) -> bool:
+    """True for layers whose training-mode output reads their running statistics: bnrs always,
+    brn once its r and d limits open. Layers after such a layer see features that depend on
+    its running statistics, so those must be recalibrated before the later layers are."""
+    return isinstance(module, (BatchNormRS, BatchRenorm))
 
 
 @torch.no_grad()
@@ -31,12 +41,22 @@ def update_bn_stats(
     'Batch' in BatchNorm", Sec. 3; fvcore's ``update_bn_stats`` is the reference behaviour).
 
     As fvcore does, the model runs in training mode, so each layer sees the features that
-    training produces; momenta are set to 0 meanwhile, so that no running statistic moves (bnrs
-    and brn read them in training) and every batch sees the same model. The inputs' per-channel
-    sums are accumulated in float64, and the layers then get their exact mean and unbiased
-    variance (running_var is unbiased, as in torch). fvcore averages per-batch variances
-    instead, which misses the spread of the batch means. Modes, momenta, hooks and
-    ``num_batches_tracked`` (brn's schedule) are restored in a ``finally``.
+    training produces, and the statistics are those of all inputs pooled: fvcore sets momentum
+    to 1 and folds each batch's mean and Bessel-corrected variance, weighted by its size
+    (spatial positions included), into the mean and the biased variance of every input seen
+    (its ``_PopulationVarianceEstimator``; the plain average of per-batch variances is its other,
+    older estimator). Here the per-channel count, sum and sum of squares are accumulated in
+    float64 and each layer gets that mean and the unbiased variance, n / (n - 1) times fvcore's,
+    as torch keeps running_var unbiased.
+
+    Meanwhile no layer's statistics move (momenta are 0) and brn's step count stays where
+    training left it, so its r and d limits are those of the trained model on every batch.
+    Layers that read their running statistics in training (``uses_running_stats_in_training``:
+    bnrs, brn) change what every later layer sees once they are recalibrated, so the layers are
+    then recalibrated in depth order, each pass ending at such a layer: one pass over the
+    batches when there is none, up to one per layer otherwise (an iterator of batches is kept
+    in memory for the later passes; a DataLoader is iterated again). Modes, momenta, hooks and
+    ``num_batches_tracked`` are restored in a ``finally``.
 
     Args:
         model: the model; its layers may be on any device.
@@ -52,27 +72,54 @@ def update_bn_stats(
     if not layers:
         return 0
     forward = forward or (lambda m, batch: m(_first(batch)))
-    sums = {m: None for m in layers}
-
-    def accumulate(layer, args):
-        x = args[0].detach().to(torch.float64)
-        dims = [0] + list(range(2, x.dim()))
-        s = torch.stack([x.new_full((x.shape[1],), x.numel() / x.shape[1]), x.sum(dims), x.square().sum(dims)])
-        sums[layer] = s if sums[layer] is None else sums[layer] + s
-
+    if any(uses_running_stats_in_training(m) for m in layers) and iter(batches) is batches:
+        batches = list(islice(batches, num_batches))  # a one-shot iterator, kept for the later passes
+    sums: dict[nn.Module, Any] = {}
+    order: list[nn.Module] = []  # depth order: the order the layers run in
+    active: set[nn.Module] = set(layers)
     modes = {m: m.training for m in model.modules()}
     saved = {
         m: (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers
     }
+
+    def accumulate(layer, args):
+        if layer not in order:
+            order.append(layer)
+        tracked = saved[layer][1]
+        if tracked is not None:
+            layer.num_batches_tracked.copy_(tracked)  # brn's schedule reads it: hold it still
+        if layer not in active:
+            return
+        x = args[0].detach().to(torch.float64)
+        dims = [0] + list(range(2, x.dim()))
+        s = torch.stack([x.new_full((x.shape[1],), x.numel() / x.shape[1]), x.sum(dims), x.square().sum(dims)])
+        sums[layer] = s if layer not in sums else sums[layer] + s
+
     hooks = [m.register_forward_pre_hook(accumulate) for m in layers]
     used = 0
+    done: list[nn.Module] = []
     try:
         model.train()
         for m in layers:
             m.momentum = 0.0
-        for batch in islice(batches, num_batches):
-            forward(model, batch)
-            used += 1
+        while True:
+            sums.clear()
+            used = 0
+            for batch in islice(batches, num_batches):
+                forward(model, batch)
+                used += 1
+            if used == 0:
+                break
+            # This pass is exact for the layers up to the first one whose update changes what
+            # later layers see; those later layers go again, on the recalibrated ones.
+            pending = [m for m in order if m not in done]
+            cut = next((i for i, m in enumerate(pending) if uses_running_stats_in_training(m)), len(pending) - 1)
+            for m in pending[: cut + 1]:
+                _set_population_stats(m, sums[m])
+                done.append(m)
+            active = set(pending[cut + 1 :])
+            if not active:
+                break
     finally:
         for h in hooks:
             h.remove()
@@ -84,11 +131,13 @@ def update_bn_stats(
                 m.num_batches_tracked.copy_(tracked)
     if used == 0:
         raise ValueError("update_bn_stats got no batches: pass a non-empty loader and num_batches >= 1")
-    for m in layers:
-        n, s, sq = sums[m]
-        mean = s / n
-        # Unbiased population variance from the exact sums: (sum x^2 - n mean^2) / (n - 1).
-        var = (sq - n * mean.square()) / (n - 1).clamp_min(1)
-        m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.to(m.running_var.dtype))
     return used
+
+
+def _set_population_stats(m: nn.Module, sums) -> None:
+    n, s, sq = sums
+    mean = s / n
+    # Unbiased population variance from the exact sums: (sum x^2 - n mean^2) / (n - 1).
+    var = (sq - n * mean.square()) / (n - 1).clamp_min(1)
+    m.running_mean.copy_(mean.to(m.running_mean.dtype))
+    m.running_var.copy_(var.to(m.running_var.dtype))

@@ -82,6 +82,10 @@ def batch_moments(
     if not differentiable:
         with torch.no_grad():
             return batch_moments(x, shift, reduce, process_group, True, groups)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # Under autocast (bf16-mixed) the input is half precision; statistics stay in float32,
+        # as torch's BatchNorm keeps them, and so do the running buffers they update.
+        x = x.float()
     per_sample = x.numel() // max(x.shape[0] * x.shape[1], 1)
     if groups is None and not reduce:
         if x.shape[0] * per_sample <= 1:
@@ -131,8 +135,8 @@ def update_running_stats(layer: nn.Module, mean: Tensor, var: Tensor, count: Ten
     else:
         factor = layer.momentum
     unbiased = var * (count / (count - 1).clamp_min(1))
-    layer.running_mean.lerp_(mean.detach(), factor)
-    layer.running_var.lerp_(unbiased.detach(), factor)
+    layer.running_mean.lerp_(mean.detach().to(layer.running_mean.dtype), factor)
+    layer.running_var.lerp_(unbiased.detach().to(layer.running_var.dtype), factor)
 
 
 class RunningStatsNorm(nn.Module):
