@@ -27,6 +27,10 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     torch's SyncBatchNorm cannot run (CPU process groups, where torch and DDP refuse it) and
     torch's SyncBatchNorm everywhere else.
 
+    ``update_first`` is accepted so that every BN-like layer takes study 1's option, and changes
+    nothing here: the training output uses only the batch moments, so updating the running
+    statistics before or after normalizing gives the same output and the same buffers.
+
     Args:
         num_features: number of channels C.
         eps: added to the variance.
@@ -34,6 +38,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         affine: learn gamma and beta.
         track_running_stats: keep running statistics for eval.
         sync_stats: reduce batch moments across processes.
+        update_first: study 1's order (update the running statistics, then normalize); the same
+            as the default for this layer.
     """
 
     def __init__(
@@ -44,9 +50,11 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         sync_stats: bool = False,
+        update_first: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.sync_stats = sync_stats
+        self.update_first = update_first
         self.process_group = None
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -73,10 +81,12 @@ class BatchNormRS(RunningStatsNorm):
     through them, so dy/dx = gamma / sqrt(sigma^2_run + eps). This is the layer of "Why don't we
     simply use running statistics for batch normalization training?".
 
-    Order: the current batch is normalized by the statistics as they stood *before* it, and
-    updates them afterwards. A batch never sees itself, and the forward equals Batch
+    Order: by default the current batch is normalized by the statistics as they stood *before*
+    it, and updates them afterwards. A batch never sees itself, and the forward equals Batch
     Renormalization (Ioffe 2017) in its limit r_max, d_max -> inf, where BRN also normalizes by
-    the pre-update running statistics.
+    the pre-update running statistics. ``update_first=True`` is study 1's published layer: the
+    batch first updates mu_run and sigma^2_run, which then normalize it (still no gradient
+    through them), so each batch moves its own normalization by ``momentum``.
 
     Args:
         num_features: number of channels C.
@@ -84,12 +94,30 @@ class BatchNormRS(RunningStatsNorm):
         momentum: running-statistics factor (None: cumulative average).
         affine: learn gamma and beta.
         sync_stats: reduce the batch moments across processes (no gradient either way).
+        update_first: update the running statistics with this batch, then normalize by them.
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        sync_stats: bool = False,
+        update_first: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, sync_stats)
+        self.update_first = update_first
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        y = self._by_running_stats(x)  # before this batch updates the statistics
-        if self.training:
-            mean, var, count = self._moments(x, differentiable=False)
-            update_running_stats(self, mean, var, count)
-        return y
+        if not self.training:
+            return self._by_running_stats(x)
+        if not self.update_first:
+            y = self._by_running_stats(x)  # before this batch updates the statistics
+        mean, var, count = self._moments(x, differentiable=False)
+        update_running_stats(self, mean, var, count)
+        return self._by_running_stats(x) if self.update_first else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, update_first={self.update_first}"
