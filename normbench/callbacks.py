@@ -241,6 +241,40 @@ class NormDiagnostics(L.Callback):
         return correct / total
 
 
+class ValidateAtStart(L.Callback):
+    """Validates once before the first training step, logged at step 0, so that accuracy curves
+    start from the untrained network as study 1's do. Lightning's sanity check runs a few
+    batches and logs nothing; this is a whole, logged validation.
+
+    A run resumed from a checkpoint taken at a step that is due a validation
+    (``val_check_interval`` steps with ``check_val_every_n_epoch: null``) validates there too:
+    step checkpoints are saved before that step's validation, and Lightning skips it on resume,
+    which would leave a hole in the curve that the uninterrupted run does not have.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        every = trainer.val_check_batch
+        due = (
+            step > 0
+            and trainer.ckpt_path is not None
+            and trainer.check_val_every_n_epoch is None
+            and isinstance(every, int)
+            and step % every == 0
+        )
+        if (step > 0 and not due) or trainer.sanity_checking:
+            return
+        # As Lightning's training epoch loop runs it between steps. A whole validation, not the
+        # rest of one: the checkpoint's validation progress is that of the previous validation.
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        val_loop.restarting = False
+        trainer.validating = True
+        try:
+            val_loop.run()
+        finally:
+            trainer.training = True
+
+
 class RunRecorder(L.Callback):
     """Writes the run record, ``metrics.json`` in the run directory, and TensorBoard's HParams.
 
@@ -252,10 +286,19 @@ class RunRecorder(L.Callback):
     the end of fit the run's hyperparameters go to the HParams tab with
     ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies under the studies'
     ``val_split: 0``) and the train/eval diagnostics when present.
+
+    For curves against iterations (study 1), the record also holds ``evals``, one row per
+    validation with its ``step`` (optimizer steps done), and ``train_loss_steps``, the
+    ``[step, loss]`` of the batch trained in every ``trainer.log_every_n_steps``-th step
+    (steps 0, n, 2n, ...: that batch's loss before its update), also logged to TensorBoard as
+    ``train/loss_step``. The losses stay on the device until the record is written.
     """
 
     def __init__(self) -> None:
         self._epochs: list[dict[str, float]] = []
+        self._evals: list[dict[str, float]] = []
+        self._losses: list[list[float]] = []
+        self._pending_losses: list[tuple[int, Tensor]] = []
         self._start = 0.0
         self._elapsed = 0.0  # wall time of the attempts before a resume
         self._restored = False
@@ -267,10 +310,19 @@ class RunRecorder(L.Callback):
         # training metrics (monitoring callbacks run last), so that epoch is complete here.
         if self._pending is not None and self._trainer is not None:
             self._collect(self._trainer, self._pending)
-        return {"epochs": copy.deepcopy(self._epochs), "wall_time_s": time.time() - self._start}
+        if self._trainer is not None:
+            self._flush_losses(self._trainer)
+        return {
+            "epochs": copy.deepcopy(self._epochs),
+            "evals": copy.deepcopy(self._evals),
+            "train_loss_steps": copy.deepcopy(self._losses),
+            "wall_time_s": time.time() - self._start,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._epochs = copy.deepcopy(state_dict["epochs"])
+        self._evals = copy.deepcopy(state_dict.get("evals", []))
+        self._losses = copy.deepcopy(state_dict.get("train_loss_steps", []))
         self._elapsed = float(state_dict["wall_time_s"])
         self._restored = True
 
@@ -285,8 +337,9 @@ class RunRecorder(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._restored:
-            self._epochs, self._elapsed = [], 0.0
+            self._epochs, self._evals, self._losses, self._elapsed = [], [], [], 0.0
         self._start, self._trainer, self._pending = time.time() - self._elapsed, trainer, None
+        self._pending_losses = []
         log_dir = trainer.log_dir
         config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
         config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else None
@@ -298,6 +351,41 @@ class RunRecorder(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pending = trainer.current_epoch
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        every = trainer.log_every_n_steps
+        step = trainer.global_step - 1  # the optimizer step this batch was trained in
+        if every and step % every == 0:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, Tensor):
+                self._pending_losses.append((step, loss.detach()))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        step = trainer.global_step
+        row = {
+            k: _float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "train_eval/")) and _float(v) is not None
+        }
+        # A resumed run may validate again at its checkpoint's step: keep one row per step.
+        self._evals = [e for e in self._evals if e["step"] != step] + [{"step": step, **row}]
+        self._flush_losses(trainer)
+        self._save(trainer, status="running")
+
+    def _flush_losses(self, trainer: L.Trainer) -> None:
+        """The losses kept on the device, to the record and TensorBoard: one host sync."""
+        if not self._pending_losses:
+            return
+        steps = [s for s, _ in self._pending_losses]
+        values = torch.stack([v.float() for _, v in self._pending_losses]).tolist()
+        self._pending_losses = []
+        writer = _tensorboard(trainer) if trainer.is_global_zero else None
+        for step, value in zip(steps, values):
+            self._losses.append([step, value])
+            if writer is not None:
+                writer.add_scalar("train/loss_step", value, step)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning has aggregated the previous epoch's train and val metrics by now.
         if self._pending is not None:
@@ -306,6 +394,7 @@ class RunRecorder(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Ctrl-C leaves a run to resume (--ckpt_path last); an error is a failure, said in one line.
+        self._flush_losses(trainer)
         if isinstance(exception, KeyboardInterrupt):
             self._save(trainer, status="interrupted")
         else:
@@ -316,10 +405,13 @@ class RunRecorder(L.Callback):
         # A run stopped mid-epoch (diverged) has no complete last epoch to collect.
         if self._pending is not None and diverged_at is None:
             self._collect(trainer, self._pending)
-        final = self._epochs[-1] if self._epochs else {}
+        self._flush_losses(trainer)
+        # Every validation, also those between epoch ends (val_check_interval), else the epochs.
+        rows = self._evals or self._epochs
+        final = rows[-1] if rows else {}
         metrics = {
             "val_acc_final": final.get("val/acc"),
-            "val_acc_best": max((e["val/acc"] for e in self._epochs if "val/acc" in e), default=None),
+            "val_acc_best": max((e["val/acc"] for e in rows if "val/acc" in e), default=None),
             "val_acc_batch_stats_final": final.get(BATCH_STATS_ACC),
             "val_acc_precise_bn": _float(trainer.callback_metrics.get(PRECISE_BN_ACC)),
         }
@@ -346,6 +438,8 @@ class RunRecorder(L.Callback):
         update_record(
             log_dir,
             epochs=self._epochs,
+            evals=self._evals,
+            train_loss_steps=self._losses,
             global_step=trainer.global_step,
             seed=_seed(),
             wall_time_s=round(time.time() - self._start, 3) if self._start else 0.0,

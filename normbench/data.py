@@ -72,6 +72,7 @@ class InMemoryLoader:
         targets: int64 (N,).
         batch_size: samples per batch (the last batch may be smaller).
         shuffle: draw a new order every epoch.
+        drop_last: leave out the last batch of an epoch when it is smaller than ``batch_size``.
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel std divided by.
         augment: random crop (padding ``padding``) and horizontal flip.
@@ -94,8 +95,10 @@ class InMemoryLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool = False,
     ) -> None:
         self.images, self.targets = images, targets
+        self.drop_last = drop_last
         self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, device=images.device).reshape(shape)
@@ -145,7 +148,7 @@ class InMemoryLoader:
 
     def __len__(self) -> int:
         per_rank = math.ceil(len(self.targets) / self.world_size)
-        return math.ceil(per_rank / self.batch_size)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
     def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """out[b, :, i, j] = padded[b, :, dy_b + i, dx_b + j], then a flip of half the batch."""
@@ -193,8 +196,9 @@ class ImageDataModule(LightningDataModule):
             split, the same on every rank) and the test split is left to ``test_dataloader``.
         split_seed: seed of the validation carve-out.
         num_workers: data-loading worker processes per dataloader.
-        normalization: ``half`` maps [0, 1] to [-1, 1] with mean = std = 0.5 per channel, the
-            studies' inputs; ``dataset`` uses the dataset's own per-channel mean and std.
+        normalization: ``half`` maps [0, 1] to [-1, 1] with mean = std = 0.5 per channel, study
+            2's inputs; ``dataset`` uses the dataset's own per-channel mean and std; ``none``
+            leaves ToTensor's [0, 1], study 1's inputs.
         augment: random crop (padding 4) and horizontal flip of training images, for the CIFAR
             datasets only; the MNIST family is never augmented, since flips change what a digit or
             garment looks like and the studies trained it unaugmented. Evaluation data is never
@@ -203,6 +207,8 @@ class ImageDataModule(LightningDataModule):
         in_memory: hold the images as one uint8 tensor on the training device and batch, augment
             and normalize them there (``InMemoryLoader``); False uses torchvision transforms in a
             DataLoader, for data that does not fit.
+        drop_last: leave out each training epoch's last, smaller batch (study 1 does), so every
+            step sees ``batch_size`` images.
     """
 
     name: str
@@ -224,10 +230,11 @@ class ImageDataModule(LightningDataModule):
         val_split: float = 0.0,
         split_seed: int = 0,
         num_workers: int = 2,
-        normalization: Literal["half", "dataset"] = "half",
+        normalization: Literal["half", "dataset", "none"] = "half",
         augment: bool = False,
         train_subset: int | None = None,
         in_memory: bool = True,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -249,8 +256,8 @@ class ImageDataModule(LightningDataModule):
             )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}; use 0 to load data in the main process")
-        if normalization not in ("half", "dataset"):
-            raise ValueError(f"normalization must be 'half' or 'dataset', got {normalization!r}")
+        if normalization not in ("half", "dataset", "none"):
+            raise ValueError(f"normalization must be 'half', 'dataset' or 'none', got {normalization!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.download = download
@@ -263,6 +270,7 @@ class ImageDataModule(LightningDataModule):
         self.augment = augment
         self.train_subset = train_subset
         self.in_memory = in_memory
+        self.drop_last = drop_last
         self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -274,21 +282,23 @@ class ImageDataModule(LightningDataModule):
         """Per-channel (mean, std) of the chosen normalization."""
         if self.normalization == "half":
             return (0.5,) * self.in_channels, (0.5,) * self.in_channels
+        if self.normalization == "none":
+            return (0.0,) * self.in_channels, (1.0,) * self.in_channels
         return self.mean, self.std
 
-    def _normalize(self) -> transforms.Normalize:
-        return transforms.Normalize(*self._mean_std())
+    def _normalize(self) -> list[Callable[[Any], Any]]:
+        return [] if self.normalization == "none" else [transforms.Normalize(*self._mean_std())]
 
     def eval_transform(self) -> transforms.Compose:
         """PIL image -> normalized float tensor (C, H, W)."""
-        return transforms.Compose([transforms.ToTensor(), self._normalize()])
+        return transforms.Compose([transforms.ToTensor(), *self._normalize()])
 
     def train_transform(self) -> transforms.Compose:
         """``eval_transform``, preceded by random crop and flip when augmenting this dataset."""
         steps: list[Callable[[Any], Any]] = []
         if self.augment and self.augmentable:
             steps += [transforms.RandomCrop(self.image_size, padding=4), transforms.RandomHorizontalFlip()]
-        return transforms.Compose([*steps, transforms.ToTensor(), self._normalize()])
+        return transforms.Compose([*steps, transforms.ToTensor(), *self._normalize()])
 
     # -- files -------------------------------------------------------------------------------
 
@@ -401,7 +411,7 @@ class ImageDataModule(LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=False,
+            drop_last=shuffle and self.drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -437,6 +447,7 @@ class ImageDataModule(LightningDataModule):
             seed=torch.initial_seed() % 2**31,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
+            drop_last=train and self.drop_last,
         )
 
     def _eval_batch_size(self) -> int:

@@ -32,9 +32,11 @@ class NormBenchModule(L.LightningModule):
     Args:
         norm: registry name of the norm layer (see ``normbench.norms.NORMS``).
         norm_kwargs: the norm's options, e.g. ``{num_groups: 4}`` for gn.
-        net: ``seed_cnn`` (study 2's network) or ``resnet`` (CIFAR ResNet).
-        width: channels of seed_cnn's blocks, or of the resnet's first stage.
-        num_blocks: seed_cnn's blocks, or the resnet's blocks per stage (3: ResNet-20).
+        net: ``seed_cnn`` (study 2's network), ``dilated_cnn`` (study 1's) or ``resnet`` (CIFAR
+            ResNet).
+        width: channels of seed_cnn's or dilated_cnn's blocks, or of the resnet's first stage.
+        num_blocks: seed_cnn's or dilated_cnn's blocks, or the resnet's blocks per stage (3:
+            ResNet-20).
         activation: activation after each norm.
         weight_standardization: weight-standardized convolutions (e.g. GN+WS).
         num_classes: classes; linked from the data module.

@@ -148,5 +148,61 @@ class CifarResNet(nn.Module):
         return self.fc(self.blocks(x).mean((2, 3)))  # global average pooling
 
 
-NETS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": SeedCNN, "resnet": CifarResNet}
-NetName = Literal["seed_cnn", "resnet"]
+class DilatedBlock(nn.Module):
+    """conv3x3 with ``dilation`` (padding = dilation, so the size is kept) -> norm -> activation."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, dilation: int, norm: NormFactory, activation: str, ws: bool
+    ) -> None:
+        super().__init__()
+        conv = WSConv2d if ws else nn.Conv2d
+        self.conv = conv(in_channels, out_channels, 3, padding=dilation, dilation=dilation)
+        self.norm = norm(out_channels)
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class DilatedCNN(nn.Module):
+    """Study 1's network ("Why don't we simply use running statistics for batch normalization
+    training?"): ``num_blocks`` blocks of conv3x3 + norm + activation at ``width`` channels, the
+    first from the image with dilation 1, the k-th after it with dilation 2**k (2, 4, 8 for the
+    study's 4 blocks, padding = dilation), then global average pooling and a linear head. The
+    study uses width 32 and GELU.
+
+    Args:
+        norm: factory ``norm(num_features)`` for each block's norm layer.
+        in_channels: image channels.
+        num_classes: classes of the head.
+        width: channels of every block.
+        num_blocks: how many conv + norm + activation blocks, the first included.
+        activation: a name of ``ACTIVATIONS``.
+        weight_standardization: use weight-standardized convolutions.
+    """
+
+    def __init__(
+        self,
+        norm: NormFactory,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 32,
+        num_blocks: int = 4,
+        activation: str = "gelu",
+        weight_standardization: bool = False,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *[
+                DilatedBlock(in_channels if k == 0 else width, width, 2**k, norm, activation, weight_standardization)
+                for k in range(num_blocks)
+            ]
+        )
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.blocks(x).mean((2, 3)))  # global average pooling
+
+
+NETS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": SeedCNN, "resnet": CifarResNet, "dilated_cnn": DilatedCNN}
+NetName = Literal["seed_cnn", "resnet", "dilated_cnn"]

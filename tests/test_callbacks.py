@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,7 +26,7 @@ LAYERS = [f"blocks.{i}.norm" for i in range(4)]
 
 def run_args(data_dir, root, norm, *extra):
     return [
-        "fit", "--config", str(ROOT / "configs" / "mnist_brn_bs16.yaml"), "--model.norm", norm,
+        "fit", "--config", mnist_config("brn", 16), "--model.norm", norm,
         "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
         "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
         "--trainer.limit_val_batches", "2", "--trainer.accelerator", "cpu", *QUIET, *extra,

@@ -13,6 +13,7 @@ import fakedata
 import pytest
 import torch
 import yaml
+from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normbench.cli import NormBenchCLI, main
@@ -56,10 +57,18 @@ def test_every_config_parses_and_instantiates(path, tmp_path):
     cli = NormBenchCLI(args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path)], run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     assert model.hparams.norm == norm and data.batch_size == int(bs.removeprefix("bs")) and data.name == dataset
-    assert trainer.max_epochs == 10 and model.hparams.num_blocks == 4 and model.hparams.width == 64
     assert model.hparams.num_classes == data.num_classes and model.hparams.in_channels == data.in_channels
-    assert data.normalization == "half" and data.val_split == 0
+    assert data.val_split == 0 and model.hparams.num_blocks == 4
     assert model.optimizer_factory(model.parameters()).defaults["lr"] == 1e-3
+    if (dataset, norm, int(bs.removeprefix("bs"))) in STUDY1:
+        # Study 1: iterations, its dilated network, ToTensor only (tests/test_study1.py has the rest).
+        assert (
+            trainer.max_steps == 10001 and trainer.val_check_interval == 500 and trainer.check_val_every_n_epoch is None
+        )
+        assert model.hparams.net == "dilated_cnn" and model.hparams.width == 32 and data.normalization == "none"
+        assert Path(trainer.logger.log_dir).parent.name == f"{dataset}_dilated_cnn_{norm}_{bs}"
+        return
+    assert trainer.max_epochs == 10 and model.hparams.width == 64 and data.normalization == "half"
     if norm == "gn":
         assert {m.num_groups for m in model.modules() if type(m).__name__ == "GroupNorm"} == {4}
     assert Path(trainer.logger.log_dir).parent.name == path.stem
@@ -70,7 +79,7 @@ def test_print_config_shows_the_study_settings(capsys):
         main(["fit", "--config", str(ROOT / "configs" / "cifar100_brn_bs2.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["norm"] == "brn" and printed["data"]["init_args"]["batch_size"] == 2
-    assert printed["model"]["optimizer"]["init_args"]["lr"] == 0.001 and printed["trainer"]["max_epochs"] == 10
+    assert printed["model"]["optimizer"]["init_args"]["lr"] == 0.001 and printed["trainer"]["max_steps"] == 10001
 
 
 # --------------------------------------------------------------------------- runs
@@ -78,7 +87,7 @@ def test_print_config_shows_the_study_settings(capsys):
 
 @pytest.mark.parametrize("norm", sorted(NORMS))
 def test_fit_runs_every_norm(norm, fake_data, tmp_path):
-    main(["fit", "--config", str(ROOT / "configs" / "mnist_bn_bs16.yaml"), "--model.norm", norm,
+    main(["fit", "--config", mnist_config("bn", 16), "--model.norm", norm,
           *fast(fake_data, tmp_path)])  # fmt: skip
     run = tmp_path / "lightning_logs" / f"mnist_{norm}_bs16" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -95,9 +104,11 @@ def test_fit_then_test_from_checkpoint_on_cifar100(fake_data, tmp_path):
     config = str(ROOT / "configs" / "cifar100_brn_bs2.yaml")
     args = fast(fake_data, tmp_path, "--trainer.limit_test_batches", "2")
     main(["fit", "--config", config, *args])
-    ckpt = next((tmp_path / "lightning_logs" / "cifar100_brn_bs2" / "version_0" / "checkpoints").glob("*.ckpt"))
+    # Study 1's network names the run: the same words as the config, and the net.
+    run = tmp_path / "lightning_logs" / "cifar100_dilated_cnn_brn_bs2"
+    ckpt = next((run / "version_0" / "checkpoints").glob("*.ckpt"))
     main(["test", "--config", config, *args, "--ckpt_path", str(ckpt)])
-    assert "test/acc" in scalars(tmp_path / "lightning_logs" / "cifar100_brn_bs2" / "version_1")
+    assert "test/acc" in scalars(run / "version_1")
 
 
 def test_training_never_sees_the_test_split(fake_data, tmp_path):
@@ -122,7 +133,7 @@ def test_training_never_sees_the_test_split(fake_data, tmp_path):
 def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
     out = tmp_path / f"sync_{sync}"
     out.mkdir()
-    cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", str(ROOT / "configs" / "mnist_bn_bs16.yaml"),
+    cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", mnist_config("bn", 16),
            *fast(fake_data, out), "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--model.sync_norms", str(sync).lower(), "--trainer.limit_val_batches", "0",
            "--trainer.callbacks+=ddp_probe.SaveNormBuffers", f"--trainer.callbacks.out_dir={out}"]  # fmt: skip
@@ -150,7 +161,7 @@ def test_one_epoch_on_real_mnist_subset_reaches_90_percent(mnist_dir, tmp_path):
     # 85.4% test accuracy with them, 91.0% with batch statistics and 91.5% once PreciseBN has
     # recomputed them. The trained model is judged with exact statistics (Wu & Johnson 2021);
     # the lagging figure is checked to be recorded beside it.
-    main(["fit", "--config", str(ROOT / "configs" / "mnist_bn_bs16.yaml"), "--data.data_dir", str(mnist_dir),
+    main(["fit", "--config", mnist_config("bn", 16), "--data.data_dir", str(mnist_dir),
           "--data.train_subset", "5000", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
           *QUIET])  # fmt: skip
     run = tmp_path / "lightning_logs" / "mnist_bn_bs16" / "version_0"

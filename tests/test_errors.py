@@ -11,11 +11,12 @@ from pathlib import Path
 import fakedata
 import pytest
 import yaml
+from quick_configs import mnist_config
 
 from normbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "mnist_bn_bs16.yaml")
+CONFIG = mnist_config("bn", 16)
 
 
 @pytest.fixture(scope="module")

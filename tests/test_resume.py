@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normbench.cli import main
@@ -24,7 +25,7 @@ STEPS_PER_EPOCH, EPOCHS, EVERY = 16, 2, 5
 
 def args(data_dir: Path, root: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--config", str(ROOT / "configs" / "mnist_brn_bs16.yaml"), "--data.data_dir", str(data_dir),
+        "fit", "--config", mnist_config("brn", 16), "--data.data_dir", str(data_dir),
         "--data.download", "false", "--data.batch_size", "8", "--trainer.max_epochs", str(EPOCHS),
         "--trainer.deterministic", "true", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root), "--name", "run",
@@ -158,3 +159,42 @@ def test_resuming_a_finished_run_with_more_epochs_continues_its_record(fake_data
     record = read_record(run_dir)
     assert [e["epoch"] for e in record["epochs"]] == [0, 1, 2] and record["global_step"] == 9
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+
+
+def test_iteration_run_resumed_at_a_validation_step_has_the_curves_of_the_run_left_alone(fake_data, tmp_path):
+    """Study 1's config as it ships (max_steps, val_check_interval, the loss every n steps),
+    SIGKILLed after step 12; its last checkpoint is from step 10, a validation step that Lightning
+    skips on resume. The record's evaluations and loss curve equal the uninterrupted run's."""
+
+    def study1(root, *extra):
+        return ["fit", "--config", str(ROOT / "configs" / "mnist_brn_bs16.yaml"), "--data.data_dir", str(fake_data),
+                "--data.download", "false", "--data.batch_size", "8", "--trainer.max_steps", "20",
+                "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "3", "--checkpoint_every_n_steps",
+                "5", "--trainer.deterministic", "true", "--trainer.accelerator", "cpu",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), "--name", "run",
+                *extra]  # fmt: skip
+
+    start = "{class_path: normbench.callbacks.ValidateAtStart}"
+    main(study1(tmp_path / "alone", "--trainer.callbacks", f"[{start}]"))
+    marker = tmp_path / "killed"
+    kill = f"{{class_path: killer.KillAtStep, init_args: {{step: 12, marker: {marker}}}}}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "normbench.cli", *study1(tmp_path, "--trainer.callbacks", f"[{start}, {kill}]")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    main(study1(tmp_path, "--trainer.callbacks", f"[{start}, {kill}]", "--ckpt_path", "last"))
+
+    ours, theirs = read_record(run_dir), read_record(tmp_path / "alone" / "lightning_logs" / "run" / "version_0")
+    assert ours["status"] == theirs["status"] == "finished" and ours["global_step"] == 20
+    # 128 fake images at batch size 8: 16 steps an epoch, so the 20 steps cross an epoch end.
+    assert [e["step"] for e in theirs["evals"]] == [0, 5, 10, 15, 20]
+    assert ours["evals"] == theirs["evals"]
+    assert [s for s, _ in theirs["train_loss_steps"]] == list(range(0, 20, 3))
+    assert ours["train_loss_steps"] == theirs["train_loss_steps"]
+    # TensorBoard: every validation of the run left alone, with its value. The killed attempt's
+    # own validation at the checkpoint's step may also be on disk (Lightning logs it at step 9,
+    # before the purge step 10), beside the same point logged again by the resumed run.
+    alone_tb = scalar_steps(tmp_path / "alone" / "lightning_logs" / "run" / "version_0", "val/acc")
+    assert sorted(set(scalar_steps(run_dir, "val/acc"))) == alone_tb and len(alone_tb) == 5

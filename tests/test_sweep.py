@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normbench.cli import main
 from normbench.sweep import expand
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = str(ROOT / "configs" / "mnist_bn_bs16.yaml")
+BASE = mnist_config("bn", 16)
 
 
 def quick_overrides(data_dir) -> dict:
