@@ -1,9 +1,9 @@
 """``normbench bench``: normbench against the study's own training loop, side by side.
 
 For each batch size it trains one epoch of study 2's network with BatchNorm on the same data,
-evaluation on the test split included, once with ``../shared/bench/seed_loop.py`` (the baseline:
-a DataLoader with per-image transforms and ``loss.item()`` every step) and once with
-``normbench fit``, each in its own process on the same device, and prints images per second and
+evaluation on the test split included, once with the study's own loop, ``normbench.baseline``
+(a DataLoader with per-image transforms and ``loss.item()`` every step; ``--seed_loop`` runs
+another copy of it instead) and once with ``normbench fit``, each in its own process on the same device, and prints images per second and
 their ratio. Then K packed runs against the same K runs one after another. The data is real
 MNIST when its files are there; otherwise random tensors of CIFAR's shape, and the table says so.
 """
@@ -29,6 +29,12 @@ from normbench.results import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# Study 2's experiment on MNIST, the network and training normbench.baseline runs, given in full
+# so that the command needs no config file (an installed normbench has none).
+STUDY2_MNIST = ["--seed_everything", "0", "--model.norm", "bn", "--model.norm_kwargs", "{}", "--model.net", "seed_cnn",
+                "--model.width", "64", "--model.num_blocks", "4", "--model.activation", "relu", "--model.optimizer",
+                "{class_path: torch.optim.Adam, init_args: {lr: 0.001, foreach: true}}",
+                "--data", "normbench.data.MNISTDataModule", "--data.val_split", "0", "--data.normalization", "half"]  # fmt: skip
 
 
 def _prepare_mnist(data_dir: Path, raw: Path | None) -> bool:
@@ -47,16 +53,18 @@ def _prepare_mnist(data_dir: Path, raw: Path | None) -> bool:
     return True
 
 
-def seed_loop_images_per_s(script: Path, data_dir: Path, batch_size: int, subset: int, device: str) -> float:
-    cmd = [sys.executable, str(script), "--dataset", "mnist", "--data-dir", str(data_dir), "--batch-size",
-           str(batch_size), "--norm", "batch", "--epochs", "1", "--train-subset", str(subset), "--device", device]  # fmt: skip
+def seed_loop_images_per_s(script: Path | None, data_dir: Path, batch_size: int, subset: int, device: str) -> float:
+    """Images per second of the study's loop: ``normbench.baseline``, or the script ``script``."""
+    entry = [str(script)] if script is not None else ["-m", "normbench.baseline"]
+    cmd = [sys.executable, *entry, "--dataset", "mnist", "--data-dir", str(data_dir), "--batch-size", str(batch_size),
+           "--norm", "batch", "--epochs", "1", "--train-subset", str(subset), "--device", device]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_s"]
 
 
 def normbench_images_per_s(data_dir: Path, batch_size: int, subset: int, accelerator: str, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as root:
-        cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", str(ROOT / "configs" / f"mnist_bn_bs{batch_size}.yaml"),
+        cmd = [sys.executable, "-m", "normbench.cli", "fit", *STUDY2_MNIST, "--data.batch_size", str(batch_size),
                "--data.data_dir", str(data_dir), "--data.train_subset", str(subset), "--trainer.max_epochs", "1",
                "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
                "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
@@ -135,7 +143,12 @@ def bench(args: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--mnist_raw", type=str, default=str(SHARED / "data" / "MNIST" / "raw"), help="MNIST .gz files to copy"
     )
-    p.add_argument("--seed_loop", type=str, default=str(SHARED / "bench" / "seed_loop.py"), help="the baseline loop")
+    p.add_argument(
+        "--seed_loop",
+        type=str | None,
+        default=None,
+        help="a copy of the study's loop to run as the baseline (default: normbench.baseline, shipped)",
+    )
     p.add_argument("--batch_sizes", type=list[int], default=[2, 16, 128])
     p.add_argument("--train_subset", type=int, default=5000, help="training images per epoch")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
@@ -151,20 +164,23 @@ def bench(args: list[str] | None = None) -> list[dict]:
     print(f"device: {hardware}; data: {'real MNIST' if real else 'random tensors of CIFAR shape'}, "
           f"{cfg.train_subset} training images, 1 epoch, test-split evaluation included, best of {cfg.repeats}")  # fmt: skip
     rows = []
-    if real and Path(cfg.seed_loop).is_file():
+    script = Path(cfg.seed_loop) if cfg.seed_loop else None
+    if script is not None and not script.is_file():
+        raise FileNotFoundError(f"--seed_loop {script} not found; leave it out to use normbench.baseline")
+    if real:
         print(f"{'batch size':>10} {'seed loop img/s':>16} {'normbench img/s':>16} {'ratio':>7}")
         for bs in cfg.batch_sizes:
             # Alternate the two, and keep each one's best: a shared machine's noise only slows.
             base = ours = 0.0
             for _ in range(cfg.repeats):
-                base = max(base, seed_loop_images_per_s(Path(cfg.seed_loop), data_dir, bs, cfg.train_subset, device))
+                base = max(base, seed_loop_images_per_s(script, data_dir, bs, cfg.train_subset, device))
                 ours = max(ours, normbench_images_per_s(data_dir, bs, cfg.train_subset, accelerator, []))
             rows.append(
                 {"batch_size": bs, "seed_loop": base, "normbench": round(ours, 1), "ratio": round(ours / base, 3)}
             )
             print(f"{bs:>10} {base:>16.1f} {ours:>16.1f} {ours / base:>7.2f}")
     else:
-        print(f"no real MNIST or no seed loop at {cfg.seed_loop}: the single-run comparison is skipped")
+        print("no real MNIST: the single-run comparison is skipped")
     if real:
         from torchvision.datasets import MNIST
 

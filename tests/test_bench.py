@@ -1,0 +1,59 @@
+"""normbench bench and the study's loop it ships (normbench.baseline): it works without the
+shared folder, and the loop is the study's, module for module."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from normbench import baseline, bench
+from normbench.cli import main
+
+SEED_LOOP = Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed_loop.py"
+
+
+def test_the_shipped_loop_builds_the_studys_network_module_for_module():
+    if not SEED_LOOP.is_file():
+        pytest.skip(f"the study's loop is not at {SEED_LOOP}")
+    spec = importlib.util.spec_from_file_location("seed_loop", SEED_LOOP)
+    seed_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_loop)
+    for norm in ("batch", "group"):
+        torch.manual_seed(0)
+        theirs = seed_loop.Network(3, norm, 1, 10, 16)
+        torch.manual_seed(0)
+        ours = baseline.StudyNetwork(3, norm, 1, 10, 16)
+        a, b = theirs.state_dict(), ours.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        x = torch.randn(4, 1, 12, 12)
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert sorted(baseline.DATASETS) == sorted(seed_loop.DATASETS)
+
+
+def test_the_shipped_loop_trains_and_prints_its_json_line(fake_data, capsys):
+    out = baseline.main(["--dataset", "mnist", "--data-dir", str(fake_data), "--batch-size", "16", "--epochs", "1",
+                         "--train-subset", "64", "--test-subset", "32", "--num-workers", "0", "--width", "8"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert out["epochs"] == 1 and out["images_per_s"] > 0 and 0 <= out["best_test_acc"] <= 100
+
+
+def test_bench_needs_nothing_outside_the_package(fake_data, tmp_path, monkeypatch, capsys):
+    # As for a user who installed normbench: no ../shared folder beside it.
+    monkeypatch.setattr(bench, "SHARED", tmp_path / "no_shared")
+    monkeypatch.chdir(tmp_path)
+    main(["bench", "--data_dir", str(fake_data), "--batch_sizes", "[16]", "--train_subset", "64", "--repeats", "1",
+          "--pack", "2", "--pack_steps", "2", "--pack_batch_size", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "seed loop img/s" in out and "skipped" not in out, out
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["16"])
+    assert float(row[1]) > 0 and float(row[2]) > 0
+
+
+def test_bench_help_works(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "--seed_loop" in capsys.readouterr().out
