@@ -48,10 +48,18 @@ class Run:
     curve: list[float] = field(default_factory=list)  # percent per epoch
     wall_time_s: float | None = None
     hardware: str | None = None
+    max_steps: int | None = None  # set for runs measured in iterations (study 1), not epochs
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, percent) per validation
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss of that batch)
 
     @property
     def ok(self) -> bool:
         return self.status == "finished" and self.best is not None
+
+    @property
+    def iterations(self) -> bool:
+        """A run measured in optimizer steps (``trainer.max_steps``), as study 1's are."""
+        return self.max_steps is not None and self.max_steps > 0
 
     def context(self) -> tuple:
         return tuple(getattr(self, k) for k in CONTEXT)
@@ -91,6 +99,9 @@ def load_run(path: Path) -> Run:
         curve=[100.0 * e["val/acc"] for e in record.get("epochs", []) if "val/acc" in e],
         wall_time_s=record.get("wall_time_s"),
         hardware=record.get("hardware"),
+        max_steps=(config.get("trainer") or {}).get("max_steps"),
+        evals=[(e["step"], 100.0 * e["val/acc"]) for e in record.get("evals", []) if "val/acc" in e],
+        losses=[(int(s), float(v)) for s, v in record.get("train_loss_steps", [])],
     )
 
 
@@ -374,7 +385,7 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    main = [r for r in runs if r.ok]
+    main = [r for r in runs if r.ok and not r.iterations]
     # Accuracy against epoch, per dataset and batch size: a line per norm, a band over seeds.
     for ctx in _sort({(r.dataset, r.net, r.activation, r.num_blocks, r.batch_size) for r in main}):
         group = [r for r in main if (r.dataset, r.net, r.activation, r.num_blocks, r.batch_size) == ctx and r.curve]
@@ -409,6 +420,115 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
     return written
 
 
+# --------------------------------------------------------------------------- study 1: curves per iteration
+
+# The study's colours (matplotlib's first three), so that our figure reads like its figure.
+STUDY1_COLORS = {"bn": "C0", "bnrs": "C1", "brn": "C2"}
+# The iterations at which the report names our test accuracy beside the study's.
+COMPARE_AT = (500, 2000, 5000, 10000)
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float]]:
+    """Steps every curve has, and the mean and sample std over the curves there."""
+    common = sorted(set.intersection(*({s for s, _ in c} for c in curves)))
+    by_step = [dict(c) for c in curves]
+    mean = [statistics.fmean(d[s] for d in by_step) for s in common]
+    std = [statistics.stdev([d[s] for d in by_step]) if len(by_step) > 1 else 0.0 for s in common]
+    return common, mean, std
+
+
+def _study1_figure(group: list[Run], path: Path, title: str) -> str:
+    """Study 1's figure for one (dataset, batch size): training loss (log scale) and test accuracy
+    against iterations, a line per norm (the mean over seeds; a band of one std for accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for norm in _sort({r.norm for r in group}):
+        runs = [r for r in group if r.norm == norm]
+        color = STUDY1_COLORS.get(norm)
+        n = len(runs)
+        if all(r.losses for r in runs):
+            steps, mean, _ = _mean_curve([r.losses for r in runs])
+            ax_loss.plot(steps, mean, color=color, lw=0.8, label=f"{norm} (n={n})")
+        if all(r.evals for r in runs):
+            steps, mean, std = _mean_curve([r.evals for r in runs])
+            ax_acc.plot(steps, mean, color=color, marker="o", ms=3, label=f"{norm} (n={n})")
+            ax_acc.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=color, alpha=0.2)  # fmt: skip
+    ax_loss.set_yscale("log")
+    ax_loss.set(title="Training loss", xlabel="iteration", ylabel="loss of the batch (mean over seeds)")
+    ax_acc.set(title="Test accuracy", xlabel="iteration", ylabel="test accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def _at(runs: list[Run], step: int) -> Stat:
+    return Stat([dict(r.evals)[step] for r in runs if step in dict(r.evals)])
+
+
+def study1_sections(runs: list[Run], out: Path, reference: str | None) -> list[str]:
+    """Markdown for every (dataset, net, batch size) of iteration runs: our figure, the study's
+    beside it when ``reference`` holds it, and test accuracy at ``COMPARE_AT`` side by side."""
+    import shutil
+
+    from normbench.reference import study1_reference
+
+    lines: list[str] = []
+    done = [r for r in runs if r.ok and r.iterations]
+    for dataset, net, bs in _sort({(r.dataset, r.net, r.batch_size) for r in done}):
+        group = [r for r in done if (r.dataset, r.net, r.batch_size) == (dataset, net, bs)]
+        steps = max(r.max_steps for r in group)
+        name = _study1_figure(group, out / f"study1_{dataset}_{net}_bs{bs}.png",
+                              f"{dataset}, {net}, batch size {bs}: {steps:,} iterations")  # fmt: skip
+        ref = study1_reference(reference, dataset, bs) if reference else None
+        lines += ["", f"### {dataset}, batch size {bs} ({net}, {steps:,} iterations)", ""]
+        if ref is not None:
+            copy = out / f"reference_{ref[0].name}"
+            shutil.copyfile(ref[0], copy)
+            lines += ["| normbench | the study (published figure) |", "|---|---|",
+                      f"| ![{name}]({name}) | ![{copy.name}]({copy.name}) |"]  # fmt: skip
+        else:
+            lines.append(f"![{name}]({name})")
+        values = ref[1] if ref is not None else {}
+        header = ["norm", *(f"{s:,}" for s in COMPARE_AT)]
+        rows = []
+        for norm in _sort({r.norm for r in group}):
+            ours = [r for r in group if r.norm == norm]
+            cells = []
+            for step in COMPARE_AT:
+                stat = _at(ours, step)
+                text = stat.cell() if stat.values else "not run"
+                theirs = values.get(norm, {}).get(step) if values else None
+                if values and norm in values:
+                    text += " / " + _reference_cell(theirs, stat.mean)
+                cells.append(text)
+            rows.append([norm, *cells])
+        what = "ours (mean ± std, n) / the study's, read off its figure, and ours − theirs" if values else "ours"
+        lines += ["", f"Test accuracy (%) at iteration: {what}.", "", markdown_table(header, rows)]
+    return lines
+
+
+def _reference_cell(theirs: tuple[float, bool] | None, ours: float | None) -> str:
+    if theirs is None:
+        return "not visible (below the panel or under later lines)"
+    value, covered = theirs
+    if math.isinf(value):
+        return "below 75"
+    text = f"{'≈' if covered else ''}{100 * value:.1f}"
+    if ours is not None:
+        text += f" ({ours - 100 * value:+.1f})"
+    return text
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -423,8 +543,16 @@ def _scale(paths: list[str]) -> list[str]:
     return lines
 
 
-def write_report(runs: list[Run], out: Path, inputs: list[str], command: str) -> Path:
-    """Write report.md, best_accuracy.csv and the plots into ``out``; return report.md's path."""
+def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, reference: str | None = None) -> Path:
+    """Write report.md, best_accuracy.csv and the plots into ``out``; return report.md's path.
+
+    Args:
+        runs: the run records.
+        out: the output folder.
+        inputs: the sweep or run directories the records came from.
+        command: the command that made the report, as it is stated in it.
+        reference: a folder of study 1's published figures to put beside ours.
+    """
     out.mkdir(parents=True, exist_ok=True)
     status = defaultdict(int)
     for r in runs:
@@ -463,6 +591,16 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str) ->
     lines += ["", "## The studies' claims, checked against these runs", ""]
     lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence] for v in
                                                                 (c(runs) for c in CLAIMS)])]  # fmt: skip
+    study1 = study1_sections(runs, out, reference)
+    if study1:
+        lines += ["", "## Training loss and test accuracy per iteration (study 1's figures)"]
+        if reference:
+            note = (
+                "The study's numbers are read off its published figures' pixels (`normbench.reference`: to 0.1 point, "
+                "0.8 next to a segment that leaves the panel; ≈: under a line drawn later, within its width)."
+            )
+            lines += ["", note]
+        lines += study1
     broken = [r for r in runs if not r.ok]
     if broken:
         lines += ["", "## Runs that did not finish", ""]
@@ -488,12 +626,16 @@ def report(args: list[str] | None = None) -> Path:
     parser = ArgumentParser(prog="normbench report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", type=str, nargs="+", help="sweep directories, run directories or records")
     parser.add_argument("--out", type=str | None, default=None, help="output folder (default: <first path>/report)")
+    parser.add_argument("--reference", type=str | None, default=None,
+                        help="folder of study 1's published figures (bs-B-dataset-D.png) to show beside ours")  # fmt: skip
     cfg = parser.parse_args(args)
     runs = find_runs(cfg.paths)
     if not runs:
         raise SystemExit(f"no {RECORD} run records under {' '.join(cfg.paths)}; pass a sweep or run directory")
     out = Path(cfg.out) if cfg.out else Path(cfg.paths[0]) / "report"
     command = "normbench report " + " ".join(sys.argv[2:] if args is None else args)
-    path = write_report(runs, out, cfg.paths, command)
+    if cfg.reference and not Path(cfg.reference).is_dir():
+        raise FileNotFoundError(f"--reference {cfg.reference} is not a folder; pass the folder of the study's PNGs")
+    path = write_report(runs, out, cfg.paths, command, cfg.reference)
     print(f"wrote {path}")
     return path

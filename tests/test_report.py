@@ -126,3 +126,100 @@ def test_verdicts_without_data_say_so(tmp_path):
 def test_report_refuses_an_empty_folder(tmp_path):
     with pytest.raises(SystemExit, match="no metrics.json run records"):
         main(["report", str(tmp_path)])
+
+
+# --------------------------------------------------------------------------- study 1: per-iteration figures
+
+
+def _study1_like_png(path: Path, curves: dict[str, list[float]], later: list[list[float]]) -> None:
+    """A figure drawn as study 1's script draws it: loss left, accuracy right (subplots 121/122,
+    tight_layout, 640x480), a line per norm in matplotlib's default colours, ylim 0.75-1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure()
+    plt.subplot(121)
+    plt.plot([1.0, 0.5])
+    plt.yscale("log")
+    plt.subplot(122)
+    for name, values in [*curves.items(), *((f"later{i}", v) for i, v in enumerate(later))]:
+        plt.plot(values, label=name)
+    plt.ylim(0.75, 1.0)
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path)
+    plt.close()
+
+
+def test_reading_the_studys_figure_recovers_its_values(tmp_path):
+    from normbench.reference import read_accuracy_panel
+
+    g = __import__("random").Random(0)
+    bn = [0.5, 0.9] + [0.95 + 0.03 * g.random() for _ in range(19)]  # a steep first segment, off the panel at 0
+    bnrs = [0.6] * 11 + [0.78 + 0.01 * k for k in range(10)]  # below the panel for 10 points, then in
+    brn = [0.3, 0.85] + [0.90 + 0.005 * k for k in range(19)]
+    # A later line that covers brn exactly from point 8 on, as BRNC and BNWoS cover the study's lines.
+    cover = [0.8] * 8 + brn[8:]
+    _study1_like_png(tmp_path / "fig.png", {"bn": bn, "bnrs": bnrs, "brn": brn}, [cover])
+    got = read_accuracy_panel(tmp_path / "fig.png", (0.75, 1.0))
+    for k in range(1, 21):
+        value, covered = got["bn"][k]
+        # Point 1 joins a segment that leaves the panel, so it is extended from one side only,
+        # where the x calibration's sub-pixel error times the slope (11 px per px) shows.
+        assert value == pytest.approx(bn[k], abs=0.008 if k == 1 else 0.002) and not covered, k
+    assert got["bn"][0] is None or got["bn"][0][0] < 0.75
+    for k in range(12, 21):
+        assert got["bnrs"][k][0] == pytest.approx(bnrs[k], abs=0.002), k
+    assert all(v is None or v[0] == -float("inf") for v in got["bnrs"][:10])
+    for k in range(2, 8):
+        assert got["brn"][k] == (pytest.approx(brn[k], abs=0.002), False), k
+    for k in range(9, 21):
+        value, covered = got["brn"][k]
+        assert covered and value == pytest.approx(brn[k], abs=0.003), k
+
+
+def iteration_record(root: Path, norm: str, seed: int, evals: dict[int, float], bs: int = 2) -> None:
+    """A study-1 run record: evaluations and losses by step, as RunRecorder writes them."""
+    run = root / f"mnist_bs{bs}_{norm}_seed{seed}" / "version_0"
+    run.mkdir(parents=True)
+    config = {
+        "seed_everything": seed,
+        "trainer": {"max_steps": 10001, "val_check_interval": 500},
+        "model": {"norm": norm, "net": "dilated_cnn", "activation": "gelu", "num_blocks": 4},
+        "data": {"class_path": "normbench.data.MNISTDataModule", "init_args": {"batch_size": bs, "val_split": 0.0}},
+    }
+    rec = {
+        "status": "finished", "config": config, "epochs": [],
+        "evals": [{"step": s, "val/acc": a} for s, a in evals.items()],
+        "train_loss_steps": [[s, 2.0 / (1 + s)] for s in range(0, 10001, 10)],
+        "val_acc_best": max(evals.values()), "val_acc_final": evals[max(evals)],
+    }  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_report_draws_study1_figures_and_names_the_differences(tmp_path):
+    steps = range(0, 10001, 500)
+    for seed, shift in enumerate([0.0, 0.02]):
+        iteration_record(tmp_path, "bn", seed, {s: min(0.5 + s / 10000 + shift, 0.99) for s in steps})
+        iteration_record(tmp_path, "bnrs", seed, {s: 0.2 + s / 20000 + shift for s in steps})
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    bn_ref = [0.5] + [0.80 + 0.009 * k for k in range(1, 21)]
+    _study1_like_png(ref / "bs-2-dataset-MNIST.png", {"bn": bn_ref, "bnrs": [0.5] * 21}, [])
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep"), "--reference", str(ref)])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "study1_mnist_dilated_cnn_bs2.png").is_file()
+    assert (tmp_path / "rep" / "reference_bs-2-dataset-MNIST.png").is_file()
+    row = next(line for line in text.splitlines() if line.startswith("| bn |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    # Ours at 500: mean of 55 and 57 = 56.00, std 1.41; theirs at point 1: 80.9 (read to a pixel,
+    # 0.07 points); difference -24.9. At 10,000: ours 99 in both seeds; theirs 80 + 0.9 * 20 = 98.0.
+    for cell, ours, theirs in ((cells[0], "56.00 ± 1.41 (n=2)", 80.9), (cells[3], "99.00 ± 0.00 (n=2)", 98.0)):
+        mine, read = cell.split(" / ")
+        value, diff = read.rstrip(")").split(" (")
+        assert mine == ours and float(value) == pytest.approx(theirs, abs=0.15)
+        assert float(diff) == pytest.approx(float(ours.split()[0]) - float(value), abs=0.051)
+    bnrs_row = next(line for line in text.splitlines() if line.startswith("| bnrs |"))
+    assert "not visible" in bnrs_row  # the study's bnrs lies below its panel
