@@ -84,7 +84,11 @@ class NormBenchCLI(LightningCLI):
             super().instantiate_classes()
         except (TypeError, MisconfigurationException) as err:
             message = one_line(err)
-            if isinstance(err, MisconfigurationException) and "gpu" in message.lower() and not torch.cuda.is_available():
+            if (
+                isinstance(err, MisconfigurationException)
+                and "gpu" in message.lower()
+                and not torch.cuda.is_available()
+            ):
                 message = f"trainer.accelerator: this machine has no usable GPU ({message}); use cpu or auto"
             raise ValueError(message) from err
 

@@ -179,4 +179,4 @@ def test_help_lists_every_subcommand_with_one_line(capsys, monkeypatch):
     for name in ("fit", "validate", "test", "predict", "sweep", "report", "bench"):
         assert any(line.split()[:1] == [name] for line in out.splitlines()), (name, out)
     for name, line in (("sweep", "Run a grid"), ("report", "Tables, plots"), ("bench", "Time normbench")):
-        assert [x for x in out.splitlines() if x.split()[:1] == [name]][0].split(None, 1)[1].startswith(line)
+        assert next(x for x in out.splitlines() if x.split()[:1] == [name]).split(None, 1)[1].startswith(line)

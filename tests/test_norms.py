@@ -442,7 +442,7 @@ def test_precise_bn_gives_exact_population_statistics(name):
     expected = {}
     for key in ("norm1", "norm2"):
         inputs = []
-        hook = getattr(twin, key).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+        hook = getattr(twin, key).register_forward_pre_hook(lambda m, a, inputs=inputs: inputs.append(a[0].detach()))
         with torch.no_grad():
             for x, _ in batches[:4]:
                 for n, m in twin.named_modules():
