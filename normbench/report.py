@@ -56,6 +56,14 @@ class Run:
     def ok(self) -> bool:
         return self.status == "finished" and self.best is not None
 
+    def points(self) -> tuple[str, list[int], list[float]]:
+        """(unit, x, accuracy %) of the accuracy curve: per epoch (1, 2, ...), or per evaluation
+        at its iteration for iteration runs (the untrained network at 0 left out)."""
+        if self.iterations:
+            kept = [(s, a) for s, a in self.evals if s > 0]
+            return "iteration", [s for s, _ in kept], [a for _, a in kept]
+        return "epoch", list(range(1, len(self.curve) + 1)), self.curve
+
     @property
     def iterations(self) -> bool:
         """A run measured in optimizer steps (``trainer.max_steps``), as study 1's are."""
@@ -223,9 +231,13 @@ def _means(runs: list[Run], **fixed) -> dict[tuple, float]:
     return {k: s.mean for k, s in aggregate(chosen, ("dataset", "batch_size")).items() if s.mean is not None}
 
 
+# Each study's network as the study ran it: (net, activation, blocks).
+STUDY_NETS = (("seed_cnn", "relu", 4), ("dilated_cnn", "gelu", 4))
+
+
 def _main_runs(runs: list[Run]) -> list[Run]:
-    """The runs of the studies' network at its usual depth and activation."""
-    return [r for r in runs if r.activation == "relu" and r.num_blocks == 4 and r.net == "seed_cnn"]
+    """The runs of the studies' networks at their usual depth and activation."""
+    return [r for r in runs if (r.net, r.activation, r.num_blocks) in STUDY_NETS]
 
 
 def gn_stable(runs: list[Run]) -> Verdict:
@@ -308,26 +320,29 @@ def brn_small_hard(runs: list[Run]) -> Verdict:
     )
 
 
-def _epochs_to(curve: list[float], target: float) -> int | None:
-    return next((i + 1 for i, a in enumerate(curve) if a >= target), None)
+def _first_at(xs: list[int], curve: list[float], target: float) -> int | None:
+    return next((x for x, a in zip(xs, curve) if a >= target), None)
 
 
 def bnrs_slower(runs: list[Run]) -> Verdict:
     claim = "BNRS converges slower than BN"
-    main = [r for r in _main_runs(runs) if r.ok and r.curve]
+    main = [r for r in _main_runs(runs) if r.ok and r.points()[1]]
     parts, slower = [], []
-    for ds, bs in _sort({(r.dataset, r.batch_size) for r in main if r.norm == "bnrs"}):
-        group = {n: [r.curve for r in main if (r.dataset, r.batch_size, r.norm) == (ds, bs, n)] for n in ("bn", "bnrs")}
+    for ds, net, bs in _sort({(r.dataset, r.net, r.batch_size) for r in main if r.norm == "bnrs"}):
+        cell = [r for r in main if (r.dataset, r.net, r.batch_size) == (ds, net, bs)]
+        group = {n: [r.points() for r in cell if r.norm == n] for n in ("bn", "bnrs")}
         if not group["bn"] or not group["bnrs"]:
             continue
-        length = min(len(c) for cs in group.values() for c in cs)
-        mean_curve = {n: [statistics.fmean(c[i] for c in cs) for i in range(length)] for n, cs in group.items()}
+        unit, xs, _ = min((p for ps in group.values() for p in ps), key=lambda p: len(p[1]))
+        length = len(xs)
+        mean_curve = {n: [statistics.fmean(p[2][i] for p in ps) for i in range(length)] for n, ps in group.items()}
         target = 0.95 * max(mean_curve["bn"])
-        e_bn, e_rs = _epochs_to(mean_curve["bn"], target), _epochs_to(mean_curve["bnrs"], target)
+        e_bn, e_rs = _first_at(xs, mean_curve["bn"], target), _first_at(xs, mean_curve["bnrs"], target)
         is_slower = e_rs is None or e_rs > e_bn or (e_rs == e_bn and mean_curve["bnrs"][0] < mean_curve["bn"][0])
         slower.append(is_slower)
-        parts.append(f"{ds} bs {bs}: epoch 1 {mean_curve['bn'][0]:.2f} (bn) vs {mean_curve['bnrs'][0]:.2f} (bnrs); "
-                     f"95% of BN's best at epoch {e_bn} vs {e_rs if e_rs else f'never in {length}'}")  # fmt: skip
+        parts.append(f"{ds} bs {bs}: {unit} {xs[0]} {mean_curve['bn'][0]:.2f} (bn) vs {mean_curve['bnrs'][0]:.2f} "
+                     f"(bnrs); 95% of BN's best at {unit} {e_bn} vs "
+                     f"{e_rs if e_rs else f'never in {xs[-1]}'}")  # fmt: skip
     if not slower:
         return Verdict(claim, "not enough data", "needs bn and bnrs curves at common batch sizes")
     verdict = "supported" if sum(slower) > len(slower) / 2 else "not supported"
@@ -403,8 +418,9 @@ def _plots(runs: list[Run], out: Path) -> list[str]:
         ds, net, act, blocks, bs = ctx
         ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{ds}, batch size {bs}")
         written.append(_save(fig, ax, out / f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"))
-    # Best accuracy against batch size, per context, with error bars over seeds.
-    stats = aggregate(runs, (*CONTEXT, "norm", "batch_size"))
+    # Best accuracy against batch size, per context, with error bars over seeds; not for runs
+    # measured in iterations, whose lengths differ by batch size.
+    stats = aggregate([r for r in runs if not r.iterations], (*CONTEXT, "norm", "batch_size"))
     for ctx in _sort({k[:4] for k in stats}):
         sub = {k[4:]: v for k, v in stats.items() if k[:4] == ctx and v.mean is not None}
         if len({b for _, b in sub}) < 2:
@@ -566,7 +582,8 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
             f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); it reads records and never retrains."
         ),
         (
-            f"Accuracy is the best {what} accuracy over the epochs of a run, in percent: mean ± sample "
+            f"Accuracy is the best {what} accuracy over the evaluations of a run (every epoch, or every "
+            "val_check_interval iterations), in percent: mean ± sample "
             "standard deviation over seeds (n runs). Failed and diverged runs are counted, never averaged as 0%."
         ),
         (
