@@ -181,6 +181,8 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
     assert {n: after[n][0]["wall_time_s"] for n in finished_before} == stamps  # not rerun
 
 
+# Starting a local Ray instance takes most of its 15 s: out of the default run (-m slow runs it).
+@pytest.mark.slow
 def test_ray_backend_runs_a_two_run_grid_on_a_local_instance(fake_data, tmp_path):
     pytest.importorskip("ray.tune", reason="the ray extra is not installed: pip install 'normbench[ray]'")
     config = write_sweep(tmp_path / "ray.yaml", fake_data, {"model.norm": ["bn", "gn"]}, backend="ray")
@@ -208,6 +210,9 @@ def _stopped_sweep(fake_data, tmp_path: Path, callback: str) -> list[str]:
     return [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
 
 
+# test_resume.py checks the same resume at the fit level in the default run; this sweep-level
+# one runs with -m slow, to keep the default suite under 5 minutes on 2 cores.
+@pytest.mark.slow
 def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp_path):
     cmd = _stopped_sweep(fake_data, tmp_path, "killer.KillAtStep")
     first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
