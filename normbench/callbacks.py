@@ -79,17 +79,31 @@ class NormDiagnostics(L.Callback):
     - ``grad/block_<i>``: mean |gradient| of each block's conv weight, and
       ``grad/last_over_first``: study 2's gradient magnitude reduction with depth.
 
-    At each validation, ``train_eval/val_acc_batch_stats``: the accuracy with the norm layers in
-    training mode (batch statistics; running statistics restored, parameters untouched), beside
-    ``val/acc`` with running statistics. At the end of fit, ``train_eval/val_acc_precise_bn``:
-    the accuracy after PreciseBN recalibrates a copy of the model on ``precise_bn_batches``
-    training batches. Statistics are those of this rank's batch.
+    At each validation (or every ``batch_stats_every``-th), ``train_eval/val_acc_batch_stats``:
+    the accuracy with the norm layers in training mode (batch statistics of each evaluation
+    batch; running statistics restored, parameters untouched), beside ``val/acc`` with running
+    statistics. At the end of fit, ``train_eval/val_acc_precise_bn``: the accuracy after PreciseBN
+    recalibrates a copy of the model on ``precise_bn_images`` training images. Both accuracies
+    are on a fixed subset: the first ``eval_images`` validation images, in whole evaluation
+    batches (with ``val_split: 0``, the first images of the test split); the run record states
+    the count as ``diagnostics.eval_images``. Statistics are those of this rank's batch.
+
+    The time the diagnostics take, all their work on the host, is recorded in the run record as
+    ``diagnostics.seconds``; on a CPU that is what they cost, on an accelerator the device work
+    they queue is not counted.
 
     Args:
         every_n_steps: log the per-step figures every this many optimizer steps.
         histograms: also log histograms of the running statistics.
-        batch_stats_eval: measure accuracy with batch statistics at each validation.
-        precise_bn_batches: training batches for PreciseBN at the end of fit (0: skip).
+        batch_stats_eval: measure accuracy with batch statistics.
+        batch_stats_every: measure it at every this-many-th validation of the fit (the first
+            validation always).
+        eval_images: validation images both accuracies are measured on (the first ones, rounded
+            up to whole evaluation batches); None: the whole validation set.
+        precise_bn_images: training images, in training batches (rounded up to whole batches), for
+            PreciseBN at the end of fit (0: skip). fvcore's default of 200 batches is 3,200
+            images at batch size 16, and at batch size 128 would cost more forward passes than a
+            10,000-image epoch; a fixed image count costs the same at every batch size.
     """
 
     def __init__(
@@ -97,14 +111,27 @@ class NormDiagnostics(L.Callback):
         every_n_steps: int = 50,
         histograms: bool = True,
         batch_stats_eval: bool = True,
-        precise_bn_batches: int = 200,
+        batch_stats_every: int = 1,
+        eval_images: int | None = 1000,
+        precise_bn_images: int = 1024,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+        for name, value, least in (("every_n_steps", every_n_steps, 1), ("batch_stats_every", batch_stats_every, 1),
+                                   ("eval_images", 1 if eval_images is None else eval_images, 1), ("precise_bn_images", precise_bn_images, 0)):  # fmt: skip
+            if value < least:
+                raise ValueError(
+                    f"NormDiagnostics {name}={value} must be >= {least}; "
+                    f"set --trainer.callbacks.init_args.{name} to an integer >= {least}"
+                )
         self.every_n_steps = every_n_steps
         self.histograms = histograms
         self.batch_stats_eval = batch_stats_eval
-        self.precise_bn_batches = precise_bn_batches
+        self.batch_stats_every = batch_stats_every
+        self.eval_images = eval_images
+        self.precise_bn_images = precise_bn_images
+        self.seconds = 0.0  # host time spent in the diagnostics during this fit
+        self._validations = 0  # validations of this fit, sanity check excluded
+        self._batch_stats_now = False
+        self._batch_stats_seen = 0  # validation images measured with batch statistics so far
         self._armed = False
         self._hooks: list = []
         self._captured: dict[str, dict[str, Tensor]] = {}
@@ -115,6 +142,7 @@ class NormDiagnostics(L.Callback):
     # -- hooks on the model ----------------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds, self._validations = 0.0, 0
         self._remove_hooks()
         # Found once, after LightningModule.setup has converted norms for several devices.
         self._layers = stat_layers(pl_module)
@@ -126,7 +154,9 @@ class NormDiagnostics(L.Callback):
     def _capture_hook(self, name: str):
         def hook(layer: nn.Module, args: tuple) -> None:
             if self._armed and layer.training:
+                start = time.perf_counter()
                 self._captured[name] = batch_running_gap(args[0], layer)
+                self.seconds += time.perf_counter() - start
 
         return hook
 
@@ -153,20 +183,24 @@ class NormDiagnostics(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if self._armed:
+            start = time.perf_counter()
             self._grads = [
                 c.weight.grad.detach().abs().mean() for c in block_convs(pl_module) if c.weight.grad is not None
             ]
+            self.seconds += time.perf_counter() - start
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if not self._armed:
             return
         self._armed = False
+        start = time.perf_counter()
         try:
             writer = _tensorboard(trainer)
             if writer is not None:
                 self._write(writer, pl_module, self._step)
         finally:
             self._captured, self._grads = {}, []
+            self.seconds += time.perf_counter() - start
 
     def _write(self, writer, pl_module: L.LightningModule, step: int) -> None:
         for name, layer in self._layers.items():
@@ -186,12 +220,23 @@ class NormDiagnostics(L.Callback):
 
     # -- validation: batch statistics against running statistics -----------------------------
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._batch_stats_now = False
+            return
+        self._batch_stats_now = self.batch_stats_eval and self._validations % self.batch_stats_every == 0
+        self._validations += 1
+        self._batch_stats_seen = 0
+
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         layers = list(self._layers.values())
-        if not self.batch_stats_eval or trainer.sanity_checking or not layers or self._batch_acc is None:
+        if not self._batch_stats_now or not layers or self._batch_acc is None:
             return
+        if self.eval_images is not None and self._batch_stats_seen >= self.eval_images:
+            return
+        start = time.perf_counter()
         x, y = batch
         saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in layers]
         try:
@@ -204,6 +249,8 @@ class NormDiagnostics(L.Callback):
                 for k, b in m.named_buffers(recurse=False):
                     b.copy_(buffers[k])
         self._batch_acc.update(logits, y)
+        self._batch_stats_seen += len(y)
+        self.seconds += time.perf_counter() - start
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._batch_acc is None or trainer.sanity_checking or not self._batch_acc.update_count:
@@ -214,30 +261,49 @@ class NormDiagnostics(L.Callback):
     # -- end of fit: PreciseBN --------------------------------------------------------------
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.precise_bn_batches <= 0 or not self._layers or trainer.datamodule is None:
+        if self.precise_bn_images <= 0 or not self._layers or trainer.datamodule is None:
             return
         if trainer.is_global_zero:
+            start = time.perf_counter()
             acc = self._precise_bn_accuracy(trainer, pl_module)
             trainer.callback_metrics[PRECISE_BN_ACC] = acc
             writer = _tensorboard(trainer)
             if writer is not None:
                 writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
+            self.seconds += time.perf_counter() - start
+
+    def record(self) -> dict[str, Any]:
+        """What the run record says of the diagnostics: their time and their subset."""
+        return {"seconds": round(self.seconds, 3), "eval_images": self.eval_images,
+                "precise_bn_images": self.precise_bn_images}  # fmt: skip
 
     @torch.no_grad()
     def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
-        """Validation accuracy of a copy of the network whose running statistics PreciseBN
-        recomputed; the trained model itself is left as it is. Runs on rank zero alone, so the
-        copy's norms reduce nothing across processes."""
+        """Accuracy on the first ``eval_images`` validation images of a copy of the network whose
+        running statistics PreciseBN recomputed; the trained model itself is left as it is. Runs
+        on rank zero alone, so the copy's norms reduce nothing across processes."""
         device = pl_module.device
         net = local_norms(copy.deepcopy(pl_module.net))
         dm = trainer.datamodule
-        update_bn_stats(net, dm.train_dataloader(), self.precise_bn_batches, forward=lambda m, b: m(b[0].to(device)))
+        loader = dm.train_dataloader()
+        batches = -(-self.precise_bn_images // max(1, getattr(dm, "batch_size", 1)))
+        fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
+
+        def prepare(x: Tensor) -> Tensor:  # as the module's forward hands inputs to its network
+            x = x.to(device)
+            return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+        update_bn_stats(net, loader, batches, forward=lambda m, b: m(prepare(b[0])))
         net.eval()
         correct = total = torch.zeros((), device=device)
+        seen = 0
         for x, y in dm.val_dataloader():
-            pred = net(x.to(device)).argmax(1)
+            if self.eval_images is not None and seen >= self.eval_images:
+                break
+            pred = net(prepare(x)).argmax(1)
             correct = correct + (pred == y.to(device)).sum()
             total = total + y.numel()
+            seen += len(y)
         return correct / total
 
 
@@ -435,6 +501,9 @@ class RunRecorder(L.Callback):
         log_dir = trainer.log_dir
         if log_dir is None or not trainer.is_global_zero:
             return
+        diagnostics = [cb.record() for cb in trainer.callbacks if isinstance(cb, NormDiagnostics)]
+        if diagnostics:
+            fields.setdefault("diagnostics", diagnostics[0])
         update_record(
             log_dir,
             epochs=self._epochs,

@@ -204,6 +204,8 @@ class ImageDataModule(LightningDataModule):
             garment looks like and the studies trained it unaugmented. Evaluation data is never
             augmented.
         train_subset: use only the first N training images (taken before the validation carve-out).
+        test_subset: use only the first N images of the test split (which validates under
+            ``val_split: 0``), as the study's loop's ``--test-subset``.
         in_memory: hold the images as one uint8 tensor on the training device and batch, augment
             and normalize them there (``InMemoryLoader``); False uses torchvision transforms in a
             DataLoader, for data that does not fit.
@@ -233,6 +235,7 @@ class ImageDataModule(LightningDataModule):
         normalization: Literal["half", "dataset", "none"] = "half",
         augment: bool = False,
         train_subset: int | None = None,
+        test_subset: int | None = None,
         in_memory: bool = True,
         drop_last: bool = False,
     ) -> None:
@@ -254,6 +257,11 @@ class ImageDataModule(LightningDataModule):
                 f"train_subset must be >= 1 or null, got {train_subset}; "
                 "set --data.train_subset to a positive integer or null for the whole training set"
             )
+        if test_subset is not None and test_subset < 1:
+            raise ValueError(
+                f"test_subset must be >= 1 or null, got {test_subset}; "
+                "set --data.test_subset to a positive integer or null for the whole test split"
+            )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}; use 0 to load data in the main process")
         if normalization not in ("half", "dataset", "none"):
@@ -269,6 +277,7 @@ class ImageDataModule(LightningDataModule):
         self.normalization = normalization
         self.augment = augment
         self.train_subset = train_subset
+        self.test_subset = test_subset
         self.in_memory = in_memory
         self.drop_last = drop_last
         self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -375,7 +384,16 @@ class ImageDataModule(LightningDataModule):
                 validate and None, the test set always.
         """
         if self.test_set is None:
-            self.test_set = self._open(False, download=False, transform=self.eval_transform())
+            if self.test_subset is None:
+                self.test_set = self._open(False, download=False, transform=self.eval_transform())
+            else:
+                test = self._open(False, download=False, transform=None)
+                if self.test_subset > len(test):
+                    raise ValueError(
+                        f"test_subset={self.test_subset} exceeds the {len(test)} test images of "
+                        f"{self.dataset_cls.__name__}; use at most {len(test)} or null"
+                    )
+                self.test_set = TransformedSubset(test, list(range(self.test_subset)), self.eval_transform())
         if stage not in (None, "fit", "validate") or self.train_set is not None:
             return
         full = self._open(True, download=False, transform=None)

@@ -110,7 +110,7 @@ def test_logged_figures_equal_an_independent_computation(tmp_path):
 
     trainer = L.Trainer(
         max_steps=1, logger=TensorBoardLogger(tmp_path, name="fixed"), accelerator="cpu", limit_val_batches=0,
-        callbacks=[NormDiagnostics(every_n_steps=1, batch_stats_eval=False, precise_bn_batches=0)],
+        callbacks=[NormDiagnostics(every_n_steps=1, batch_stats_eval=False, precise_bn_images=0)],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
@@ -154,3 +154,105 @@ def test_hooks_are_removed_after_fit(fake_data, tmp_path):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert not any(m._forward_pre_hooks for m in cli.model.modules())
     assert all(m.training for m in cli.model.modules())  # modes as Lightning left them
+
+
+# --------------------------------------------------------------------------- the subset they measure on
+
+
+class _Fixed(L.LightningDataModule):
+    """Unshuffled in-memory batches, so a test can redo exactly what the callback sees."""
+
+    def __init__(self, train, val, batch_size: int, eval_batch_size: int) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size, self.eval_batch_size = train, val, batch_size, eval_batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*self.train), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(*self.val), batch_size=self.eval_batch_size)
+
+
+def _fit_with(diagnostics: NormDiagnostics, tmp_path, epochs: int = 1):
+    torch.manual_seed(0)
+    module = NormBenchModule(norm="bn", width=8, num_blocks=2, num_classes=3, in_channels=1)
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g))
+    val = (torch.randn(40, 1, 8, 8, generator=g) * 3, torch.randint(0, 3, (40,), generator=g))
+    dm = _Fixed(train, val, batch_size=8, eval_batch_size=4)
+    trainer = L.Trainer(
+        max_epochs=epochs, logger=TensorBoardLogger(tmp_path, name="subset"), accelerator="cpu",
+        callbacks=[diagnostics], num_sanity_val_steps=0, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return trainer, module, dm
+
+
+def _accuracy(net, batches) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += (net(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return correct / total
+
+
+def test_batch_statistics_accuracy_is_on_the_first_eval_images(tmp_path):
+    trainer, module, dm = _fit_with(NormDiagnostics(eval_images=10, precise_bn_images=0), tmp_path)
+    logged = trainer.callback_metrics["train_eval/val_acc_batch_stats"].item()
+    # By hand: the network in training mode, each evaluation batch normalized by its own
+    # statistics; 10 images in batches of 4 are the first 3 batches (12 images).
+    net = copy.deepcopy(module.net).train()
+    x, y = dm.val
+    first = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    every = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 40, 4)]
+    assert logged == pytest.approx(_accuracy(net, first), abs=1e-6)
+    assert _accuracy(net, first) != pytest.approx(_accuracy(net, every))  # the subset is not the whole set
+    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(_accuracy(module.net.eval(), every))
+
+
+def test_batch_statistics_accuracy_every_kth_validation(tmp_path):
+    _fit_with(NormDiagnostics(batch_stats_every=2, precise_bn_images=0), tmp_path, epochs=3)
+    acc = events(tmp_path / "subset" / "version_0")
+    every = [e.step for e in acc.Scalars("val/acc")]
+    assert len(every) == 3
+    assert [e.step for e in acc.Scalars("train_eval/val_acc_batch_stats")] == [every[0], every[2]]
+
+
+def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(tmp_path):
+    trainer, module, dm = _fit_with(NormDiagnostics(eval_images=6, precise_bn_images=12), tmp_path)
+    logged = trainer.callback_metrics["train_eval/val_acc_precise_bn"].item()
+    # By hand: the population mean and unbiased variance of every norm's inputs over the first
+    # 12 training images in training batches of 8 (2 batches: 16 images), then the first 6
+    # validation images in batches of 4 (8 images) with those statistics.
+    net = copy.deepcopy(module.net).train()
+    norms = [b.norm for b in net.blocks]
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(norms))}
+    for i, m in enumerate(norms):
+        m.register_forward_pre_hook(lambda _, a, i=i: seen[i].append(a[0].detach().double()))
+    x = dm.train[0]
+    with torch.no_grad():
+        for j in range(0, 16, 8):
+            net(x[j : j + 8])
+    for i, m in enumerate(norms):
+        h = torch.cat(seen[i]).transpose(0, 1).reshape(m.num_features, -1)
+        m.running_mean.copy_(h.mean(1))
+        m.running_var.copy_(h.var(1, unbiased=True))
+    xv, yv = dm.val
+    assert logged == pytest.approx(_accuracy(net.eval(), [(xv[:4], yv[:4]), (xv[4:8], yv[4:8])]), abs=1e-6)
+
+
+def test_diagnostics_state_their_time_and_subset_in_the_run_record(fake_data, tmp_path):
+    main(run_args(fake_data, tmp_path, "bn", "--trainer.callbacks.init_args.eval_images", "64"))
+    record = json.loads((tmp_path / "lightning_logs/mnist_bn_bs16/version_0/metrics.json").read_text())
+    diagnostics = record["diagnostics"]
+    assert diagnostics["eval_images"] == 64 and diagnostics["precise_bn_images"] == 1024
+    assert 0 < diagnostics["seconds"] < record["wall_time_s"]
+
+
+@pytest.mark.parametrize("option", ["every_n_steps=0", "batch_stats_every=0", "eval_images=0", "precise_bn_images=-1"])
+def test_bad_diagnostics_options_are_one_line_errors(option):
+    name, value = option.split("=")
+    with pytest.raises(ValueError, match=rf"^NormDiagnostics {name}={value} must be >= \d; set --trainer"):
+        NormDiagnostics(**{name: int(value)})

@@ -140,6 +140,21 @@ def test_train_subset_takes_first_images(name: str, written) -> None:
         too_big.setup("fit")
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_test_subset_takes_first_test_images_for_validation_and_test(name: str, written) -> None:
+    root, data = written
+    dm = make(name, root, test_subset=7, eval_batch_size=4)
+    half = (0.5,) * dm.in_channels
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        x, y = collect(loader)
+        assert ids(x, dm) == [(fakedata.TEST, i) for i in range(7)]
+        torch.testing.assert_close(x, expected(data[name].test, half, half)[:7])
+        assert torch.equal(y, torch.from_numpy(data[name].test.labels[:7]))
+    too_big = DATAMODULES[name](data_dir=str(root), download=False, test_subset=N_TEST + 1)
+    with pytest.raises(ValueError, match=rf"test_subset={N_TEST + 1}.*{N_TEST} test images"):
+        too_big.setup("fit")
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_augment_changes_train_images_only(name: str, written) -> None:
     root, data = written

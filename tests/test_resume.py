@@ -39,7 +39,7 @@ def args(data_dir: Path, root: Path, *extra: str) -> list[str]:
 # Step-level TensorBoard scalars, so that what the killed attempt logged after its checkpoint shows.
 DIAGNOSTICS = (
     "{class_path: normbench.callbacks.NormDiagnostics, init_args: {every_n_steps: 1, histograms: false, "
-    "batch_stats_eval: false, precise_bn_batches: 0}}"
+    "batch_stats_eval: false, precise_bn_images: 0}}"
 )
 
 
