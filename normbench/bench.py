@@ -1,17 +1,33 @@
-"""``normbench bench``: normbench against the study's own training loop, side by side.
+"""``normbench bench``: normbench as users run it, against the study's own training loop.
 
-For each batch size it trains one epoch of study 2's network with BatchNorm on the same data,
-evaluation on the test split included, once with the study's own loop, ``normbench.baseline``
-(a DataLoader with per-image transforms and ``loss.item()`` every step; ``--seed_loop`` runs
-another copy of it instead) and once with ``normbench fit``, each in its own process on the same device, and prints images per second and
-their ratio. Then K packed runs against the same K runs one after another. The data is real
-MNIST when its files are there; otherwise random tensors of CIFAR's shape, and the table says so.
+Every figure is a whole process, start-up included, timed from its launch to its exit, as a
+user waits for it. normbench runs the shipped config (``configs/cifar10_bn_bs<B>.yaml``, study
+2's experiment) as it is, diagnostics, checkpointing and sanity check included, with MNIST in
+place of CIFAR-10 when only MNIST is there. The study's loop is ``normbench.baseline`` (or a
+copy given with ``--seed_loop``). Sections (``--sections``):
+
+- ``runs``: one epoch on ``train_subset`` training images with evaluation on the first
+  ``test_subset`` test images, at each batch size: the study's loop, normbench ``shipped`` and
+  normbench ``bare`` (diagnostics, checkpointing, sanity check and progress bar off), and the
+  ratios (the loop's seconds over normbench's: above 1, normbench is faster).
+- ``overhead``: the shipped config over one full epoch and the full test split, and the time
+  its diagnostics took (``diagnostics.seconds`` in its run record) as a share of the process.
+- ``grid``: a 12-run study grid (bn and gn, batch sizes 2 and 16, 3 seeds) by ``normbench
+  sweep`` with 1 worker of all cores' threads and with one worker per core of one thread each,
+  against the study's loop over the same grid one run after another.
+- ``compile``: the shipped config with ``--model.compile true`` against eager, from an empty
+  compile cache and again from the cache that run left.
+- ``pack``: K packed runs against the same K runs one after another (steps only).
+
+It prints a Markdown table per section, with the machine, and returns the rows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,18 +39,17 @@ import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 
 from normbench.data import InMemoryLoader
+from normbench.experiments import render_configs
 from normbench.module import NormBenchModule
 from normbench.packed import PackedLoader, PackedRuns, packed_loss
 from normbench.results import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-# Study 2's experiment on MNIST, the network and training normbench.baseline runs, given in full
-# so that the command needs no config file (an installed normbench has none).
-STUDY2_MNIST = ["--seed_everything", "0", "--model.norm", "bn", "--model.norm_kwargs", "{}", "--model.net", "seed_cnn",
-                "--model.width", "64", "--model.num_blocks", "4", "--model.activation", "relu", "--model.optimizer",
-                "{class_path: torch.optim.Adam, init_args: {lr: 0.001, foreach: true}}",
-                "--data", "normbench.data.MNISTDataModule", "--data.val_split", "0", "--data.normalization", "half"]  # fmt: skip
+SECTIONS = ("runs", "overhead", "grid", "compile", "pack")
+# What "bare" turns off: everything a shipped run does besides training and evaluating.
+BARE = ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
 
 
 def _prepare_mnist(data_dir: Path, raw: Path | None) -> bool:
@@ -53,26 +68,175 @@ def _prepare_mnist(data_dir: Path, raw: Path | None) -> bool:
     return True
 
 
-def seed_loop_images_per_s(script: Path | None, data_dir: Path, batch_size: int, subset: int, device: str) -> float:
-    """Images per second of the study's loop: ``normbench.baseline``, or the script ``script``."""
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Seconds from launching ``cmd`` to its exit; a failure raises with its last line."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {done.returncode}: {last}")
+    return seconds
+
+
+def shipped_config(folder: Path, norm: str, batch_size: int) -> Path:
+    """``configs/cifar10_<norm>_bs<B>.yaml`` as shipped (rendered from normbench.experiments, which a
+    test keeps equal to the committed files), written into ``folder``."""
+    name = f"cifar10_{norm}_bs{batch_size}.yaml"
+    path = folder / name
+    path.write_text(render_configs()[name])
+    return path
+
+
+def seed_loop_cmd(script: Path | None, data_dir: Path, batch_size: int, train: int | None, test: int | None,
+                  norm: str = "batch", seed: int = 0) -> list[str]:  # fmt: skip
     entry = [str(script)] if script is not None else ["-m", "normbench.baseline"]
     cmd = [sys.executable, *entry, "--dataset", "mnist", "--data-dir", str(data_dir), "--batch-size", str(batch_size),
-           "--norm", "batch", "--epochs", "1", "--train-subset", str(subset), "--device", device]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["images_per_s"]
+           "--norm", norm, "--epochs", "1", "--seed", str(seed), "--device", "cuda" if torch.cuda.is_available() else "cpu"]  # fmt: skip
+    cmd += ["--train-subset", str(train)] if train else []
+    return cmd + (["--test-subset", str(test)] if test else [])
 
 
-def normbench_images_per_s(data_dir: Path, batch_size: int, subset: int, accelerator: str, extra: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as root:
-        cmd = [sys.executable, "-m", "normbench.cli", "fit", *STUDY2_MNIST, "--data.batch_size", str(batch_size),
-               "--data.data_dir", str(data_dir), "--data.train_subset", str(subset), "--trainer.max_epochs", "1",
-               "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
-               "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
-               "--trainer.accelerator", accelerator, "--trainer.default_root_dir", root, "--name", "bench", "--version", "0",
-               *extra]  # fmt: skip
-        subprocess.run(cmd, capture_output=True, text=True, check=True)
-        # fit's own wall time, from its first hook to its last, like the seed loop's timer.
-        return subset / read_record(Path(root) / "lightning_logs" / "bench" / "version_0")["wall_time_s"]
+def normbench_cmd(
+    config: Path, data_dir: Path, root: Path, train: int | None, test: int | None, *extra: str
+) -> list[str]:
+    cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", str(config), "--data", "normbench.data.MNISTDataModule",
+           "--data.data_dir", str(data_dir), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
+           "--name", "bench"]  # fmt: skip
+    cmd += ["--data.train_subset", str(train)] if train else []
+    return cmd + (["--data.test_subset", str(test)] if test else []) + list(extra)
+
+
+def _record(root: Path) -> dict:
+    runs = sorted((root / "lightning_logs" / "bench").glob("version_*"))
+    return read_record(runs[-1]) if runs else {}
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def bench_runs(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dict]:
+    """The study's loop, shipped and bare, alternating, ``repeats`` times each; medians."""
+    rows = []
+    for bs in cfg.batch_sizes:
+        config = shipped_config(work, "bn", bs)
+        times: dict[str, list[float]] = {"seed_loop": [], "shipped": [], "bare": []}
+        diagnostics = []
+        for i in range(cfg.repeats):
+            times["seed_loop"].append(timed(seed_loop_cmd(script, data_dir, bs, cfg.train_subset, cfg.test_subset)))
+            for kind, extra in (("shipped", []), ("bare", BARE)):
+                root = work / f"runs_bs{bs}_{kind}_{i}"
+                times[kind].append(
+                    timed(normbench_cmd(config, data_dir, root, cfg.train_subset, cfg.test_subset, *extra))
+                )
+                if kind == "shipped":
+                    diagnostics.append(_record(root).get("diagnostics", {}).get("seconds", float("nan")))
+                shutil.rmtree(root, ignore_errors=True)
+        # The ratios from the figures as printed, so that the table checks out by hand.
+        med = {k: round(statistics.median(v), 1) for k, v in times.items()}
+        rows.append({"batch_size": bs, "n": cfg.repeats, **{f"{k}_s": v for k, v in med.items()},
+                     "diagnostics_s": round(statistics.median(diagnostics), 1),
+                     "ratio_shipped": round(med["seed_loop"] / med["shipped"], 2),
+                     "ratio_bare": round(med["seed_loop"] / med["bare"], 2)})  # fmt: skip
+    _table(
+        f"One epoch, {cfg.train_subset} training images, {cfg.test_subset} test images, whole process "
+        f"(median of {cfg.repeats}; ratio = the study's loop's seconds / normbench's)",
+        ["batch size", "study's loop s", "shipped s", "bare s", "diagnostics s", "shipped ratio", "bare ratio"],
+        [[str(r["batch_size"]), f"{r['seed_loop_s']:.1f}", f"{r['shipped_s']:.1f}", f"{r['bare_s']:.1f}",
+          f"{r['diagnostics_s']:.1f}", f"{r['ratio_shipped']:.2f}x", f"{r['ratio_bare']:.2f}x"] for r in rows],
+    )  # fmt: skip
+    return rows
+
+
+def bench_overhead(cfg, data_dir: Path, work: Path) -> list[dict]:
+    """The shipped config over a full epoch: its diagnostics' share of the whole process."""
+    rows = []
+    for bs in cfg.overhead_batch_sizes:
+        root = work / f"overhead_bs{bs}"
+        seconds = timed(normbench_cmd(shipped_config(work, "bn", bs), data_dir, root, None, None))
+        diagnostics = _record(root).get("diagnostics", {})
+        rows.append({"batch_size": bs, "process_s": round(seconds, 1), "diagnostics_s": diagnostics.get("seconds"),
+                     "share": round(diagnostics.get("seconds", float("nan")) / seconds, 4),
+                     "eval_images": diagnostics.get("eval_images"),
+                     "precise_bn_images": diagnostics.get("precise_bn_images")})  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+    _table(
+        "Diagnostics on a full epoch (all training images, the whole test split), shipped config, whole process",
+        ["batch size", "process s", "diagnostics s", "share", "subset: eval / PreciseBN images"],
+        [[str(r["batch_size"]), f"{r['process_s']:.1f}", f"{r['diagnostics_s']:.1f}", f"{100 * r['share']:.1f}%",
+          f"{r['eval_images']} / {r['precise_bn_images']}"] for r in rows],
+    )  # fmt: skip
+    return rows
+
+
+def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dict]:
+    """The study grid by ``normbench sweep`` at two worker layouts, and by the study's loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    seeds = list(range(cfg.grid_seeds))
+    cells = [(n, bs, s) for n in ("batch", "group") for bs in cfg.grid_batch_sizes for s in seeds]
+    start = time.perf_counter()
+    for norm, bs, seed in cells:
+        timed(seed_loop_cmd(script, data_dir, bs, cfg.grid_train_subset, cfg.grid_test_subset, norm, seed))
+    rows = [{"layout": "study's loop, one run after another", "runs": len(cells),
+             "seconds": round(time.perf_counter() - start, 1)}]  # fmt: skip
+    base = shipped_config(work, "bn", cfg.grid_batch_sizes[0])
+    overrides = {"dataset": "mnist", "data.data_dir": str(data_dir), "data.train_subset": cfg.grid_train_subset,
+                 "data.test_subset": cfg.grid_test_subset, "trainer.max_epochs": 1}  # fmt: skip
+    grid = {"norm": {"bn": {"model.norm": "bn"}, "gn": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 4}}},
+            "data.batch_size": cfg.grid_batch_sizes, "seed_everything": seeds}  # fmt: skip
+    for workers, threads in ((1, cores), (cores, 1)):
+        out = work / f"grid_{workers}x{threads}"
+        cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--base", str(base), "--overrides", json.dumps(overrides),
+               "--grid", json.dumps(grid), "--workers", str(workers), "--threads_per_run", str(threads),
+               "--output", str(out), "--name", "grid"]  # fmt: skip
+        seconds = timed(cmd)
+        finished = sum(read_record(d).get("status") == "finished" for d in (out / "grid").glob("*/"))
+        rows.append({"layout": f"normbench sweep, {workers} worker(s) x {threads} thread(s)", "runs": finished,
+                     "seconds": round(seconds, 1)})  # fmt: skip
+        shutil.rmtree(out, ignore_errors=True)
+    for r in rows:
+        r["ratio"] = round(rows[0]["seconds"] / r["seconds"], 2)
+    _table(
+        f"Grid: bn and gn x batch sizes {cfg.grid_batch_sizes} x {len(seeds)} seeds, {cfg.grid_train_subset} training "
+        f"and {cfg.grid_test_subset} test images each, whole grid (ratio = the loop's seconds / this layout's)",
+        ["layout", "runs", "seconds", "ratio"],
+        [[r["layout"], str(r["runs"]), f"{r['seconds']:.1f}", f"{r['ratio']:.2f}x"] for r in rows],
+    )  # fmt: skip
+    return rows
+
+
+def bench_compile(cfg, data_dir: Path, work: Path) -> list[dict]:
+    """Shipped eager against shipped with ``--model.compile true``, cold cache then warm."""
+    rows = []
+    for bs in cfg.batch_sizes:
+        config = shipped_config(work, "bn", bs)
+        cache = work / f"inductor_cache_bs{bs}"
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+        row: dict = {"batch_size": bs}
+        for kind, extra in (("eager", []), ("compile_cold", ["--model.compile", "true"]),
+                            ("compile_warm", ["--model.compile", "true"])):  # fmt: skip
+            root = work / f"compile_bs{bs}_{kind}"
+            row[f"{kind}_s"] = round(
+                timed(normbench_cmd(config, data_dir, root, cfg.train_subset, cfg.test_subset, *extra), env=env), 1
+            )
+            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        row["ratio_cold"] = round(row["eager_s"] / row["compile_cold_s"], 2)
+        row["ratio_warm"] = round(row["eager_s"] / row["compile_warm_s"], 2)
+        rows.append(row)
+    _table(
+        f"--model.compile true, shipped config, {cfg.train_subset} training / {cfg.test_subset} test images, whole "
+        "process (ratio = eager seconds / compiled)",
+        ["batch size", "eager s", "compiled, empty cache s", "compiled, warm cache s", "ratio cold", "ratio warm"],
+        [[str(r["batch_size"]), f"{r['eager_s']:.1f}", f"{r['compile_cold_s']:.1f}", f"{r['compile_warm_s']:.1f}",
+          f"{r['ratio_cold']:.2f}x", f"{r['ratio_warm']:.2f}x"] for r in rows],
+    )  # fmt: skip
+    return rows
 
 
 def packed_vs_sequential(
@@ -100,7 +264,7 @@ def packed_vs_sequential(
         for _ in range(n):
             step_fn(*next(batches))
 
-    def timed(step_fn, batches) -> float:
+    def timed_steps(step_fn, batches) -> float:
         train(step_fn, batches, warmup)  # one-time costs (kernel selection, allocator) untimed
         sync()
         start = time.perf_counter()
@@ -118,7 +282,7 @@ def packed_vs_sequential(
             F.cross_entropy(net(x), y).backward()
             opt.step()
 
-        seconds += timed(step, iter(loader(seed)))
+        seconds += timed_steps(step, iter(loader(seed)))
     sequential = k * steps * batch_size / seconds
     packed = PackedRuns(nets()).to(device)
     popt = torch.optim.Adam(packed.parameters(), lr=1e-3)
@@ -128,12 +292,40 @@ def packed_vs_sequential(
         packed_loss(packed(x), y)[0].backward()
         popt.step()
 
-    packed_rate = k * steps * batch_size / timed(packed_step, iter(PackedLoader([loader(s) for s in range(k)])))
+    packed_rate = k * steps * batch_size / timed_steps(packed_step, iter(PackedLoader([loader(s) for s in range(k)])))
     return packed_rate, sequential
 
 
-def bench(args: list[str] | None = None) -> list[dict]:
-    """``normbench bench``: print the table, return its rows.
+def bench_pack(cfg, data_dir: Path, real: bool) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if real:
+        from torchvision.datasets import MNIST
+
+        ds = MNIST(str(data_dir), train=True)
+        images, targets = ds.data[: cfg.train_subset].unsqueeze(1), ds.targets[: cfg.train_subset]
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (cfg.train_subset, 3, 32, 32), generator=g, dtype=torch.uint8)
+        targets = torch.randint(0, 10, (cfg.train_subset,), generator=g)
+    packed, sequential = packed_vs_sequential(images, targets, cfg.pack, cfg.pack_batch_size, cfg.pack_steps, device)
+    print(f"\npacked K={cfg.pack} at batch size {cfg.pack_batch_size}: {packed:.1f} img/s against {sequential:.1f} img/s "
+          f"for {cfg.pack} runs one after another: {packed / sequential:.2f}x")  # fmt: skip
+    return [{"pack": cfg.pack, "batch_size": cfg.pack_batch_size, "packed": round(packed, 1),
+             "sequential": round(sequential, 1), "ratio": round(packed / sequential, 3)}]  # fmt: skip
+
+
+def machine() -> str:
+    """The machine in words: the GPU, else the CPU model and its cores."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").is_file() else "CPU"  # fmt: skip
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores, torch {torch.__version__}"
+
+
+def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
+    """``normbench bench``: print the tables, return their rows by section.
 
     Args:
         args: command-line arguments after ``bench``.
@@ -149,52 +341,50 @@ def bench(args: list[str] | None = None) -> list[dict]:
         default=None,
         help="a copy of the study's loop to run as the baseline (default: normbench.baseline, shipped)",
     )
+    p.add_argument("--sections", type=list[str], default=["runs", "overhead", "grid"], help=f"of {', '.join(SECTIONS)}")
     p.add_argument("--batch_sizes", type=list[int], default=[2, 16, 128])
-    p.add_argument("--train_subset", type=int, default=5000, help="training images per epoch")
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best counts")
+    p.add_argument("--train_subset", type=int, default=10000, help="training images per run (runs, compile)")
+    p.add_argument("--test_subset", type=int, default=2000, help="test images per evaluation (runs, compile)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the median counts")
+    p.add_argument("--overhead_batch_sizes", type=list[int], default=[2, 16])
+    p.add_argument("--grid_batch_sizes", type=list[int], default=[2, 16])
+    p.add_argument("--grid_seeds", type=int, default=3)
+    p.add_argument("--grid_train_subset", type=int, default=2000)
+    p.add_argument("--grid_test_subset", type=int, default=400)
     p.add_argument("--pack", type=int, default=5, help="runs per pack")
     p.add_argument("--pack_steps", type=int, default=200, help="steps per run for the packed comparison")
     p.add_argument("--pack_batch_size", type=int, default=2)
+    p.add_argument("--output", type=str | None, default=None, help="also write the rows to this JSON file")
     cfg = p.parse_args(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    accelerator = "gpu" if device == "cuda" else "cpu"
-    data_dir = Path(cfg.data_dir).resolve()
-    real = _prepare_mnist(data_dir, Path(cfg.mnist_raw))
-    hardware = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {hardware}; data: {'real MNIST' if real else 'random tensors of CIFAR shape'}, "
-          f"{cfg.train_subset} training images, 1 epoch, test-split evaluation included, best of {cfg.repeats}")  # fmt: skip
-    rows = []
+    unknown = [s for s in cfg.sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    if cfg.repeats < 1:
+        raise ValueError(f"--repeats {cfg.repeats} must be >= 1")
     script = Path(cfg.seed_loop) if cfg.seed_loop else None
     if script is not None and not script.is_file():
         raise FileNotFoundError(f"--seed_loop {script} not found; leave it out to use normbench.baseline")
-    if real:
-        print(f"{'batch size':>10} {'seed loop img/s':>16} {'normbench img/s':>16} {'ratio':>7}")
-        for bs in cfg.batch_sizes:
-            # Alternate the two, and keep each one's best: a shared machine's noise only slows.
-            base = ours = 0.0
-            for _ in range(cfg.repeats):
-                base = max(base, seed_loop_images_per_s(script, data_dir, bs, cfg.train_subset, device))
-                ours = max(ours, normbench_images_per_s(data_dir, bs, cfg.train_subset, accelerator, []))
-            rows.append(
-                {"batch_size": bs, "seed_loop": base, "normbench": round(ours, 1), "ratio": round(ours / base, 3)}
-            )
-            print(f"{bs:>10} {base:>16.1f} {ours:>16.1f} {ours / base:>7.2f}")
-    else:
-        print("no real MNIST: the single-run comparison is skipped")
-    if real:
-        from torchvision.datasets import MNIST
-
-        ds = MNIST(str(data_dir), train=True)
-        images, targets = ds.data[: cfg.train_subset].unsqueeze(1), ds.targets[: cfg.train_subset]
-    else:
-        g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (cfg.train_subset, 3, 32, 32), generator=g, dtype=torch.uint8)
-        targets = torch.randint(0, 10, (cfg.train_subset,), generator=g)
-    packed, sequential = packed_vs_sequential(
-        images, targets, cfg.pack, cfg.pack_batch_size, cfg.pack_steps, torch.device(device)
-    )
-    print(f"packed K={cfg.pack} at batch size {cfg.pack_batch_size}: {packed:.1f} img/s against {sequential:.1f} img/s "
-          f"for {cfg.pack} runs one after another: {packed / sequential:.2f}x")  # fmt: skip
-    rows.append({"pack": cfg.pack, "batch_size": cfg.pack_batch_size, "packed": round(packed, 1),
-                 "sequential": round(sequential, 1), "ratio": round(packed / sequential, 3)})  # fmt: skip
-    return rows
+    data_dir = Path(cfg.data_dir).resolve()
+    real = _prepare_mnist(data_dir, Path(cfg.mnist_raw))
+    print(f"machine: {machine()}; data: {'MNIST' if real else 'no MNIST files'} in {data_dir}")
+    out: dict[str, list[dict]] = {"machine": [{"machine": machine()}]}
+    with tempfile.TemporaryDirectory(prefix="normbench-bench-") as tmp:
+        work = Path(tmp)
+        for section in cfg.sections:
+            if section != "pack" and not real:
+                print(f"\n{section}: skipped, it needs the MNIST files (--data_dir, --mnist_raw)")
+                continue
+            if section == "runs":
+                out[section] = bench_runs(cfg, data_dir, work, script)
+            elif section == "overhead":
+                out[section] = bench_overhead(cfg, data_dir, work)
+            elif section == "grid":
+                out[section] = bench_grid(cfg, data_dir, work, script)
+            elif section == "compile":
+                out[section] = bench_compile(cfg, data_dir, work)
+            else:
+                out[section] = bench_pack(cfg, data_dir, real)
+            sys.stdout.flush()
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(out, indent=1))
+    return out

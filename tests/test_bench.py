@@ -42,15 +42,48 @@ def test_the_shipped_loop_trains_and_prints_its_json_line(fake_data, capsys):
 
 
 def test_bench_needs_nothing_outside_the_package(fake_data, tmp_path, monkeypatch, capsys):
-    # As for a user who installed normbench: no ../shared folder beside it.
+    # As for a user who installed normbench: no ../shared folder beside it, no configs/ folder.
     monkeypatch.setattr(bench, "SHARED", tmp_path / "no_shared")
     monkeypatch.chdir(tmp_path)
-    main(["bench", "--data_dir", str(fake_data), "--batch_sizes", "[16]", "--train_subset", "64", "--repeats", "1",
-          "--pack", "2", "--pack_steps", "2", "--pack_batch_size", "4"])  # fmt: skip
+    rows = bench.bench(["--data_dir", str(fake_data), "--sections", "[runs, pack]", "--batch_sizes", "[16]",
+                 "--train_subset", "64", "--test_subset", "32", "--repeats", "1",
+                 "--pack", "2", "--pack_steps", "2", "--pack_batch_size", "4"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "seed loop img/s" in out and "skipped" not in out, out
-    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["16"])
-    assert float(row[1]) > 0 and float(row[2]) > 0
+    (run,) = rows["runs"]
+    assert run["seed_loop_s"] > 0 and run["shipped_s"] > 0 and run["bare_s"] > 0
+    # The shipped run's record states what its diagnostics took, a part of the whole process.
+    assert 0 < run["diagnostics_s"] < run["shipped_s"]
+    assert run["ratio_shipped"] == round(run["seed_loop_s"] / run["shipped_s"], 2)
+    row = next(line for line in out.splitlines() if line.startswith("| 16 |"))
+    assert f"{run['ratio_shipped']:.2f}x" in row and f"{run['ratio_bare']:.2f}x" in row
+    assert rows["pack"][0]["packed"] > 0
+
+
+def test_bench_runs_the_shipped_config_as_it_is(tmp_path):
+    # The config it runs is the committed file, byte for byte.
+    for bs in (2, 16, 128):
+        written = bench.shipped_config(tmp_path, "bn", bs)
+        assert written.read_text() == (bench.ROOT / "configs" / written.name).read_text()
+    cmd = bench.normbench_cmd(written, tmp_path, tmp_path, 10000, 2000)
+    assert cmd[cmd.index("--config") + 1] == str(written) and "--trainer.callbacks" not in cmd
+    assert cmd[cmd.index("--data.test_subset") + 1] == "2000"
+
+
+def test_bench_rejects_an_unknown_section():
+    with pytest.raises(ValueError, match="unknown bench section 'speed'; choose from runs, overhead"):
+        bench.bench(["--sections", "[speed]"])
+
+
+@pytest.mark.slow
+def test_bench_grid_overhead_and_compile_sections_run(fake_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = bench.bench(["--data_dir", str(fake_data), "--sections", "[overhead, grid, compile]", "--batch_sizes", "[16]",
+                        "--train_subset", "64", "--test_subset", "32", "--overhead_batch_sizes", "[64]",
+                        "--grid_batch_sizes", "[16]", "--grid_seeds", "1", "--grid_train_subset", "64",
+                        "--grid_test_subset", "32"])  # fmt: skip
+    assert [r["runs"] for r in rows["grid"]] == [2, 2, 2]
+    assert 0 < rows["overhead"][0]["share"] < 1
+    assert rows["compile"][0]["compile_cold_s"] > 0
 
 
 def test_bench_help_works(capsys):
