@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -320,32 +320,119 @@ def run_ray(cells: list[Cell], sweep_dir: Path, cpus_per_run: float, gpus_per_ru
     tuner.fit()
 
 
-def run_local(cells: list[Cell], workers: int, gpus: int, pack: bool = False) -> None:
+def cpu_cores() -> list[int]:
+    """The cores this process may run on (its affinity mask, which taskset and cgroups narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def check_threads_per_run(threads_per_run: int | None, workers: int) -> None:
+    """A bad ``--threads_per_run`` stops the sweep with one line, before anything runs."""
+    if threads_per_run is not None and threads_per_run < 1:
+        default = max(1, len(cpu_cores()) // max(1, workers))
+        raise ValueError(
+            f"--threads_per_run must be >= 1, got {threads_per_run}; give a positive number of threads per run, "
+            f"or leave it out for cores // workers ({default} here)"
+        )
+
+
+def cpu_slots(workers: int, threads: int) -> list[list[int]]:
+    """The cores each of ``workers`` concurrent runs is pinned to: consecutive blocks of
+    ``threads`` cores, disjoint while ``workers * threads`` cores exist, wrapping around
+    (shared) beyond that."""
+    cores = cpu_cores()
+    return [
+        sorted({cores[(slot * threads + i) % len(cores)] for i in range(min(threads, len(cores)))})
+        for slot in range(workers)
+    ]
+
+
+def limit_threads(threads: int, cores: list[int] | None = None) -> None:
+    """Give this process ``threads`` intra-op and inter-op threads (and OMP_NUM_THREADS and
+    MKL_NUM_THREADS for the processes it starts, such as data loader workers) and, where the OS
+    allows, pin it to ``cores``.
+
+    Torch accepts the inter-op count only before its first parallel work, so this runs first
+    thing in a fresh worker process.
+    """
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    torch.set_num_interop_threads(threads)
+    torch.set_num_threads(threads)
+
+
+def _run_group_limited(cells: list[dict], threads: int | None, cores: list[int] | None) -> list[str]:
+    """``run_group`` in a fresh worker process, on its share of the machine."""
+    if threads is not None:
+        limit_threads(threads, cores)
+    return run_group(cells)
+
+
+def run_local(
+    cells: list[Cell], workers: int, gpus: int, pack: bool = False, threads_per_run: int | None = None
+) -> None:
     """Run the cells here: in this process one after another, or ``workers`` processes at once
     (cell i on GPU i mod ``gpus`` when there are GPUs, several per GPU when workers > gpus);
-    with ``pack``, the runs that differ only in their seed train together as one pack."""
+    with ``pack``, the runs that differ only in their seed train together as one pack.
+
+    On CPU, ``workers`` processes share the machine instead of each starting one thread per core:
+    each gets ``threads_per_run`` threads (default cores // workers, at least 1) and is pinned to
+    cores of its own (``cpu_slots``). One process alone keeps torch's defaults unless
+    ``threads_per_run`` is given; on GPUs only a given ``threads_per_run`` applies, unpinned.
+    """
     from tqdm import tqdm
 
     groups = packs(cells, pack)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
     if workers <= 1:
+        import torch
+
+        before = torch.get_num_threads()
+        if threads_per_run is not None:
+            torch.set_num_threads(threads_per_run)  # inter-op threads are fixed in this process by now
         try:
             for group in groups:
                 bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
                 run_group(group)
                 bar.update(len(group))
         finally:
+            torch.set_num_threads(before)
             bar.close()
         return
     if gpus:
         for cell in cells:
             cell.args += ["--trainer.accelerator", "gpu", "--trainer.devices", f"[{cell.index % gpus}]"]
-    # A fresh process per run: nothing leaks from one run into the next.
+        threads, slots = threads_per_run, [None] * workers
+    else:
+        threads = threads_per_run or max(1, len(cpu_cores()) // workers)
+        slots = cpu_slots(workers, threads)
+    # A fresh process per run: nothing leaks from one run into the next. At most `workers` runs
+    # are submitted at once, each with a free slot of cores, taken back when it ends.
+    todo = iter(groups)
+    running: dict = {}
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = {pool.submit(run_group, [asdict(c) for c in g]): len(g) for g in groups}
-        for future in as_completed(futures):
-            future.result()
-            bar.update(futures[future])
+
+        def submit(slot: int) -> None:
+            group = next(todo, None)
+            if group is not None:
+                cores = slots[slot]
+                future = pool.submit(_run_group_limited, [asdict(c) for c in group], threads, cores)
+                running[future] = (slot, len(group))
+
+        for slot in range(workers):
+            submit(slot)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                slot, n = running.pop(future)
+                future.result()
+                bar.update(n)
+                submit(slot)
     bar.close()
 
 
@@ -387,6 +474,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", type=str, default="sweeps", help="where sweep directories go")
     parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
     parser.add_argument("--workers", type=int, default=1, help="runs at once (local backend)")
+    parser.add_argument(
+        "--threads_per_run",
+        type=int | None,
+        default=None,
+        help="torch threads per run, each pinned to cores of its own on CPU (local backend; default: cores // "
+        "workers, or torch's default with one worker)",
+    )
     parser.add_argument("--gpus", type=int | None, default=None, help="GPUs to spread runs over (default: all)")
     parser.add_argument("--ray_address", type=str | None, default=None, help="Ray cluster (default: local)")
     parser.add_argument("--cpus_per_run", type=float, default=1.0, help="Ray resources per run")
@@ -413,6 +507,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         The cells of the grid.
     """
     cfg = build_parser().parse_args(args)
+    check_threads_per_run(cfg.threads_per_run, cfg.workers)
     config_files = cfg.get("config") or []
     name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
     sweep_dir = Path(cfg.output).resolve() / name
@@ -451,7 +546,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        run_local(todo, cfg.workers, gpus, pack=pack)
+        run_local(todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run)
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
     return cells

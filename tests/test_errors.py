@@ -39,6 +39,8 @@ def workspace(tmp_path_factory) -> Path:
     (root / "empty_grid.yaml").write_text(yaml.safe_dump({"base": CONFIG, "grid": {}}))
     bad_axis = {"base": CONFIG, "overrides": {"data.data_dir": str(root / "data")}, "grid": {"model.nrom": ["bn"]}}
     (root / "bad_axis.yaml").write_text(yaml.safe_dump(bad_axis))
+    good = {"base": CONFIG, "overrides": {"data.data_dir": str(root / "data")}, "grid": {"model.norm": ["bn"]}}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(good))
     main([*fit(root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
           "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]", "--name", "ckpt", "--version", "0"])  # fmt: skip
     return root
@@ -119,6 +121,14 @@ CASES = {
     "sweep with an empty grid": (
         lambda r: ["sweep", "--config", str(r / "empty_grid.yaml"), "--output", str(r / "sw")],
         ["grid is empty", "list of values"],
+    ),
+    "sweep threads_per_run 0": (
+        lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--threads_per_run", "0"],
+        ["--threads_per_run must be >= 1, got 0", "leave it out for cores // workers"],
+    ),
+    "sweep threads_per_run negative": (
+        lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--threads_per_run", "-3"],
+        ["got -3", "positive number of threads"],
     ),
     "checkpoint of another norm": (
         lambda r: fit(r, "--model.norm", "gn", "--ckpt_path", ckpt(r)),

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normbench.cli import main
-from normbench.sweep import expand
+from normbench.sweep import cpu_cores, expand
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = mnist_config("bn", 16)
@@ -120,6 +121,8 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
             assert record["status"] == "finished" and len(record["epochs"]) == 2
             assert record["config"]["model"]["norm"] == "bn" and record["seed"] == 0
             assert record["revision"] and record["wall_time_s"] > 0 and 0 <= record["val_acc_best"] <= 1
+            # One run at a time, in this process: torch's own thread count, untouched.
+            assert record["hardware"].endswith(f", {torch.get_num_threads()} threads"), record["hardware"]
         else:  # 5 groups do not divide 64 channels: recorded as failed, and the sweep went on
             assert record["status"] == "failed" and "num_groups=5 does not divide" in record["error"]
         assert record["sweep"]["cell"] == name
@@ -251,6 +254,45 @@ def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_
     assert pids <= {p.pid for p in procs}
 
 
+def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(fake_data, tmp_path):
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    assert cpu_cores() == cores
+    config = write_sweep(tmp_path / "par.yaml", fake_data, {"model.norm": ["bn", "gn"]})
+    spec = yaml.safe_load(config.read_text())
+    spec["overrides"].update({"trainer.max_epochs": 1, "trainer.limit_train_batches": 1, "trainer.num_sanity_val_steps": 0,
+                              "trainer.callbacks": [{"class_path": "thread_probe.ThreadProbe"}]})  # fmt: skip
+    config.write_text(yaml.safe_dump(spec))
+    default = max(1, len(cores) // 2)
+    # The override: 1 thread, or 2 where 1 is the default already (a 2-core machine).
+    for given, threads in ((None, default), (1 if default > 1 else 2,) * 2):
+        out = tmp_path / f"threads{given}"
+        extra = [] if given is None else ["--threads_per_run", str(given)]
+        main(["sweep", "--config", str(config), "--output", str(out), "--workers", "2", *extra])
+        runs = sorted((out / "par" / "lightning_logs").glob("*/version_0"))
+        assert [r.parent.name for r in runs] == ["bn", "gn"]
+        probes = [json.loads((r / "threads.json").read_text()) for r in runs]
+        for run, probe in zip(runs, probes, strict=True):
+            record = json.loads((run / "metrics.json").read_text())
+            assert record["status"] == "finished"
+            assert record["hardware"].endswith(f", {threads} threads"), (given, record["hardware"])
+            assert probe["intra_op"] == probe["inter_op"] == threads, (given, probe)
+            assert probe["env"] == {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            assert probe["pid"] != os.getpid()  # each in a worker process
+            if hasattr(os, "sched_setaffinity"):
+                assert len(probe["cores"]) == threads and set(probe["cores"]) <= set(cores), probe
+        if hasattr(os, "sched_setaffinity") and 2 * threads <= len(cores):
+            # The two runs ran at once, each on cores of its own.
+            assert not set(probes[0]["cores"]) & set(probes[1]["cores"]), probes
+
+
+def test_sweep_help_shows_threads_per_run(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--threads_per_run THREADS_PER_RUN torch threads per run, each pinned to cores of its own on CPU" in text
+
+
 def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_path):
     grid = {"lr": {"ok": {"model.optimizer.init_args.lr": 0.001}, "huge": {"model.optimizer.init_args.lr": 1.0e30}}}
     config = write_sweep(tmp_path / "div.yaml", fake_data, grid)
@@ -330,7 +372,7 @@ def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     seen = []
-    monkeypatch.setattr(sweep_module, "run_local", lambda cells, workers, gpus, pack=False: seen.append(pack))
+    monkeypatch.setattr(sweep_module, "run_local", lambda cells, workers, gpus, pack=False, **_: seen.append(pack))
     config = write_sweep(tmp_path / "s.yaml", fake_data, {"seed_everything": [0, 1]})
     main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
     assert seen == [False]
