@@ -112,8 +112,8 @@ class NormDiagnostics(L.Callback):
         histograms: bool = True,
         batch_stats_eval: bool = True,
         batch_stats_every: int = 1,
-        eval_images: int | None = 1000,
-        precise_bn_images: int = 1024,
+        eval_images: int | None = 500,
+        precise_bn_images: int = 512,
     ) -> None:
         for name, value, least in (("every_n_steps", every_n_steps, 1), ("batch_stats_every", batch_stats_every, 1),
                                    ("eval_images", 1 if eval_images is None else eval_images, 1), ("precise_bn_images", precise_bn_images, 0)):  # fmt: skip
@@ -154,6 +154,11 @@ class NormDiagnostics(L.Callback):
     def _capture_hook(self, name: str):
         def hook(layer: nn.Module, args: tuple) -> None:
             if self._armed and layer.training:
+                if torch.compiler.is_compiling():
+                    # Traced into a compiled graph (--model.compile): no host timer there, and
+                    # its cost is then counted in the step.
+                    self._captured[name] = batch_running_gap(args[0], layer)
+                    return
                 start = time.perf_counter()
                 self._captured[name] = batch_running_gap(args[0], layer)
                 self.seconds += time.perf_counter() - start

@@ -16,6 +16,7 @@ import yaml
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import normbench.sweep as sweep_module
 from normbench.cli import main
 from normbench.sweep import cpu_cores, expand
 
@@ -113,7 +114,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
     grid = {"norm": {"bn": {"model.norm": "bn"}, "gn5": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 5}}},
             "data.batch_size": [4, 8]}  # fmt: skip
     config = write_sweep(tmp_path / "tiny.yaml", fake_data, grid)
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     found = records(tmp_path / "out" / "tiny")
     assert sorted(found) == ["bn_bs4", "bn_bs8", "gn5_bs4", "gn5_bs8"]
     for name, (record,) in found.items():
@@ -128,7 +129,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
         assert record["sweep"]["cell"] == name
     # Run again: everything finished or failed is final for finished runs, failed ones are retried.
     mtimes = {f: f.stat().st_mtime for f in (tmp_path / "out" / "tiny").rglob("events.out.tfevents*")}
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     assert {f: f.stat().st_mtime for f in mtimes} == mtimes  # finished runs were not retrained
     report = main(["report", str(tmp_path / "out" / "tiny")])
     text = (tmp_path / "out" / "tiny" / "report" / "report.md").read_text()
@@ -146,7 +147,18 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
         )
     )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "normbench.cli",
+        "sweep",
+        "--config",
+        str(config),
+        "--output",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     # Kill it once one run has finished and the next has started.
@@ -189,7 +201,7 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
 def test_ray_backend_runs_a_two_run_grid_on_a_local_instance(fake_data, tmp_path):
     pytest.importorskip("ray.tune", reason="the ray extra is not installed: pip install 'normbench[ray]'")
     config = write_sweep(tmp_path / "ray.yaml", fake_data, {"model.norm": ["bn", "gn"]}, backend="ray")
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--cpus_per_run", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--cpus_per_run", "1", "--workers", "1"])
     found = records(tmp_path / "out" / "ray")
     assert sorted(found) == ["bn", "gn"] and all(rs[0]["status"] == "finished" for rs in found.values())
     assert (tmp_path / "out" / "ray" / "ray").is_dir()  # Ray Tune's own experiment folder
@@ -210,7 +222,18 @@ def _stopped_sweep(fake_data, tmp_path: Path, callback: str) -> list[str]:
                  "trainer.callbacks": [{"class_path": callback, "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
     config = tmp_path / "mid.yaml"
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
-    return [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    return [
+        sys.executable,
+        "-m",
+        "normbench.cli",
+        "sweep",
+        "--config",
+        str(config),
+        "--output",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+    ]
 
 
 # test_resume.py checks the same resume at the fit level in the default run; this sweep-level
@@ -237,7 +260,18 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
 
 def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
     config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
-    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "normbench.cli",
+        "sweep",
+        "--config",
+        str(config),
+        "--output",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+    ]
     procs = [
         subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -299,7 +333,7 @@ def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_
     overrides = yaml.safe_load(config.read_text())
     overrides["overrides"].update({"model.norm": "none", "trainer.limit_train_batches": 8, "trainer.max_epochs": 3})
     config.write_text(yaml.safe_dump(overrides))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     found = records(tmp_path / "out" / "div")
     ok, huge = found["ok"][0], found["huge"][0]
     assert ok["status"] == "finished" and ok["global_step"] == 24
@@ -320,8 +354,8 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
     spec["overrides"].update({"model.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
                               "model.channels_last": False, "trainer.limit_train_batches": 3, "model.norm_kwargs": {}})  # fmt: skip
     config.write_text(yaml.safe_dump(spec))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "alone"), "--pack", "false"])
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "packed"), "--pack", "true"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "alone"), "--pack", "false", "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "packed"), "--pack", "true", "--workers", "1"])
     alone, packed = records(tmp_path / "alone" / "pack"), records(tmp_path / "packed" / "pack")
     assert sorted(alone) == sorted(packed) and len(alone) == 4
     for name in alone:
@@ -357,7 +391,7 @@ def test_a_pack_refuses_a_setting_it_would_not_apply(fake_data, tmp_path, capsys
     spec["overrides"].update(override)
     config.write_text(yaml.safe_dump(spec))
     with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--pack", "true"])
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--pack", "true", "--workers", "1"])
     assert exit_info.value.code == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("normbench: error:")]
     assert "run seed0 sets " + named in line and "--pack false" in line, line
@@ -374,7 +408,7 @@ def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(sweep_module, "run_local", lambda cells, workers, gpus, pack=False, **_: seen.append(pack))
     config = write_sweep(tmp_path / "s.yaml", fake_data, {"seed_everything": [0, 1]})
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     assert seen == [False]
 
 
@@ -392,3 +426,12 @@ def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_pa
     assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "finished", "gn": "finished"}
     assert [a["resumed"] for a in found["bn"][0]["attempts"]] == [False, True]
     assert found["bn"][0]["global_step"] == 12 and len(found["bn"][0]["epochs"]) == 2
+
+
+def test_cpu_sweeps_default_to_one_single_thread_run_per_core(monkeypatch):
+    monkeypatch.setattr(sweep_module, "cpu_cores", lambda: list(range(8)))
+    assert sweep_module.default_workers(gpus=0, threads_per_run=None, runs=12) == 8
+    assert sweep_module.default_workers(gpus=0, threads_per_run=None, runs=3) == 3  # never more than the runs
+    assert sweep_module.default_workers(gpus=0, threads_per_run=2, runs=12) == 4
+    assert sweep_module.default_workers(gpus=0, threads_per_run=16, runs=12) == 1
+    assert sweep_module.default_workers(gpus=2, threads_per_run=None, runs=12) == 1

@@ -7,7 +7,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from normbench.norms.batch_norm import BatchNormRS
 from normbench.norms.batch_renorm import BatchRenorm
@@ -45,8 +45,8 @@ def update_bn_stats(
     to 1 and folds each batch's mean and Bessel-corrected variance, weighted by its size
     (spatial positions included), into the mean and the biased variance of every input seen
     (its ``_PopulationVarianceEstimator``; the plain average of per-batch variances is its other,
-    older estimator). Here the per-channel count, sum and sum of squares are accumulated in
-    float64 and each layer gets that mean and the unbiased variance, n / (n - 1) times fvcore's,
+    older estimator). Here each batch's per-channel mean and sum of squared deviations are merged
+    in float64 and each layer gets the pooled mean and the unbiased variance, n / (n - 1) times fvcore's,
     as torch keeps running_var unbiased.
 
     Meanwhile no layer's statistics move (momenta are 0) and brn's step count stays where
@@ -90,10 +90,15 @@ def update_bn_stats(
             layer.num_batches_tracked.copy_(tracked)  # brn's schedule reads it: hold it still
         if layer not in active:
             return
-        x = args[0].detach().to(torch.float64)
+        x = args[0].detach()
         dims = [0] + list(range(2, x.dim()))
-        s = torch.stack([x.new_full((x.shape[1],), x.numel() / x.shape[1]), x.sum(dims), x.square().sum(dims)])
-        sums[layer] = s if layer not in sums else sums[layer] + s
+        # Each batch's mean and sum of squared deviations in one stable pass at the input's
+        # precision (at least float32), merged across batches in float64 (Chan et al. 1979):
+        # as exact as float64 sums to float32's precision, without a float64 copy of every activation.
+        var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+        n = torch.full_like(mean, x.numel() / x.shape[1], dtype=torch.float64)
+        batch = torch.stack([n, mean.double(), var.double() * n])
+        sums[layer] = batch if layer not in sums else _merge(sums[layer], batch)
 
     hooks = [m.register_forward_pre_hook(accumulate) for m in layers]
     used = 0
@@ -134,10 +139,17 @@ def update_bn_stats(
     return used
 
 
+def _merge(a: Tensor, b: Tensor) -> Tensor:
+    """(count, mean, sum of squared deviations) of two groups of values pooled."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    delta = mb - ma
+    return torch.stack([n, ma + delta * nb / n, sa + sb + delta.square() * na * nb / n])
+
+
 def _set_population_stats(m: nn.Module, sums) -> None:
-    n, s, sq = sums
-    mean = s / n
-    # Unbiased population variance from the exact sums: (sum x^2 - n mean^2) / (n - 1).
-    var = (sq - n * mean.square()) / (n - 1).clamp_min(1)
+    n, mean, m2 = sums
+    # Unbiased population variance: the pooled sum of squared deviations / (n - 1).
+    var = m2 / (n - 1).clamp_min(1)
     m.running_mean.copy_(mean.to(m.running_mean.dtype))
     m.running_var.copy_(var.to(m.running_var.dtype))
