@@ -195,7 +195,7 @@ def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dic
                "--grid", json.dumps(grid), "--workers", str(workers), "--threads_per_run", str(threads),
                "--output", str(out), "--name", "grid"]  # fmt: skip
         seconds = timed(cmd)
-        finished = sum(read_record(d).get("status") == "finished" for d in (out / "grid").glob("*/"))
+        finished = sum(read_record(f.parent).get("status") == "finished" for f in out.rglob("metrics.json"))
         rows.append({"layout": f"normbench sweep, {workers} worker(s) x {threads} thread(s)", "runs": finished,
                      "seconds": round(seconds, 1)})  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
