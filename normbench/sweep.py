@@ -327,15 +327,6 @@ def cpu_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def default_workers(gpus: int, threads_per_run: int | None, runs: int) -> int:
-    """Runs at once when ``--workers`` is not given: on CPU, as many runs of ``threads_per_run``
-    (1) threads as there are cores, never more than there are runs (a 12-run grid on 2 cores ran
-    faster as 2 runs of 1 thread than as 1 run of 2: ``normbench bench``, README); with GPUs, one."""
-    if gpus:
-        return 1
-    return max(1, min(runs, len(cpu_cores()) // (threads_per_run or 1)))
-
-
 def check_threads_per_run(threads_per_run: int | None, workers: int) -> None:
     """A bad ``--threads_per_run`` stops the sweep with one line, before anything runs."""
     if threads_per_run is not None and threads_per_run < 1:
@@ -484,10 +475,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
     parser.add_argument(
         "--workers",
-        type=int | None,
-        default=None,
-        help="runs at once (local backend; default: one per core with one thread each on CPU, measured "
-        "fastest, one at a time with GPUs)",
+        type=int,
+        default=1,
+        help="runs at once (local backend). 1 runs them one after another in this process with all cores' "
+        "threads, measured faster on CPU than one single-thread process per core (normbench bench, grid)",
     )
     parser.add_argument(
         "--threads_per_run",
@@ -522,9 +513,9 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         The cells of the grid.
     """
     cfg = build_parser().parse_args(args)
-    if cfg.workers is not None and cfg.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {cfg.workers}; leave it out for one run per core on CPU")
-    check_threads_per_run(cfg.threads_per_run, cfg.workers or 1)
+    if cfg.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {cfg.workers}; use 1 to run one after another")
+    check_threads_per_run(cfg.threads_per_run, cfg.workers)
     config_files = cfg.get("config") or []
     name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
     sweep_dir = Path(cfg.output).resolve() / name
@@ -563,8 +554,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        workers = cfg.workers if cfg.workers is not None else default_workers(gpus, cfg.threads_per_run, len(todo))
-        run_local(todo, workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run)
+        run_local(todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run)
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
     return cells

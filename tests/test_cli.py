@@ -148,7 +148,12 @@ def test_ddp_on_two_cpu_processes_syncs_norm_statistics(fake_data, tmp_path):
     assert synced[0] and synced[0].keys() == synced[1].keys()
     for key in synced[0]:
         torch.testing.assert_close(synced[0][key], synced[1][key], msg=key)
-    # The check can fail: without sync the ranks' statistics drift apart on their own shards.
+
+
+# The check above can fail: without sync the ranks' statistics drift apart on their own shards.
+# Slow (14 s); test_sync.py compares synced statistics against one process on the whole batch.
+@pytest.mark.slow
+def test_ddp_without_sync_norms_leaves_each_rank_its_own_statistics(fake_data, tmp_path):
     unsynced = _ddp_run(fake_data, tmp_path, sync=False)
     assert any(not torch.allclose(unsynced[0][k], unsynced[1][k]) for k in unsynced[0] if "running_mean" in k)
 
@@ -162,12 +167,16 @@ def test_one_epoch_on_real_mnist_subset_reaches_90_percent(mnist_dir, tmp_path):
     # recomputed them. The trained model is judged with exact statistics (Wu & Johnson 2021);
     # the lagging figure is checked to be recorded beside it.
     # Without the batch-statistics pass, which this test does not read, and with the lagging
-    # figure on the first 3,200 test images: PreciseBN's accuracy, the one judged, is on all 10,000.
-    diagnostics = "[{class_path: normbench.callbacks.NormDiagnostics, init_args: {batch_stats_eval: false}}]"
+    # figure on the first 320 test images. PreciseBN's accuracy, the one judged, is on all 10,000
+    # after fvcore's 200 batches (3,200 images); on the first 2,000 it is 89.3-89.5%, a harder part.
+    diagnostics = (
+        "[{class_path: normbench.callbacks.NormDiagnostics, init_args: {batch_stats_eval: false, eval_images: null, "
+        "precise_bn_images: 3200}}]"
+    )
     main(["fit", "--config", mnist_config("bn", 16), "--data.data_dir", str(mnist_dir),
           "--data.train_subset", "5000", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
           "--trainer.callbacks", diagnostics, "--trainer.num_sanity_val_steps", "0",
-          "--trainer.limit_val_batches", "100", *QUIET])  # fmt: skip
+          "--trainer.limit_val_batches", "10", *QUIET])  # fmt: skip
     run = tmp_path / "lightning_logs" / "mnist_bn_bs16" / "version_0"
     record = json.loads((run / "metrics.json").read_text())
     assert len(record["epochs"]) == 1 and 0 < record["val_acc_final"] <= 1

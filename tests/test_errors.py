@@ -130,6 +130,10 @@ CASES = {
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--threads_per_run", "-3"],
         ["got -3", "positive number of threads"],
     ),
+    "sweep workers 0": (
+        lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--workers", "0"],
+        ["--workers must be >= 1, got 0", "use 1 to run one after another"],
+    ),
     "checkpoint of another norm": (
         lambda r: fit(r, "--model.norm", "gn", "--ckpt_path", ckpt(r)),
         ["is of another model", "norm='bn'", "this run norm='gn'", "drop --model.norm"],

@@ -16,7 +16,6 @@ import yaml
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import normbench.sweep as sweep_module
 from normbench.cli import main
 from normbench.sweep import cpu_cores, expand
 
@@ -137,6 +136,8 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
     assert list((tmp_path / "out" / "tiny" / "report").glob("acc_vs_epoch_*.png"))
 
 
+# Slow (20 s): the Ctrl-C sweep test and test_resume.py's SIGKILL tests run by default.
+@pytest.mark.slow
 def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data, tmp_path):
     grid = {"model.norm": ["bn", "gn"], "data.batch_size": [4, 8], "seed_everything": [0]}
     extra = {"trainer.max_epochs": 3, "trainer.limit_train_batches": 4}
@@ -258,6 +259,8 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
     assert len(found["gn"][0]["attempts"]) == 1
 
 
+# Slow (18 s: two sweep processes, each importing torch and Lightning).
+@pytest.mark.slow
 def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
     config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
     cmd = [
@@ -288,7 +291,10 @@ def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_
     assert pids <= {p.pid for p in procs}
 
 
-def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(fake_data, tmp_path):
+# The default split runs in the default suite; the --threads_per_run override with -m slow
+# (each case starts two worker processes that import torch and Lightning: 12 s).
+@pytest.mark.parametrize("override", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(override, fake_data, tmp_path):
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     assert cpu_cores() == cores
     config = write_sweep(tmp_path / "par.yaml", fake_data, {"model.norm": ["bn", "gn"]})
@@ -298,7 +304,8 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(fake_d
     config.write_text(yaml.safe_dump(spec))
     default = max(1, len(cores) // 2)
     # The override: 1 thread, or 2 where 1 is the default already (a 2-core machine).
-    for given, threads in ((None, default), (1 if default > 1 else 2,) * 2):
+    cases = [(1 if default > 1 else 2,) * 2] if override else [(None, default)]
+    for given, threads in cases:
         out = tmp_path / f"threads{given}"
         extra = [] if given is None else ["--threads_per_run", str(given)]
         main(["sweep", "--config", str(config), "--output", str(out), "--workers", "2", *extra])
@@ -344,6 +351,8 @@ def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_
     assert "1 diverged" in (tmp_path / "out" / "div" / "report" / "report.md").read_text()
 
 
+# Slow (10 s); test_packed.py checks packed runs against the same runs alone by default.
+@pytest.mark.slow
 def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
     grid = {"model.norm": ["gn", "bnrs"], "seed_everything": [0, 1]}
     config = write_sweep(tmp_path / "pack.yaml", fake_data, grid)
@@ -426,12 +435,3 @@ def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_pa
     assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "finished", "gn": "finished"}
     assert [a["resumed"] for a in found["bn"][0]["attempts"]] == [False, True]
     assert found["bn"][0]["global_step"] == 12 and len(found["bn"][0]["epochs"]) == 2
-
-
-def test_cpu_sweeps_default_to_one_single_thread_run_per_core(monkeypatch):
-    monkeypatch.setattr(sweep_module, "cpu_cores", lambda: list(range(8)))
-    assert sweep_module.default_workers(gpus=0, threads_per_run=None, runs=12) == 8
-    assert sweep_module.default_workers(gpus=0, threads_per_run=None, runs=3) == 3  # never more than the runs
-    assert sweep_module.default_workers(gpus=0, threads_per_run=2, runs=12) == 4
-    assert sweep_module.default_workers(gpus=0, threads_per_run=16, runs=12) == 1
-    assert sweep_module.default_workers(gpus=2, threads_per_run=None, runs=12) == 1
