@@ -8,6 +8,8 @@ import copy
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +161,8 @@ class NormDiagnostics(L.Callback):
                     # its cost is then counted in the step.
                     self._captured[name] = batch_running_gap(args[0], layer)
                     return
-                start = time.perf_counter()
-                self._captured[name] = batch_running_gap(args[0], layer)
-                self.seconds += time.perf_counter() - start
+                with self._timed():
+                    self._captured[name] = batch_running_gap(args[0], layer)
 
         return hook
 
@@ -188,24 +189,22 @@ class NormDiagnostics(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if self._armed:
-            start = time.perf_counter()
-            self._grads = [
-                c.weight.grad.detach().abs().mean() for c in block_convs(pl_module) if c.weight.grad is not None
-            ]
-            self.seconds += time.perf_counter() - start
+            with self._timed():
+                self._grads = [
+                    c.weight.grad.detach().abs().mean() for c in block_convs(pl_module) if c.weight.grad is not None
+                ]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if not self._armed:
             return
         self._armed = False
-        start = time.perf_counter()
-        try:
-            writer = _tensorboard(trainer)
-            if writer is not None:
-                self._write(writer, pl_module, self._step)
-        finally:
-            self._captured, self._grads = {}, []
-            self.seconds += time.perf_counter() - start
+        with self._timed():
+            try:
+                writer = _tensorboard(trainer)
+                if writer is not None:
+                    self._write(writer, pl_module, self._step)
+            finally:
+                self._captured, self._grads = {}, []
 
     def _write(self, writer, pl_module: L.LightningModule, step: int) -> None:
         for name, layer in self._layers.items():
@@ -241,21 +240,20 @@ class NormDiagnostics(L.Callback):
             return
         if self.eval_images is not None and self._batch_stats_seen >= self.eval_images:
             return
-        start = time.perf_counter()
-        x, y = batch
-        saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in layers]
-        try:
-            for m in layers:
-                m.train()
-            logits = pl_module(x)
-        finally:
-            for m, mode, buffers in saved:
-                m.train(mode)
-                for k, b in m.named_buffers(recurse=False):
-                    b.copy_(buffers[k])
-        self._batch_acc.update(logits, y)
-        self._batch_stats_seen += len(y)
-        self.seconds += time.perf_counter() - start
+        with self._timed():
+            x, y = batch
+            saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in layers]
+            try:
+                for m in layers:
+                    m.train()
+                logits = pl_module(x)
+            finally:
+                for m, mode, buffers in saved:
+                    m.train(mode)
+                    for k, b in m.named_buffers(recurse=False):
+                        b.copy_(buffers[k])
+            self._batch_acc.update(logits, y)
+            self._batch_stats_seen += len(y)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._batch_acc is None or trainer.sanity_checking or not self._batch_acc.update_count:
@@ -269,12 +267,20 @@ class NormDiagnostics(L.Callback):
         if self.precise_bn_images <= 0 or not self._layers or trainer.datamodule is None:
             return
         if trainer.is_global_zero:
-            start = time.perf_counter()
-            acc = self._precise_bn_accuracy(trainer, pl_module)
-            trainer.callback_metrics[PRECISE_BN_ACC] = acc
-            writer = _tensorboard(trainer)
-            if writer is not None:
-                writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
+            with self._timed():
+                acc = self._precise_bn_accuracy(trainer, pl_module)
+                trainer.callback_metrics[PRECISE_BN_ACC] = acc
+                writer = _tensorboard(trainer)
+                if writer is not None:
+                    writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Adds the host time of the block to ``seconds``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
             self.seconds += time.perf_counter() - start
 
     def record(self) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
     grid = {"norm": {"bn": {"model.norm": "bn"}, "gn5": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 5}}},
             "data.batch_size": [4, 8]}  # fmt: skip
     config = write_sweep(tmp_path / "tiny.yaml", fake_data, grid)
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
     found = records(tmp_path / "out" / "tiny")
     assert sorted(found) == ["bn_bs4", "bn_bs8", "gn5_bs4", "gn5_bs8"]
     for name, (record,) in found.items():
@@ -128,7 +128,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
         assert record["sweep"]["cell"] == name
     # Run again: everything finished or failed is final for finished runs, failed ones are retried.
     mtimes = {f: f.stat().st_mtime for f in (tmp_path / "out" / "tiny").rglob("events.out.tfevents*")}
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
     assert {f: f.stat().st_mtime for f in mtimes} == mtimes  # finished runs were not retrained
     report = main(["report", str(tmp_path / "out" / "tiny")])
     text = (tmp_path / "out" / "tiny" / "report" / "report.md").read_text()
@@ -148,18 +148,7 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
         )
     )
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "normbench.cli",
-        "sweep",
-        "--config",
-        str(config),
-        "--output",
-        str(out),
-        "--workers",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     # Kill it once one run has finished and the next has started.
@@ -202,7 +191,7 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
 def test_ray_backend_runs_a_two_run_grid_on_a_local_instance(fake_data, tmp_path):
     pytest.importorskip("ray.tune", reason="the ray extra is not installed: pip install 'normbench[ray]'")
     config = write_sweep(tmp_path / "ray.yaml", fake_data, {"model.norm": ["bn", "gn"]}, backend="ray")
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--cpus_per_run", "1", "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--cpus_per_run", "1"])
     found = records(tmp_path / "out" / "ray")
     assert sorted(found) == ["bn", "gn"] and all(rs[0]["status"] == "finished" for rs in found.values())
     assert (tmp_path / "out" / "ray" / "ray").is_dir()  # Ray Tune's own experiment folder
@@ -223,18 +212,7 @@ def _stopped_sweep(fake_data, tmp_path: Path, callback: str) -> list[str]:
                  "trainer.callbacks": [{"class_path": callback, "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
     config = tmp_path / "mid.yaml"
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
-    return [
-        sys.executable,
-        "-m",
-        "normbench.cli",
-        "sweep",
-        "--config",
-        str(config),
-        "--output",
-        str(tmp_path / "out"),
-        "--workers",
-        "1",
-    ]
+    return [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
 
 
 # test_resume.py checks the same resume at the fit level in the default run; this sweep-level
@@ -263,18 +241,7 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
 @pytest.mark.slow
 def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
     config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
-    cmd = [
-        sys.executable,
-        "-m",
-        "normbench.cli",
-        "sweep",
-        "--config",
-        str(config),
-        "--output",
-        str(tmp_path / "out"),
-        "--workers",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
     procs = [
         subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -340,7 +307,7 @@ def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_
     overrides = yaml.safe_load(config.read_text())
     overrides["overrides"].update({"model.norm": "none", "trainer.limit_train_batches": 8, "trainer.max_epochs": 3})
     config.write_text(yaml.safe_dump(overrides))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
     found = records(tmp_path / "out" / "div")
     ok, huge = found["ok"][0], found["huge"][0]
     assert ok["status"] == "finished" and ok["global_step"] == 24
@@ -363,8 +330,8 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
     spec["overrides"].update({"model.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
                               "model.channels_last": False, "trainer.limit_train_batches": 3, "model.norm_kwargs": {}})  # fmt: skip
     config.write_text(yaml.safe_dump(spec))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "alone"), "--pack", "false", "--workers", "1"])
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "packed"), "--pack", "true", "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "alone"), "--pack", "false"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "packed"), "--pack", "true"])
     alone, packed = records(tmp_path / "alone" / "pack"), records(tmp_path / "packed" / "pack")
     assert sorted(alone) == sorted(packed) and len(alone) == 4
     for name in alone:
@@ -400,7 +367,7 @@ def test_a_pack_refuses_a_setting_it_would_not_apply(fake_data, tmp_path, capsys
     spec["overrides"].update(override)
     config.write_text(yaml.safe_dump(spec))
     with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--pack", "true", "--workers", "1"])
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--pack", "true"])
     assert exit_info.value.code == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("normbench: error:")]
     assert "run seed0 sets " + named in line and "--pack false" in line, line
@@ -417,7 +384,7 @@ def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(sweep_module, "run_local", lambda cells, workers, gpus, pack=False, **_: seen.append(pack))
     config = write_sweep(tmp_path / "s.yaml", fake_data, {"seed_everything": [0, 1]})
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
     assert seen == [False]
 
 
