@@ -43,6 +43,7 @@ from normbench.experiments import render_configs
 from normbench.module import NormBenchModule
 from normbench.packed import PackedLoader, PackedRuns, packed_loss
 from normbench.results import read_record
+from normbench.sweep import cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -176,7 +177,7 @@ def bench_overhead(cfg, data_dir: Path, work: Path) -> list[dict]:
 
 def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dict]:
     """The study grid by ``normbench sweep`` at two worker layouts, and by the study's loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(cpu_cores())
     seeds = list(range(cfg.grid_seeds))
     cells = [(n, bs, s) for n in ("batch", "group") for bs in cfg.grid_batch_sizes for s in seeds]
     start = time.perf_counter()
@@ -320,7 +321,7 @@ def machine() -> str:
         return torch.cuda.get_device_name()
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").is_file() else "CPU"  # fmt: skip
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(cpu_cores())
     return f"{model}, {cores} cores, torch {torch.__version__}"
 
 
