@@ -31,8 +31,11 @@ def data():
 
 def build(norm, seed):
     torch.manual_seed(seed)  # as seed_everything before the model is built
+    # "bn:cumulative": bn with momentum None, a cumulative average of the batch statistics.
+    norm, _, variant = norm.partition(":")
+    kwargs = {**KWARGS.get(norm, {}), **({"momentum": None} if variant == "cumulative" else {})}
     # Same memory format alone and packed, so both run the same convolution kernels.
-    return NormBenchModule(norm=norm, norm_kwargs=KWARGS.get(norm), width=8, num_blocks=2, in_channels=1,
+    return NormBenchModule(norm=norm, norm_kwargs=kwargs, width=8, num_blocks=2, in_channels=1,
                            channels_last=False).net  # fmt: skip
 
 
@@ -47,6 +50,8 @@ def optimizer(name, params):
 
 
 CASES = [(n, "sgd") for n in ("bn", "brn", "bnrs", "ghost_bn", "gn", "evonorm_b0")] + [("gn", "adam"), ("bnrs", "adam")]
+# momentum: null, whose cumulative factor torch's BatchNorm reads on the host (vmap cannot).
+CASES += [("bn:cumulative", "sgd"), ("brn:cumulative", "sgd")]
 
 
 @pytest.mark.parametrize("norm, opt_name", CASES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normbench.norms.stats import (
@@ -62,10 +63,20 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected an (N, C, *) input, got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and self.sync_stats and sync_active(self.process_group)):
+        synced = self.training and self.sync_stats and sync_active(self.process_group)
+        cumulative = self.training and self.track_running_stats and self.momentum is None
+        if not (synced or cumulative):
             return super().forward(input)
         self._check_input_dim(input)
         shift = self.running_mean if self.running_mean is not None else input.new_zeros(input.shape[1])
+        if not synced:
+            # A cumulative average (momentum None): torch's BatchNorm reads num_batches_tracked on
+            # the host for its factor, a host sync every step that vmap (packed runs) cannot
+            # trace. The same update with the factor kept on the device, then torch's batch norm
+            # without running statistics.
+            mean, var, count = batch_moments(input, shift, differentiable=False)
+            update_running_stats(self, mean, var, count)
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         mean, var, count = batch_moments(input, shift, True, self.process_group)
         if self.track_running_stats:
             update_running_stats(self, mean, var, count)

@@ -22,8 +22,12 @@ class GhostBatchNorm(RunningStatsNorm):
     statistics.
 
     With ``sync_stats`` across processes, ghost batches are cut from the global batch in rank
-    order, so a ghost batch that straddles two ranks is normalized as one. This needs the
-    ranks' batch sizes, one small all-gather (and host sync) per forward.
+    order, so a ghost batch that straddles two ranks is normalized as one. Every rank must hold
+    a batch of the same size, as Lightning's distributed samplers (and normbench's in-memory
+    loader) give every rank in every training step: rank r's samples are then r * B ... r * B +
+    B - 1 of the global batch, known on the host with no exchange of sizes (an all-gather and
+    a host read per layer and step). The reduced counts are checked on the device
+    (``torch._assert_async``, no host sync) against that assumption.
 
     Args:
         num_features: number of channels C.
@@ -50,16 +54,12 @@ class GhostBatchNorm(RunningStatsNorm):
         self.virtual_batch_size = virtual_batch_size
 
     def _global_position(self, x: Tensor) -> tuple[int, int]:
-        """(offset of this rank's first sample, size of the global batch)."""
+        """(offset of this rank's first sample, size of the global batch), every rank holding
+        ``x.shape[0]`` samples."""
         if not (self.sync_stats and sync_active(self.process_group)):
             return 0, x.shape[0]
-        sizes = [
-            torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(self.process_group))
-        ]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=self.process_group)
-        sizes = [int(s) for s in sizes]
-        rank = dist.get_rank(self.process_group)
-        return sum(sizes[:rank]), sum(sizes)
+        world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+        return rank * x.shape[0], world * x.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -81,6 +81,10 @@ class GhostBatchNorm(RunningStatsNorm):
             torch.arange(offset, offset + x.shape[0], device=x.device), self.virtual_batch_size, rounding_mode="floor"
         )
         mean, var, count = self._moments(x, groups=(index, num_ghosts))  # (G, C), (G, C), (G,)
+        if total != x.shape[0]:
+            # Ranks of unequal batches would disagree on the ghost batches: their counts then
+            # do not sum to the assumed global batch.
+            torch._assert_async(count.sum() == total * per_sample, "ghost_bn: ranks hold batches of unequal size")
         inv_std = torch.rsqrt(var + self.eps)
         scale = inv_std[index]
         y = scale_shift(x, scale, -mean[index] * scale, self.weight, self.bias)

@@ -76,7 +76,9 @@ def batch_moments(
             batches); statistics are then returned per group with shape (G, C).
 
     Returns:
-        mean and biased variance of shape (C,) or (G, C), and the count of shape () or (G,).
+        mean and biased variance of shape (C,) or (G, C), and the count: a Python number for one
+        process's whole batch (it is known on the host; a tensor made from it would be a
+        host-to-device copy in every training step), else a tensor of shape () or (G,).
     """
     reduce = sync and sync_active(process_group)
     if not differentiable:
@@ -92,7 +94,7 @@ def batch_moments(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return mean, var, torch.tensor(float(x.shape[0] * per_sample), device=x.device)
+        return mean, var, float(x.shape[0] * per_sample)
     c = x.shape[1]
     centred = (x - shift.detach().reshape(broadcast_shape(x))).reshape(x.shape[0], c, -1)
     s, sq = centred.sum(2), centred.square().sum(2)  # (N, C) each
@@ -123,18 +125,28 @@ def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, weight=None, bias=None)
 
 
 @torch.no_grad()
-def update_running_stats(layer: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> None:
+def update_running_stats(layer: nn.Module, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
     """Fold one batch's mean and biased variance into ``layer``'s running statistics.
 
     As torch's BatchNorm does: running = (1 - momentum) * running + momentum * batch, with the
-    unbiased variance, and a cumulative average when momentum is None.
+    unbiased variance, and a cumulative average when momentum is None. Nothing here reads a
+    device value on the host: the cumulative factor 1 / num_batches_tracked stays a tensor.
+
+    Args:
+        layer: a layer with torch's buffer names and a ``momentum``.
+        mean: the batch mean, (C,).
+        var: the biased batch variance, (C,).
+        count: values per channel behind them, a number or a tensor of shape ().
     """
     layer.num_batches_tracked.add_(1)
     if layer.momentum is None:
-        factor = 1.0 / float(layer.num_batches_tracked)
+        factor = layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
     else:
         factor = layer.momentum
-    unbiased = var * (count / (count - 1).clamp_min(1))
+    if isinstance(count, Tensor):
+        unbiased = var * (count / (count - 1).clamp_min(1))
+    else:
+        unbiased = var * (count / max(count - 1, 1))
     layer.running_mean.lerp_(mean.detach().to(layer.running_mean.dtype), factor)
     layer.running_var.lerp_(unbiased.detach().to(layer.running_var.dtype), factor)
 
