@@ -174,6 +174,10 @@ class NormBenchModule(L.LightningModule):
         return state
 
     def setup(self, stage: str) -> None:
+        # The network's options against the data's image size, before any step.
+        size = getattr(self.trainer.datamodule, "image_size", None)
+        if isinstance(size, int) and hasattr(self.net, "check_input_size"):
+            self.net.check_input_size(size, size)
         # Runs after the process group exists and before DDP wraps the model and the optimizer
         # is built; the conversion keeps every parameter object.
         if self.sync_norms and self.trainer.world_size > 1:
@@ -212,8 +216,12 @@ class NormBenchModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        # Metrics accumulate on the device; they are read once per epoch, not per step.
-        loss_metric.update(loss.detach(), weight=y.numel())
+        # Metrics accumulate on the device; they are read once per epoch, not per step. The loss
+        # metric takes every image's loss, so that its mean weighs images, not batches: a last,
+        # smaller batch counts for its images, and the ranks' uneven evaluation shards sum to
+        # the mean of one device. (A weight= argument would be a host-to-device copy per step,
+        # and MeanMetric with nan_strategy="disable" drops it.)
+        loss_metric.update(F.cross_entropy(logits.detach(), y, reduction="none"))
         acc_metric.update(logits.detach(), y)
         return loss
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from normbench.data import MNISTDataModule
+from normbench.callbacks import NormDiagnostics, RunRecorder
+from normbench.data import CIFAR10DataModule, MNISTDataModule
 from normbench.module import NormBenchModule
+from normbench.norms import NORMS
 
 
 class _Witness(L.Callback):
@@ -68,3 +75,99 @@ def test_epoch_metrics_are_per_epoch_and_match_an_independent_evaluation(fake_da
         assert abs(logged["val/acc"] - by_hand["val/acc"]) < 1e-6, epoch
         assert abs(logged["val/loss"] - by_hand["val/loss"]) < 1e-4, epoch
         assert logged["val/acc_best"] == max(h["val/acc"] for h in witness.by_hand[: epoch + 1])
+
+
+def test_a_last_partial_batch_weighs_its_images_in_the_loss(fake_data):
+    # 64 test images in batches of 24: 24, 24 and 16. The epoch loss is the mean over images,
+    # not over batches (a mean of batch means would weigh the 16 as much as the 24s).
+    torch.manual_seed(0)
+    model = NormBenchModule(norm="bn", in_channels=1, width=8, num_blocks=2).eval()
+    data = MNISTDataModule(str(fake_data), download=False, batch_size=16, eval_batch_size=24, num_workers=0)
+    data.setup("fit")
+    batches = list(data.val_dataloader())
+    assert [len(y) for _, y in batches] == [24, 24, 16]
+    with torch.no_grad():
+        for x, y in batches:
+            model._step((x, y), model.val_loss, model.val_acc)
+        logits = torch.cat([model(x) for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+    by_image = F.cross_entropy(logits, targets).item()
+    by_batch = sum(F.cross_entropy(model(x), y).item() for x, y in batches) / len(batches)
+    assert abs(by_image - by_batch) > 1e-4  # the two weightings differ on these batches
+    assert model.val_loss.compute().item() == pytest.approx(by_image, abs=1e-6)
+    assert model.val_acc.compute().item() == pytest.approx((logits.argmax(1) == targets).float().mean().item())
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
+# Frames between an op and the code that issued it: the dispatch mode itself, torch's wrappers.
+PLUMBING = ("torch/utils/_python_dispatch.py", "torch/_compile.py", "torch/_dynamo/", "torch/_tensor.py", __file__)
+
+
+class _HostReads(TorchDispatchMode):
+    """Every ``_local_scalar_dense`` (a device value read on the host: .item(), float(), int(),
+    bool()) and ``lift_fresh`` (a tensor built from Python data, a host-to-device copy on an
+    accelerator), with the line that issued it, per training step.
+
+    torch's optimizers keep their step counters on the host on every device (``state["step"]``
+    is a CPU tensor unless capturable or fused), so their reads and their ``torch.tensor(1.0,
+    device="cpu")`` are no device syncs: ops issued from ``torch/optim`` are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[list[str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCS and self.steps:
+            frames = [f for f in traceback.extract_stack()[:-1] if not any(p in f.filename for p in PLUMBING)]
+            where = frames[-1]
+            if "torch/optim/" not in where.filename.replace(os.sep, "/"):
+                self.steps[-1].append(f"{func} at {where.filename}:{where.lineno}: {where.line}")
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordSteps(L.Callback):
+    """Records the ops of each training step, from one step's start to the next's: the batch,
+    the forward, backward and optimizer step, every callback's and the module's hooks."""
+
+    def __init__(self) -> None:
+        self.mode = _HostReads()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.mode.steps:
+            self.mode.__enter__()
+        self.mode.steps.append([])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_no_training_step_reads_the_device_on_the_host(norm, fake_data, tmp_path):
+    # As the shipped configs train: in-memory batches with augmentation, foreach Adam, the run
+    # record and NormDiagnostics, whose per-step figures are read every every_n_steps (50).
+    # The module reads its record of a non-finite loss every check_finite_every_n_steps steps:
+    # on CPU by default every step (a CPU read syncs nothing), here every 20, the accelerators'
+    # default.
+    torch.manual_seed(0)
+    options = (
+        {"num_groups": 4} if norm in ("gn", "evonorm_s0") else {"virtual_batch_size": 2} if norm == "ghost_bn" else {}
+    )
+    model = NormBenchModule(norm=norm, norm_kwargs=options, in_channels=3, width=8, num_blocks=2,
+                            optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+                            check_finite_every_n_steps=20)  # fmt: skip
+    data = CIFAR10DataModule(str(fake_data), download=False, batch_size=4, num_workers=0, augment=True)
+    recorder = _RecordSteps()
+    trainer = L.Trainer(
+        max_steps=8, limit_val_batches=0, accelerator="cpu", logger=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, NormDiagnostics(), RunRecorder()],
+    )  # fmt: skip
+    trainer.fit(model, data)
+    steps = recorder.mode.steps
+    assert len(steps) == 8
+    # Step 0 arms the diagnostics (every 50 steps); the last step ends the epoch, whose metrics
+    # are read once. Every step between is free of host reads.
+    for step, reads in enumerate(steps[1:-1], start=1):
+        assert not reads, f"step {step} of {norm}: " + "; ".join(reads)
