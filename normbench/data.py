@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
@@ -58,7 +59,10 @@ class InMemoryLoader:
     shuffles with a permutation drawn from a generator seeded by (seed, epoch), so the same seed
     gives the same order, also after a restart; Lightning passes the epoch through
     ``sampler.set_epoch``. Under several processes each rank takes every world_size-th index of
-    the permutation, padded to equal length as DistributedSampler does.
+    the permutation. A training loader (``shuffle``) pads the permutation to equal length as
+    DistributedSampler does, so that every rank takes the same number of steps; an evaluation
+    loader does not, so that every image counts exactly once and the metrics (sums over the
+    ranks) are those of one device on the same images.
 
     The loader is stateful in Lightning's sense (``state_dict``/``load_state_dict``): a
     checkpoint taken in the middle of an epoch holds the epoch and the number of batches handed
@@ -130,7 +134,9 @@ class InMemoryLoader:
     def _generator(self, stream: int, batch: int = 0) -> torch.Generator:
         g = torch.Generator(device=self.images.device)
         base = (self.seed * 1_000_003 + self.epoch) * 2 + stream
-        g.manual_seed(base if stream == 0 else base * 1_000_003 + batch)
+        # Python integers do not overflow; the generator takes 64 bits. For seeds below about
+        # 9.2 million the modulus changes nothing, so their orders stay what they were.
+        g.manual_seed((base if stream == 0 else base * 1_000_003 + batch) % 2**64)
         return g
 
     def order(self) -> torch.Tensor:
@@ -142,12 +148,20 @@ class InMemoryLoader:
             else torch.arange(n, device=device)
         )
         if self.world_size > 1:
-            total = -(-n // self.world_size) * self.world_size
-            perm = torch.cat([perm, perm[: total - n]])[self.rank :: self.world_size]
+            if self.shuffle:
+                total = -(-n // self.world_size) * self.world_size
+                perm = torch.cat([perm, perm[: total - n]])
+            perm = perm[self.rank :: self.world_size]
         return perm
 
+    def _per_rank(self) -> int:
+        n = len(self.targets)
+        if self.shuffle:
+            return math.ceil(n / self.world_size)
+        return len(range(self.rank, n, self.world_size))  # an uneven shard: no image twice
+
     def __len__(self) -> int:
-        per_rank = math.ceil(len(self.targets) / self.world_size)
+        per_rank = self._per_rank()
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
     def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -420,15 +434,31 @@ class ImageDataModule(LightningDataModule):
         self.train_set = TransformedSubset(full, [indices[i] for i in train_part.indices], self.train_transform())
         self.val_set = TransformedSubset(full, [indices[i] for i in val_part.indices], self.eval_transform())
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader | InMemoryLoader:
+    def _shard(self, sharded: bool) -> tuple[int, int]:
+        """(rank, world size) a loader takes its share for: the trainer's, or (0, 1) unsharded."""
+        trainer = self.trainer
+        if not sharded or trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(
+        self, dataset: Dataset | None, batch_size: int, shuffle: bool, sharded: bool = True
+    ) -> DataLoader | InMemoryLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
         if self.in_memory:
-            return self._memory_loader(dataset, batch_size, shuffle)
+            return self._memory_loader(dataset, batch_size, shuffle, sharded)
+        rank, world_size = self._shard(sharded)
+        sampler = None
+        if not shuffle and world_size > 1:
+            # Lightning's own DistributedSampler would pad the shards to equal length and count
+            # some images twice; this one gives each rank every world_size-th image, no padding.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle and self.drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -443,7 +473,7 @@ class ImageDataModule(LightningDataModule):
             self._tensors[id(dataset)] = data.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
         return self._tensors[id(dataset)]
 
-    def _memory_loader(self, dataset: Dataset, batch_size: int, train: bool) -> InMemoryLoader:
+    def _memory_loader(self, dataset: Dataset, batch_size: int, train: bool, sharded: bool = True) -> InMemoryLoader:
         base, indices = (
             (dataset.dataset, dataset.indices) if isinstance(dataset, TransformedSubset) else (dataset, None)
         )
@@ -454,6 +484,7 @@ class ImageDataModule(LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         mean, std = self._mean_std()
+        rank, world_size = self._shard(sharded)
         return InMemoryLoader(
             images.to(device),
             targets.to(device),
@@ -462,9 +493,9 @@ class ImageDataModule(LightningDataModule):
             mean=mean,
             std=std,
             augment=train and self.augment and self.augmentable,
-            seed=torch.initial_seed() % 2**31,
-            rank=trainer.global_rank if trainer is not None else 0,
-            world_size=trainer.world_size if trainer is not None else 1,
+            seed=torch.initial_seed(),
+            rank=rank,
+            world_size=world_size,
             drop_last=train and self.drop_last,
         )
 
@@ -492,6 +523,19 @@ class ImageDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | InMemoryLoader:
         return self._loader(self.test_set, self._eval_batch_size(), shuffle=False)
+
+    def unsharded_dataloader(self, split: Literal["train", "val"], batch_size: int | None = None):
+        """The loader of ``split`` as one device sees it, on every rank: all of its images, in
+        one device's order (the training order of epoch 0), for work that one rank does alone
+        on a stated subset (NormDiagnostics).
+
+        Args:
+            split: ``train`` or ``val``.
+            batch_size: images per batch; None: the split's own batch size.
+        """
+        if split == "train":
+            return self._loader(self.train_set, batch_size or self.batch_size, shuffle=True, sharded=False)
+        return self._loader(self.val_set, batch_size or self._eval_batch_size(), shuffle=False, sharded=False)
 
 
 class MNISTDataModule(ImageDataModule):

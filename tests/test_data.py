@@ -341,3 +341,30 @@ def test_in_memory_shards_across_ranks(written) -> None:
     n = len(loader.targets)
     assert all(len(o) == -(-n // 3) for o in orders)  # equal shares, padded as DistributedSampler pads
     assert set(torch.cat(orders).tolist()) == set(range(n))
+
+
+def test_in_memory_evaluation_shards_are_uneven_and_never_repeat_an_image(written) -> None:
+    # N_TEST test images over 3 ranks: every image on exactly one rank, none twice (a padded
+    # shard would count an image twice in the metrics).
+    root, _ = written
+    dm = make("mnist", root, eval_batch_size=8)
+    n = len(dm.val_dataloader().targets)
+    shards = []
+    for rank in range(3):
+        loader = dm.val_dataloader()
+        loader.rank, loader.world_size = rank, 3
+        shards.append(loader.order().tolist())
+        assert len(loader) == -(-len(shards[-1]) // 8) and sum(len(y) for _, y in loader) == len(shards[-1])
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert {len(s) for s in shards} == {n // 3, -(-n // 3)} or n % 3 == 0
+
+
+@pytest.mark.parametrize("seed", [0, 9_300_000, 2**31 + 5, 2**63 - 1])
+def test_any_seed_up_to_2_63_orders_and_augments(seed, written) -> None:
+    # Seeds above about 9.2 million overflowed the 64-bit generator seed of the augmentation.
+    root, _ = written
+    torch.manual_seed(seed)
+    loader = make("cifar10", root, batch_size=16, augment=True).train_dataloader()
+    assert loader.seed == seed
+    x, _ = next(iter(loader))
+    assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all()
