@@ -25,6 +25,27 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 ActivationName = Literal["relu", "sigmoid", "tanh", "gelu", "silu", "elu", "leaky_relu"]
 
 
+def check_shape(net: str, width: int, num_blocks: int) -> None:
+    """A one-line ValueError for a width or block count the network cannot be built with.
+
+    Args:
+        net: the network's registry name, for the message.
+        width: its channels.
+        num_blocks: its blocks (per stage for the resnet).
+    """
+    for name, value in (("width", width), ("num_blocks", num_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{net}: {name}={value!r} must be a positive integer; set --model.{name} to 1 or more")
+
+
+class SizedInput:
+    """Networks whose options need an input of a least size say so before training:
+    ``check_input_size(height, width)`` raises a one-line ValueError (a no-op by default)."""
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Raise a one-line ValueError if the network's options do not fit ``height x width`` inputs."""
+
+
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = True, ws: bool = False) -> nn.Conv2d:
     """3x3 convolution with padding 1; weight-standardized when ``ws``."""
     return (WSConv2d if ws else nn.Conv2d)(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
@@ -43,7 +64,7 @@ class NormBlock(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
-class SeedCNN(nn.Module):
+class SeedCNN(SizedInput, nn.Module):
     """Study 2's network ("Normalization: Batch vs Group"): a 3x3 conv stem to ``width``
     channels, ``num_blocks`` blocks of conv3x3 + norm + activation, global average pooling and a
     linear head.
@@ -69,6 +90,7 @@ class SeedCNN(nn.Module):
         weight_standardization: bool = False,
     ) -> None:
         super().__init__()
+        check_shape("seed_cnn", width, num_blocks)
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
         self.blocks = nn.Sequential(
             *[NormBlock(width, norm, activation, weight_standardization) for _ in range(num_blocks)]
@@ -103,7 +125,7 @@ class BasicBlock(nn.Module):
         return self.act(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(SizedInput, nn.Module):
     """CIFAR ResNet (He et al. 2016, Sec. 4.2): a 3x3 conv stem, three stages of
     ``num_blocks`` basic blocks at ``width``, 2x and 4x channels (stride 2 between stages),
     global average pooling and a linear head; depth 6 * num_blocks + 2, so 3 gives ResNet-20.
@@ -129,6 +151,7 @@ class CifarResNet(nn.Module):
         weight_standardization: bool = False,
     ) -> None:
         super().__init__()
+        check_shape("resnet", width, num_blocks)
         ws = weight_standardization
         self.conv1 = conv3x3(in_channels, width, bias=False, ws=ws)
         self.norm1 = norm(width)
@@ -164,7 +187,7 @@ class DilatedBlock(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
-class DilatedCNN(nn.Module):
+class DilatedCNN(SizedInput, nn.Module):
     """Study 1's network ("Why don't we simply use running statistics for batch normalization
     training?"): ``num_blocks`` blocks of conv3x3 + norm + activation at ``width`` channels, the
     first from the image with dilation 1, the k-th after it with dilation 2**k (2, 4, 8 for the
@@ -192,6 +215,7 @@ class DilatedCNN(nn.Module):
         weight_standardization: bool = False,
     ) -> None:
         super().__init__()
+        check_shape("dilated_cnn", width, num_blocks)
         self.blocks = nn.Sequential(
             *[
                 DilatedBlock(in_channels if k == 0 else width, width, 2**k, norm, activation, weight_standardization)
@@ -202,6 +226,18 @@ class DilatedCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.blocks(x).mean((2, 3)))  # global average pooling
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """The last block's dilation must be below the image size: at a dilation of the image
+        size or more, every tap but the centre reads the zero padding, and the block is a 1x1
+        convolution in disguise."""
+        dilation = 2 ** (len(self.blocks) - 1)
+        if dilation >= min(height, width):
+            most = max(1, (min(height, width) - 1).bit_length())  # the largest n with 2**(n-1) < size
+            raise ValueError(
+                f"dilated_cnn: num_blocks={len(self.blocks)} gives its last block dilation {dilation}, not below "
+                f"the {height}x{width} images; set --model.num_blocks to at most {most}"
+            )
 
 
 NETS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": SeedCNN, "resnet": CifarResNet, "dilated_cnn": DilatedCNN}

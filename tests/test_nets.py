@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.nets import CifarResNet, SeedCNN
+from normbench.nets import NETS, CifarResNet, DilatedCNN, SeedCNN
 from normbench.norms import BatchNorm, GroupNorm, WSConv2d, create_norm
 
 
@@ -55,3 +55,35 @@ def test_resnet20_matches_he_et_al():
     # The strided stages halve the feature map twice: 32 -> 16 -> 8.
     feats = net.blocks(net.act(net.norm1(net.conv1(torch.randn(1, 3, 32, 32)))))
     assert feats.shape == (1, 64, 8, 8)
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("option, value", [("num_blocks", 0), ("num_blocks", -2), ("width", 0)])
+def test_every_network_refuses_a_shape_it_cannot_have(net, option, value):
+    options = {"width": 8, "num_blocks": 2, option: value}
+    with pytest.raises(ValueError, match=rf"^{net}: {option}={value} must be a positive integer; set --model.{option}"):
+        NETS[net](BatchNorm, 1, 10, **options)
+
+
+def test_dilated_cnn_refuses_a_dilation_as_large_as_the_image():
+    # Dilation 2**(blocks - 1): 16 fits 28x28 images (5 blocks), 32 (6 blocks) does not.
+    DilatedCNN(BatchNorm, 1, 10, width=4, num_blocks=5).check_input_size(28, 28)
+    with pytest.raises(ValueError, match=r"^dilated_cnn: num_blocks=6 gives its last block dilation 32, not below "
+                                         r"the 28x28 images; set --model.num_blocks to at most 5$"):  # fmt: skip
+        DilatedCNN(BatchNorm, 1, 10, width=4, num_blocks=6).check_input_size(28, 28)
+    # 32x32 (CIFAR): 5 blocks still, since dilation 32 is not below 32.
+    with pytest.raises(ValueError, match="at most 5$"):
+        DilatedCNN(BatchNorm, 3, 10, width=4, num_blocks=6).check_input_size(32, 32)
+
+
+def test_fit_checks_the_network_against_the_images_before_training(fake_data, tmp_path, capsys):
+    from quick_configs import mnist_config
+
+    from normbench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", mnist_config("bn", 16), "--model.net", "dilated_cnn", "--model.num_blocks", "7",
+              "--data.data_dir", str(fake_data), "--data.download", "false", "--trainer.accelerator", "cpu",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("normbench: error: dilated_cnn: num_blocks=7")
+    assert not list(tmp_path.rglob("*.ckpt"))
