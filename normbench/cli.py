@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry, MPSAccelerator
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.trainer.connectors.accelerator_connector import _select_auto_accelerator
 
 from normbench.callbacks import RunRecorder
 
@@ -28,11 +34,77 @@ CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 PROGRESS_REFRESH = 20  # steps between progress-bar redraws
 
 
+def device_count(accelerator: Any, devices: Any) -> int:
+    """How many devices of one node ``Trainer(accelerator=..., devices=...)`` trains on, by
+    Lightning's own rules (``auto``, ``-1``, a count, a list of ids), without building a Trainer;
+    a value those rules refuse counts as what it says, and the Trainer then says why.
+
+    Args:
+        accelerator: the Trainer's ``accelerator`` (a name or an Accelerator).
+        devices: the Trainer's ``devices``.
+    """
+    try:
+        if isinstance(accelerator, Accelerator):
+            cls = type(accelerator)
+        else:
+            name = str(accelerator or "auto")
+            if name == "auto":
+                name = _select_auto_accelerator()
+            elif name == "gpu":
+                name = "mps" if MPSAccelerator.is_available() else "cuda"
+            cls = type(AcceleratorRegistry.get(name))
+        flag = cls.auto_device_count() if devices == "auto" else devices
+        return len(cls.get_parallel_devices(cls.parse_devices(flag)))
+    except Exception:  # noqa: BLE001 - the Trainer reports a bad value itself, in its words
+        if isinstance(devices, (list, tuple)):
+            return len(devices)
+        return int(devices) if str(devices).isdigit() and int(devices) > 0 else 1
+
+
+def world_size(trainer: Namespace) -> int:
+    """Processes a run's Trainer config trains with: devices per node times nodes."""
+    return device_count(trainer.accelerator, trainer.devices) * int(trainer.num_nodes or 1)
+
+
 def run_name(config: Namespace) -> str:
-    """The readable run name, e.g. ``cifar100_brn_bs2``: the same words as the configs."""
+    """The readable run name, e.g. ``cifar100_brn_bs2``: the same words as the configs.
+
+    The batch size is the global one, the images of one optimizer step. On several devices the
+    layout follows it, ``cifar10_bn_bs8_4x2`` (4 processes of 2 images), so that such a run never
+    shares a directory, a TensorBoard run or a report row with one device's batch size 2 or 8.
+    """
     dataset = dataset_name(config.data.class_path)
     net = "" if config.model.net == "seed_cnn" else f"{config.model.net}_"
-    return f"{dataset}_{net}{config.model.norm}_bs{config.data.init_args.batch_size}"
+    per_device = config.data.init_args.batch_size
+    world = world_size(config.trainer)
+    layout = f"_{world}x{per_device}" if world > 1 else ""
+    return f"{dataset}_{net}{config.model.norm}_bs{per_device * world}{layout}"
+
+
+# seed_everything's range: torch takes 64-bit seeds, Lightning's seed_everything only numpy's 32.
+MAX_SEED = 2**63 - 1
+
+
+def seed_everything(seed: int) -> int:
+    """Seed torch, numpy and Python's random as Lightning's ``seed_everything(seed,
+    workers=True)`` does, for any seed in [0, 2**63 - 1]: Lightning's own is used where it
+    applies (seeds below 2**32), and above it torch and Python's random take the whole seed and
+    numpy, whose seeds are 32-bit, the seed modulo 2**32. ``PL_GLOBAL_SEED`` holds the whole seed
+    for DDP's processes and data loader workers.
+
+    Args:
+        seed: the run's ``seed_everything``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed_everything={seed!r} is out of range; give an integer from 0 to 2**63 - 1")
+    if seed <= np.iinfo(np.uint32).max:
+        return L.seed_everything(seed, workers=True)
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = "1"
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
 
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
@@ -57,7 +129,9 @@ class NormBenchCLI(LightningCLI):
             NormBenchModule,
             ImageDataModule,
             subclass_mode_data=True,
-            trainer_defaults={"callbacks": [RunRecorder()]},
+            # One device unless the user asks for more: Lightning's "auto" would take every GPU
+            # and change the batch size under study (rule 13 of STYLE.md).
+            trainer_defaults={"callbacks": [RunRecorder()], "devices": 1},
             save_config_kwargs={"overwrite": True},
             # Parse errors raise, so that main() can say them in one line.
             parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in SUBCOMMANDS}},
@@ -65,6 +139,13 @@ class NormBenchCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _set_seed(self) -> None:
+        # Lightning's own refuses seeds above 2**32 - 1; normbench takes 64-bit seeds.
+        seed = self._get(self.config, "seed_everything")
+        if seed is False or seed is True or seed is None:
+            return super()._set_seed()
+        seed_everything(seed)
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """Lightning's subcommands, and normbench's own, each with its one line in ``--help``.

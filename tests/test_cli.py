@@ -13,6 +13,7 @@ import fakedata
 import pytest
 import torch
 import yaml
+from lightning.pytorch.accelerators import CPUAccelerator
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -52,10 +53,14 @@ def test_committed_configs_are_generated_from_one_source():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_and_instantiates(path, tmp_path):
+def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
+    # A machine with 4 devices (Lightning's "auto" would take them all): every config, the
+    # sweeps' bases among them, still trains on one.
+    monkeypatch.setattr(CPUAccelerator, "auto_device_count", staticmethod(lambda: 4))
     dataset, norm, bs = path.stem.rsplit("_", 2)
     cli = NormBenchCLI(args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path)], run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    assert cli.config.trainer.devices == 1 and trainer.num_devices == 1 and trainer.world_size == 1
     assert model.hparams.norm == norm and data.batch_size == int(bs.removeprefix("bs")) and data.name == dataset
     assert model.hparams.num_classes == data.num_classes and model.hparams.in_channels == data.in_channels
     assert data.val_split == 0 and model.hparams.num_blocks == 4
@@ -80,6 +85,7 @@ def test_print_config_shows_the_study_settings(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["norm"] == "brn" and printed["data"]["init_args"]["batch_size"] == 2
     assert printed["model"]["optimizer"]["init_args"]["lr"] == 0.001 and printed["trainer"]["max_steps"] == 10001
+    assert printed["trainer"]["devices"] == 1 and printed["trainer"]["num_nodes"] == 1
 
 
 # --------------------------------------------------------------------------- runs
@@ -143,6 +149,8 @@ def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+# Slow (12 s): test_ddp.py's sweep of 2-process runs checks the same in the default suite.
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_syncs_norm_statistics(fake_data, tmp_path):
     synced = _ddp_run(fake_data, tmp_path, sync=True)
     assert synced[0] and synced[0].keys() == synced[1].keys()
@@ -193,3 +201,18 @@ def test_help_lists_every_subcommand_with_one_line(capsys, monkeypatch):
         assert any(line.split()[:1] == [name] for line in out.splitlines()), (name, out)
     for name, line in (("sweep", "Run a grid"), ("report", "Tables, plots"), ("bench", "Time normbench")):
         assert next(x for x in out.splitlines() if x.split()[:1] == [name]).split(None, 1)[1].startswith(line)
+
+
+def test_a_seed_of_64_bits_trains_with_augmentation(fake_data, tmp_path, capsys):
+    seed = 2**63 - 1  # Lightning's own seed_everything refuses seeds above 2**32 - 1
+    main(["fit", "--config", mnist_config("bn", 16), "--data", "CIFAR10DataModule", "--data.augment", "true",
+          "--seed_everything", str(seed), *fast(fake_data, tmp_path, "--trainer.limit_train_batches", "1",
+                                                "--trainer.limit_val_batches", "1")])  # fmt: skip
+    record = json.loads((tmp_path / "lightning_logs" / "cifar10_bn_bs16" / "version_0" / "metrics.json").read_text())
+    assert record["status"] == "finished" and record["seed"] == seed
+    assert torch.initial_seed() == seed
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", mnist_config("bn", 16), "--seed_everything", str(2**63), *fast(fake_data, tmp_path)])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "normbench: error: seed_everything=9223372036854775808 is out of range; give an integer from 0 to 2**63 - 1"
+    )
