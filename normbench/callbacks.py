@@ -8,6 +8,7 @@ import copy
 import os
 import platform
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +20,15 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.norms import BatchRenorm, local_norms, tracks_running_stats, update_bn_stats
 from normbench.results import code_revision, error_line, update_record
 
 BATCH_STATS_ACC = "train_eval/val_acc_batch_stats"
 PRECISE_BN_ACC = "train_eval/val_acc_precise_bn"
+SUBSETS = ("one device's images on any number of devices, measured on rank 0: the first validation images in "
+           "evaluation batches, and the first training images of epoch 0's order in batches of the images the norms' "
+           "statistics covered in training; per-step figures from rank 0's own batch")  # fmt: skip
 
 
 def stat_layers(pl_module: nn.Module) -> dict[str, nn.Module]:
@@ -88,7 +91,13 @@ class NormDiagnostics(L.Callback):
     recalibrates a copy of the model on ``precise_bn_images`` training images. Both accuracies
     are on a fixed subset: the first ``eval_images`` validation images, in whole evaluation
     batches (with ``val_split: 0``, the first images of the test split); the run record states
-    the count as ``diagnostics.eval_images``. Statistics are those of this rank's batch.
+    the count as ``diagnostics.eval_images`` and what was measured under
+    ``diagnostics.measured``. On several devices both accuracies are measured by rank zero
+    alone, on a copy of the network whose norms reduce nothing across processes, over the
+    images one device would use (the data module's ``unsharded_dataloader``), so they are the
+    figures of one device; PreciseBN's training batches are as large as the batches the norms'
+    statistics covered in training (the global batch with ``sync_norms``). The per-step figures
+    are those of rank zero's own batch.
 
     The time the diagnostics take, all their work on the host, is recorded in the run record as
     ``diagnostics.seconds``; on a CPU that is what they cost, on an accelerator the device work
@@ -133,13 +142,13 @@ class NormDiagnostics(L.Callback):
         self.seconds = 0.0  # host time spent in the diagnostics during this fit
         self._validations = 0  # validations of this fit, sanity check excluded
         self._batch_stats_now = False
-        self._batch_stats_seen = 0  # validation images measured with batch statistics so far
         self._armed = False
         self._hooks: list = []
         self._captured: dict[str, dict[str, Tensor]] = {}
         self._grads: list[Tensor] = []
-        self._batch_acc: MulticlassAccuracy | None = None
         self._layers: dict[str, nn.Module] = {}
+        self._val_source = None  # one device's validation batches, found at the first use in a fit
+        self.measured: dict[str, int] = {}
 
     # -- hooks on the model ----------------------------------------------------------------
 
@@ -150,8 +159,7 @@ class NormDiagnostics(L.Callback):
         self._layers = stat_layers(pl_module)
         for name, layer in self._layers.items():
             self._hooks.append(layer.register_forward_pre_hook(self._capture_hook(name)))
-        num_classes = pl_module.hparams.get("num_classes", 10)
-        self._batch_acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(pl_module.device)
+        self._val_source, self.measured = None, {}
 
     def _capture_hook(self, name: str):
         def hook(layer: nn.Module, args: tuple) -> None:
@@ -230,36 +238,32 @@ class NormDiagnostics(L.Callback):
             return
         self._batch_stats_now = self.batch_stats_eval and self._validations % self.batch_stats_every == 0
         self._validations += 1
-        self._batch_stats_seen = 0
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        layers = list(self._layers.values())
-        if not self._batch_stats_now or not layers or self._batch_acc is None:
-            return
-        if self.eval_images is not None and self._batch_stats_seen >= self.eval_images:
-            return
-        with self._timed():
-            x, y = batch
-            saved = [(m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in layers]
-            try:
-                for m in layers:
-                    m.train()
-                logits = pl_module(x)
-            finally:
-                for m, mode, buffers in saved:
-                    m.train(mode)
-                    for k, b in m.named_buffers(recurse=False):
-                        b.copy_(buffers[k])
-            self._batch_acc.update(logits, y)
-            self._batch_stats_seen += len(y)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._batch_acc is None or trainer.sanity_checking or not self._batch_acc.update_count:
+        if not self._batch_stats_now or not self._layers or not trainer.is_global_zero:
             return
-        pl_module.log(BATCH_STATS_ACC, self._batch_acc.compute(), sync_dist=True)
-        self._batch_acc.reset()
+        self._batch_stats_now = False
+        with self._timed():
+            batches = self._eval_batches(trainer)
+            if batches is None:
+                return
+            net = self._local_copy(pl_module)
+            saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in self._stat_layers(net)]
+            for m, _ in saved:
+                m.train()
+
+            def restore() -> None:  # every batch sees the running statistics training left
+                for m, buffers in saved:
+                    for k, b in m.named_buffers(recurse=False):
+                        b.copy_(buffers[k])
+
+            acc, seen = self._accuracy(net, pl_module, batches, after_batch=restore)
+            self.measured["batch_stats_images"] = seen
+        # Rank zero alone measures it, on one device's images: the figure of every rank, with
+        # nothing to reduce (Lightning's advice to reduce epoch-level figures does not apply).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(" + BATCH_STATS_ACC)
+            pl_module.log(BATCH_STATS_ACC, acc, rank_zero_only=True)
 
     # -- end of fit: PreciseBN --------------------------------------------------------------
 
@@ -269,10 +273,68 @@ class NormDiagnostics(L.Callback):
         if trainer.is_global_zero:
             with self._timed():
                 acc = self._precise_bn_accuracy(trainer, pl_module)
+                if acc is None:
+                    return
                 trainer.callback_metrics[PRECISE_BN_ACC] = acc
                 writer = _tensorboard(trainer)
                 if writer is not None:
                     writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
+
+    # -- one device's subsets, on every number of devices ----------------------------------
+
+    @staticmethod
+    def _stat_layers(net: nn.Module) -> list[nn.Module]:
+        return [m for m in net.modules() if tracks_running_stats(m)]
+
+    @staticmethod
+    def _local_copy(pl_module: L.LightningModule) -> nn.Module:
+        """A copy of the network whose norms reduce nothing across processes: rank zero runs it
+        alone. The trained network itself is never touched."""
+        return local_norms(copy.deepcopy(getattr(pl_module, "net", pl_module)))
+
+    def _eval_batches(self, trainer: L.Trainer):
+        """The validation batches as one device sees them: the data module's unsharded loader,
+        the user's own loader (Lightning shards only its private copy), or, on one device,
+        the validation loop's. None under several processes when there is no such loader."""
+        dm = trainer.datamodule
+        if self._val_source is None:
+            if hasattr(dm, "unsharded_dataloader"):
+                self._val_source = dm.unsharded_dataloader("val")
+            elif dm is not None:
+                self._val_source = dm.val_dataloader()
+            elif trainer.world_size == 1:
+                loaders = trainer.val_dataloaders
+                self._val_source = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        return self._val_source
+
+    def _train_batches(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """(training batches of one device's order, in batches of the images the norms' batch
+        statistics covered in training; that batch size)."""
+        dm = trainer.datamodule
+        batch_size = norm_batch(trainer, pl_module)
+        if hasattr(dm, "unsharded_dataloader"):
+            return dm.unsharded_dataloader("train", batch_size), batch_size
+        return dm.train_dataloader(), batch_size
+
+    def _accuracy(self, net: nn.Module, pl_module: L.LightningModule, batches, after_batch=None) -> tuple[Tensor, int]:
+        """(accuracy of ``net`` on the first ``eval_images`` images of ``batches``, in whole
+        batches; how many images that was)."""
+        device = pl_module.device
+        fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        with torch.no_grad():
+            for x, y in batches:
+                if self.eval_images is not None and seen >= self.eval_images:
+                    break
+                x = x.to(device)
+                # As the module's forward hands inputs to its network.
+                pred = net(x.contiguous(memory_format=fmt) if x.dim() == 4 else x).argmax(1)
+                correct = correct + (pred == y.to(device)).sum()
+                seen += len(y)
+                if after_batch is not None:
+                    after_batch()
+        return correct / max(seen, 1), seen
 
     @contextmanager
     def _timed(self) -> Iterator[None]:
@@ -284,38 +346,87 @@ class NormDiagnostics(L.Callback):
             self.seconds += time.perf_counter() - start
 
     def record(self) -> dict[str, Any]:
-        """What the run record says of the diagnostics: their time and their subset."""
+        """What the run record says of the diagnostics: their time, their subsets as asked and
+        as measured (``measured``: images of the last batch-statistics pass, PreciseBN's
+        training images and batch size and its validation images), and where those come from."""
         return {"seconds": round(self.seconds, 3), "eval_images": self.eval_images,
-                "precise_bn_images": self.precise_bn_images}  # fmt: skip
+                "precise_bn_images": self.precise_bn_images, "measured": dict(self.measured),
+                "subsets": SUBSETS}  # fmt: skip
 
     @torch.no_grad()
-    def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
+    def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor | None:
         """Accuracy on the first ``eval_images`` validation images of a copy of the network whose
-        running statistics PreciseBN recomputed; the trained model itself is left as it is. Runs
-        on rank zero alone, so the copy's norms reduce nothing across processes."""
+        running statistics PreciseBN recomputed from the first ``precise_bn_images`` training
+        images of epoch 0's order, as one device sees them, in batches of the images the norms'
+        batch statistics covered in training (``norm_batch``); the trained model itself is left
+        as it is. Runs on rank zero alone, so the copy's norms reduce nothing across processes."""
+        val = self._eval_batches(trainer)
+        if val is None:
+            return None
+        net = self._local_copy(pl_module)
+        loader, batch_size = self._train_batches(trainer, pl_module)
+        batches = -(-self.precise_bn_images // max(1, batch_size))
         device = pl_module.device
-        net = local_norms(copy.deepcopy(pl_module.net))
-        dm = trainer.datamodule
-        loader = dm.train_dataloader()
-        batches = -(-self.precise_bn_images // max(1, getattr(dm, "batch_size", 1)))
         fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
 
-        def prepare(x: Tensor) -> Tensor:  # as the module's forward hands inputs to its network
-            x = x.to(device)
-            return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+        def forward(m: nn.Module, b) -> Tensor:  # as the module's forward hands inputs to its network
+            x = b[0].to(device)
+            return m(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
 
-        update_bn_stats(net, loader, batches, forward=lambda m, b: m(prepare(b[0])))
+        used = update_bn_stats(net, loader, batches, forward=forward)
         net.eval()
-        correct = total = torch.zeros((), device=device)
-        seen = 0
-        for x, y in dm.val_dataloader():
-            if self.eval_images is not None and seen >= self.eval_images:
-                break
-            pred = net(prepare(x)).argmax(1)
-            correct = correct + (pred == y.to(device)).sum()
-            total = total + y.numel()
-            seen += len(y)
-        return correct / total
+        acc, seen = self._accuracy(net, pl_module, val)
+        self.measured.update(precise_bn_train_images=min(used * batch_size, _images(loader)),
+                             precise_bn_batch_size=batch_size, precise_bn_val_images=seen)  # fmt: skip
+        return acc
+
+
+def _images(loader) -> int:
+    """Images a loader yields in one epoch (its dataset's size, or its targets')."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        return len(dataset)
+    targets = getattr(loader, "targets", None)
+    return len(targets) if targets is not None else 0
+
+
+def norm_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """Images one batch statistic of the norms covered in training: the per-device batch, or
+    the global batch when the norms reduce their statistics over all devices (sync_norms)."""
+    per_device = int(getattr(trainer.datamodule, "batch_size", 0) or 1)
+    synced = bool(getattr(pl_module, "sync_norms", False)) and trainer.world_size > 1
+    return per_device * trainer.world_size if synced else per_device
+
+
+def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """What a run's batch means on this machine, for its record: devices, nodes, processes, the
+    per-device and global batch size (the images of one optimizer step), and how many images
+    each norm's statistics cover (``norm_stats_images``, per device or over all of them when
+    synced; 1 for norms of one image, such as gn; None for no norm)."""
+    per_device = getattr(trainer.datamodule, "batch_size", None)
+    world = trainer.world_size
+    layers = [m for m in pl_module.modules() if tracks_running_stats(m)]
+    synced = bool(getattr(pl_module, "sync_norms", False)) and world > 1
+    if layers:
+        images = norm_batch(trainer, pl_module) if per_device else None
+        ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
+        if images is not None and ghost:
+            images = min(images, *ghost)
+        scope = "all devices" if synced else "per device"
+    elif getattr(pl_module, "norm_name", None) == "none":
+        images, scope = None, "no norm"
+    else:
+        images, scope = 1, "per image"
+    return {
+        "devices": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+        "world_size": world,
+        "batch_size_per_device": per_device,
+        "global_batch_size": per_device * world if per_device else None,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "norm_stats_images": images,
+        "norm_stats_scope": scope,
+    }
 
 
 class ValidateAtStart(L.Callback):
@@ -420,7 +531,8 @@ class RunRecorder(L.Callback):
         log_dir = trainer.log_dir
         config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
         config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else None
-        fields: dict[str, Any] = {"config": config, "revision": code_revision(), "hardware": hardware(pl_module)}
+        fields: dict[str, Any] = {"config": config, "revision": code_revision(), "hardware": hardware(pl_module),
+                                  "layout": batch_layout(trainer, pl_module)}  # fmt: skip
         if trainer.ckpt_path:
             fields["resumed_from"] = str(trainer.ckpt_path)
         self._save(trainer, status="running", **fields)
@@ -531,6 +643,9 @@ class RunRecorder(L.Callback):
         params = {"model": dict(pl_module.hparams)}
         if trainer.datamodule is not None:
             params["data"] = {"dataset": getattr(trainer.datamodule, "name", ""), **dict(trainer.datamodule.hparams)}
+        # The global batch beside the per-device data.batch_size: runs on several devices are
+        # compared by what one optimizer step sees.
+        params["layout"] = batch_layout(trainer, pl_module)
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.log_hyperparams(params, {f"hparams/{k}": v for k, v in metrics.items()})
