@@ -49,8 +49,15 @@ def unpackable(config, defaults) -> str | None:
         config: the run's config as ``NormBenchCLI``'s parser gives it (no subcommand).
         defaults: that parser's defaults.
     """
+    from normbench.cli import world_size
+
     if config.model.get("lr_scheduler") is not None:
         return f"model.lr_scheduler={config.model.lr_scheduler.class_path}"
+    if config.model.get("compile"):
+        return "model.compile=true"  # a pack runs its networks under vmap, uncompiled
+    if world_size(config.trainer) > 1:
+        # A pack trains on one device: on several, each run alone would step on a global batch.
+        return f"trainer.devices={config.trainer.devices} and trainer.num_nodes={config.trainer.num_nodes}"
     for key, value in config.trainer.items():
         if "." in key or key in TRAINER_KEYS or key in TRAINER_OWN:
             continue
@@ -169,7 +176,7 @@ def fit_pack(cells: list[Any]) -> None:
     Args:
         cells: ``normbench.sweep.Cell`` objects.
     """
-    from normbench.cli import NormBenchCLI
+    from normbench.cli import NormBenchCLI, seed_everything
 
     start = time.time()
     clis = [NormBenchCLI(args=cell.args[1:], run=False) for cell in cells]  # each seeds, then builds its model
@@ -177,11 +184,11 @@ def fit_pack(cells: list[Any]) -> None:
     defaults = clis[0].parser.get_defaults()
     for cli, cell in zip(clis, cells, strict=True):
         check_packable(cli.config, defaults, cell.name)
-    # One device per pack: the one the sweep assigned (--trainer.devices [i]), else the first.
-    devices = first.trainer.devices if isinstance(first.trainer.devices, list) else 1
+    # One device per pack (check_packable refuses more): the worker's own, device 0 of those
+    # it sees (CUDA_VISIBLE_DEVICES), or the device a list of one names.
     trainer = L.Trainer(
         **{k: first.trainer[k] for k in TRAINER_KEYS if first.trainer.get(k) is not None},
-        devices=devices,
+        devices=first.trainer.devices,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -195,7 +202,7 @@ def fit_pack(cells: list[Any]) -> None:
         dm.trainer = trainer  # the device its in-memory data goes to
         dm.prepare_data()
         dm.setup("fit")
-        L.seed_everything(cli.config.seed_everything, verbose=False)  # the run's own data order, as alone
+        seed_everything(cli.config.seed_everything)  # the run's own data order, as alone
         loaders.append(dm.train_dataloader())
     val_loader = clis[0].datamodule.val_dataloader()
     loggers = [cli.trainer.logger for cli in clis]

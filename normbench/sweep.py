@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -63,13 +64,15 @@ LABELS = {
 
 @dataclass
 class Cell:
-    """One run of the grid."""
+    """One run of the grid; ``world_size``: the processes its Trainer config asks for (devices
+    times nodes), set when the sweep parses the cells."""
 
     index: int
     name: str
     values: dict[str, Any]
     args: list[str]
     run_dir: str
+    world_size: int = 1
 
     def status(self) -> str:
         return read_record(self.run_dir).get("status", "pending")
@@ -145,7 +148,7 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
     ``pack``, also a setting that a pack would not apply (``normbench.packed_fit.check_packable``)."""
     from jsonargparse import ArgumentError
 
-    from normbench.cli import NormBenchCLI, one_line
+    from normbench.cli import NormBenchCLI, one_line, world_size
 
     parser = defaults = None
     packed = {id(c) for group in packs(cells, pack) if len(group) > 1 for c in group}
@@ -160,6 +163,7 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
             raise ValueError(
                 f"sweep run {cell.name} ({given}): {one_line(err)}; fix the sweep's grid or overrides"
             ) from None
+        cell.world_size = world_size(config.trainer)
         if id(cell) in packed:
             from normbench.packed_fit import check_packable
 
@@ -200,11 +204,17 @@ def claim(cell: Cell) -> Iterator[bool]:
 
 
 def run_cell(cell: Cell | dict) -> str:
-    """Run one cell through ``main`` and return its status; a failure is recorded, not raised.
+    """Run one cell and return its status; a failure is recorded, not raised.
+
+    A cell of one process runs through ``main`` in this process. A cell whose Trainer asks for
+    several devices (or nodes) runs as a process group of its own, ``python -m normbench fit
+    ...`` in a subprocess that Lightning's DDP launcher then re-launches per rank: run in this
+    process, the launcher would re-launch the sweep command itself as the other ranks.
 
     A cell another process has claimed is left to it (``claimed``). An interrupted run resumes
     from its last checkpoint in its own run directory (``--ckpt_path last``); a failed one starts
-    again from scratch. Each start is appended to the record's ``attempts``.
+    again from scratch. Each start is appended to the record's ``attempts``, with the devices
+    it could see (``CUDA_VISIBLE_DEVICES``) and when it ended.
     """
     from normbench.cli import main
 
@@ -220,7 +230,10 @@ def run_cell(cell: Cell | dict) -> str:
         _start_attempt(cell, resume=resume)
         start = time.time()
         try:
-            main([*cell.args, "--ckpt_path", "last"])
+            if cell.world_size > 1:
+                _run_process_group(cell)
+            else:
+                main([*cell.args, "--ckpt_path", "last"])
         except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
             if cell.status() == "interrupted":
                 # Ctrl-C stops the sweep, not just this run (Lightning turned it into an exit and
@@ -228,7 +241,34 @@ def run_cell(cell: Cell | dict) -> str:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt from None
             _record_failure(cell, err, start)
+        finally:
+            _end_attempt(cell)
         return cell.status()
+
+
+class RunExitError(RuntimeError):
+    """A run's own process group exited with a non-zero status."""
+
+
+def _run_process_group(cell: Cell) -> None:
+    """``normbench fit`` of ``cell`` in a subprocess, which Lightning launches as its own
+    process group on every device this process sees; its output streams through."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "normbench", *cell.args, "--ckpt_path", "last"], env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the run's processes too: let them record the interruption and stop.
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code == -signal.SIGINT or code == 130:
+        raise KeyboardInterrupt
+    if code != 0 and cell.status() not in (*DONE, "failed"):
+        raise RunExitError(f"the run's process group exited with status {code}; its output above says why")
 
 
 def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
@@ -239,14 +279,23 @@ def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     attempts.append(
-        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "resumed": resume, **extra}
-    )
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "resumed": resume,
+         "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **extra}
+    )  # fmt: skip
     update_record(
         run_dir,
         status="running",
         attempts=attempts,
         sweep={"cell": cell.name, "index": cell.index, "values": cell.values},
     )
+
+
+def _end_attempt(cell: Cell) -> None:
+    """Note in the record's last attempt when it ended."""
+    attempts = read_record(cell.run_dir).get("attempts", [])
+    if attempts:
+        attempts[-1]["ended"] = time.time()
+        update_record(cell.run_dir, attempts=attempts)
 
 
 def _record_failure(cell: Cell, err: BaseException, start: float) -> None:
@@ -293,6 +342,9 @@ def run_group(cells: list[Cell | dict]) -> list[str]:
         except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded for every run of the pack
             for cell in todo:
                 _record_failure(cell, err, start)
+        finally:
+            for cell in todo:
+                _end_attempt(cell)
     return [c.status() for c in cells]
 
 
@@ -366,29 +418,63 @@ def limit_threads(threads: int, cores: list[int] | None = None) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_group_limited(cells: list[dict], threads: int | None, cores: list[int] | None) -> list[str]:
-    """``run_group`` in a fresh worker process, on its share of the machine."""
-    if threads is not None:
-        limit_threads(threads, cores)
+@dataclass
+class Slot:
+    """One worker's share of the machine: its GPU (``CUDA_VISIBLE_DEVICES``), or its threads
+    and cores on CPU."""
+
+    gpu: str | None = None
+    threads: int | None = None
+    cores: list[int] | None = None
+
+
+def gpu_slots(workers: int, gpus: int) -> list[Slot]:
+    """One GPU per worker, in turn (worker w on the w-th visible GPU modulo their count): of
+    ``CUDA_VISIBLE_DEVICES`` when it is set, else of 0 .. gpus - 1."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = visible[:gpus] if len(visible) >= gpus else [str(i) for i in range(gpus)]
+    return [Slot(gpu=ids[w % len(ids)]) for w in range(workers)]
+
+
+def _run_group_in_slot(cells: list[dict], slot: Slot) -> list[str]:
+    """``run_group`` in a fresh worker process, on its share of the machine. The GPU is set
+    before anything touches CUDA in this process, so device 0 of every run here is that GPU
+    and Lightning's default of one device takes it."""
+    if slot.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    if slot.threads is not None:
+        limit_threads(slot.threads, slot.cores)
     return run_group(cells)
 
 
 def run_local(
     cells: list[Cell], workers: int, gpus: int, pack: bool = False, threads_per_run: int | None = None
 ) -> None:
-    """Run the cells here: in this process one after another, or ``workers`` processes at once
-    (cell i on GPU i mod ``gpus`` when there are GPUs, several per GPU when workers > gpus);
-    with ``pack``, the runs that differ only in their seed train together as one pack.
+    """Run the cells here: in this process one after another, or ``workers`` processes at once,
+    each the owner of one slot of the machine and given the next run (or pack) when its last one
+    ends; with ``pack``, the runs that differ only in their seed train together as one pack.
 
-    On CPU, ``workers`` processes share the machine instead of each starting one thread per core:
-    each gets ``threads_per_run`` threads (default cores // workers, at least 1) and is pinned to
-    cores of its own (``cpu_slots``). One process alone keeps torch's defaults unless
-    ``threads_per_run`` is given; on GPUs only a given ``threads_per_run`` applies, unpinned.
+    With GPUs each worker owns one (``CUDA_VISIBLE_DEVICES`` in its process; several workers
+    share one when workers > gpus). On CPU ``workers`` processes share the machine instead of
+    each starting one thread per core: each gets ``threads_per_run`` threads (default cores //
+    workers, at least 1) and is pinned to cores of its own (``cpu_slots``). One process alone
+    keeps torch's defaults unless ``threads_per_run`` is given; on GPUs only a given
+    ``threads_per_run`` applies, unpinned.
+
+    A run whose Trainer asks for several devices runs as its own process group on every device
+    the sweep sees (``run_cell``): one after another, in grid order, after the one-device runs
+    when there are several workers.
     """
     from tqdm import tqdm
 
     groups = packs(cells, pack)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
+
+    def run_here(group: list[Cell]) -> None:
+        bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
+        run_group(group)
+        bar.update(len(group))
+
     if workers <= 1:
         import torch
 
@@ -397,43 +483,47 @@ def run_local(
             torch.set_num_threads(threads_per_run)  # inter-op threads are fixed in this process by now
         try:
             for group in groups:
-                bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
-                run_group(group)
-                bar.update(len(group))
+                run_here(group)
         finally:
             torch.set_num_threads(before)
             bar.close()
         return
+    # Packs hold runs of one process each: a pack never asks for several devices (check_packable).
+    several = [g for g in groups if g[0].world_size > 1]
+    groups = [g for g in groups if g[0].world_size <= 1]
     if gpus:
-        for cell in cells:
-            cell.args += ["--trainer.accelerator", "gpu", "--trainer.devices", f"[{cell.index % gpus}]"]
-        threads, slots = threads_per_run, [None] * workers
+        slots = gpu_slots(workers, gpus)
+        for slot in slots:
+            slot.threads = threads_per_run
     else:
         threads = threads_per_run or max(1, len(cpu_cores()) // workers)
-        slots = cpu_slots(workers, threads)
+        slots = [Slot(threads=threads, cores=cores) for cores in cpu_slots(workers, threads)]
     # A fresh process per run: nothing leaks from one run into the next. At most `workers` runs
-    # are submitted at once, each with a free slot of cores, taken back when it ends.
+    # are submitted at once, each to a free slot, taken back when it ends.
     todo = iter(groups)
     running: dict = {}
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
 
-        def submit(slot: int) -> None:
-            group = next(todo, None)
-            if group is not None:
-                cores = slots[slot]
-                future = pool.submit(_run_group_limited, [asdict(c) for c in group], threads, cores)
-                running[future] = (slot, len(group))
+            def submit(index: int) -> None:
+                group = next(todo, None)
+                if group is not None:
+                    future = pool.submit(_run_group_in_slot, [asdict(c) for c in group], slots[index])
+                    running[future] = (index, len(group))
 
-        for slot in range(workers):
-            submit(slot)
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                slot, n = running.pop(future)
-                future.result()
-                bar.update(n)
-                submit(slot)
-    bar.close()
+            for index in range(workers):
+                submit(index)
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, n = running.pop(future)
+                    future.result()
+                    bar.update(n)
+                    submit(index)
+        for group in several:
+            run_here(group)
+    finally:
+        bar.close()
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:
@@ -487,7 +577,12 @@ def build_parser() -> ArgumentParser:
         help="torch threads per run, each pinned to cores of its own on CPU (local backend; default: cores // "
         "workers, or torch's default with one worker)",
     )
-    parser.add_argument("--gpus", type=int | None, default=None, help="GPUs to spread runs over (default: all)")
+    parser.add_argument(
+        "--gpus",
+        type=int | None,
+        default=None,
+        help="GPUs the workers own, one each in turn, as CUDA_VISIBLE_DEVICES of the worker's process (default: all)",
+    )
     parser.add_argument("--ray_address", type=str | None, default=None, help="Ray cluster (default: local)")
     parser.add_argument("--cpus_per_run", type=float, default=1.0, help="Ray resources per run")
     parser.add_argument("--gpus_per_run", type=float, default=0.0, help="Ray resources per run")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -358,8 +359,10 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
         ({"trainer.accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches=2"),
         ({"trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                                  "init_args": {"monitor": "val/acc"}}]}, "trainer.callbacks: lightning.pytorch.callbacks.EarlyStopping"),
+        ({"trainer.devices": 2}, "trainer.devices=2 and trainer.num_nodes=1"),
+        ({"model.compile": True}, "model.compile=true"),
     ],
-    ids=["lr_scheduler", "gradient_clip_val", "accumulate_grad_batches", "callback"],
+    ids=["lr_scheduler", "gradient_clip_val", "accumulate_grad_batches", "callback", "devices", "compile"],
 )  # fmt: skip
 def test_a_pack_refuses_a_setting_it_would_not_apply(fake_data, tmp_path, capsys, override, named):
     config = write_sweep(tmp_path / "pack.yaml", fake_data, {"seed_everything": [0, 1]})
@@ -402,3 +405,79 @@ def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_pa
     assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "finished", "gn": "finished"}
     assert [a["resumed"] for a in found["bn"][0]["attempts"]] == [False, True]
     assert found["bn"][0]["global_step"] == 12 and len(found["bn"][0]["epochs"]) == 2
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def _attempt_spans(sweep_dir: Path) -> dict[str, tuple[str | None, float, float]]:
+    """Run name -> (CUDA_VISIBLE_DEVICES its process had, start, end) of its one attempt."""
+    spans = {}
+    for name, (record,) in records(sweep_dir).items():
+        assert record["status"] == "finished", (name, record.get("error"))
+        (attempt,) = record["attempts"]
+        spans[name] = (attempt["visible_devices"], attempt["started"], attempt["ended"])
+    return spans
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[1] < b[2] and b[1] < a[2]
+
+
+def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkeypatch):
+    # What a worker process does with its slot, here in this process: the run's own callback
+    # sees the slot's GPU as its CUDA_VISIBLE_DEVICES, and its config still says one device.
+    # (The worker processes themselves are test_parallel_workers_share_the_cores_...)
+    from normbench import sweep as sweep_module
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # put back after the test
+    config = write_sweep(tmp_path / "gpus.yaml", fake_data, {"model.norm": ["bn"]})
+    spec = yaml.safe_load(config.read_text())
+    spec["overrides"].update({"trainer.max_epochs": 1, "trainer.limit_train_batches": 1,
+                              "trainer.num_sanity_val_steps": 0,
+                              "trainer.callbacks": [{"class_path": "thread_probe.ThreadProbe"}]})  # fmt: skip
+    config.write_text(yaml.safe_dump(spec))
+    (cell,) = sweep_module.sweep(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
+    slots = sweep_module.gpu_slots(workers=4, gpus=2)
+    assert [slot.gpu for slot in slots] == ["0", "1", "0", "1"]  # the visible GPUs in turn, --gpus of them
+    sweep_module._run_group_in_slot([asdict(cell)], slots[1])
+    run = Path(cell.run_dir)
+    probe = json.loads((run / "threads.json").read_text())
+    record = json.loads((run / "metrics.json").read_text())
+    assert probe["cuda_visible_devices"] == record["attempts"][0]["visible_devices"] == "1"
+    assert record["status"] == "finished"
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["devices"] == 1
+
+
+def test_runs_go_to_the_worker_that_is_free(monkeypatch):
+    # The scheduling alone, with threads for processes: the first run is long, so the second
+    # worker, free first, takes the third and the fourth run.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normbench import sweep as sweep_module
+
+    seconds = {"long": 1.0, "a": 0.05, "b": 0.05, "c": 0.05}
+    ran: list[tuple[str, str, float, float]] = []
+    lock = threading.Lock()
+
+    def fake_slot(cells, slot):
+        start = time.time()
+        time.sleep(seconds[cells[0]["values"]["model.norm"]])
+        with lock:
+            ran.append(("+".join(c["name"] for c in cells), slot.gpu, start, time.time()))
+        return ["finished"] * len(cells)
+
+    monkeypatch.setattr(sweep_module, "_run_group_in_slot", fake_slot)
+    monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", lambda n, **_: ThreadPoolExecutor(n))
+    # Two seeds of each: with --pack, one pack per norm, handed to one worker whole.
+    cells = [sweep_module.Cell(i, f"{norm}_seed{seed}", {"model.norm": norm, "seed_everything": seed}, [], "/none")
+             for i, (norm, seed) in enumerate((n, s) for n in seconds for s in (0, 1))]  # fmt: skip
+    sweep_module.run_local(cells, workers=2, gpus=2, pack=True)
+    gpu = {name: g for name, g, _, _ in ran}
+    assert gpu == {"long_seed0+long_seed1": "0", "a_seed0+a_seed1": "1", "b_seed0+b_seed1": "1",
+                   "c_seed0+c_seed1": "1"}, ran  # fmt: skip
+    for x in ran:
+        for y in ran:
+            if x is not y and x[1] == y[1]:
+                assert x[3] <= y[2] or y[3] <= x[2], (x, y)  # one run at a time per GPU

@@ -1,4 +1,4 @@
-"""A callback for the sweep tests: each run writes the threads and cores its process was given."""
+"""A callback for the sweep tests: each run writes the threads, cores and GPUs its process was given."""
 
 from __future__ import annotations
 
@@ -21,5 +21,6 @@ class ThreadProbe(L.Callback):
             "env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
             "cores": cores,
             "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
         (Path(trainer.log_dir) / "threads.json").write_text(json.dumps(probe))

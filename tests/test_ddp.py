@@ -1,0 +1,255 @@
+"""Several devices mean the same experiment as one: two gloo processes on CPU against one
+process and against independent computations on the same images and weights.
+
+One run trains on 2 processes of 4 images (a global batch of 8, norms synced) on fake MNIST
+with 501 test images, which do not split evenly over 2 ranks. Its validation figures, its
+diagnostics and a ``normbench test`` on 2 processes are compared with the same figures
+computed on one device from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fakedata
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from quick_configs import mnist_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torchvision import datasets
+
+from normbench.cli import main
+from normbench.data import MNISTDataModule
+from normbench.module import NormBenchModule
+
+TESTS = Path(__file__).resolve().parent
+N_TRAIN, N_TEST = 96, 501
+PER_DEVICE, WORLD = 4, 2
+EVAL_IMAGES, PRECISE_IMAGES = 100, 40
+EVAL_BATCH = 32  # the CPU's evaluation batch size
+WIDTH = 8  # study 2's network, narrower: the processes' start dominates, not their arithmetic
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def _args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    return ["--config", mnist_config("bn", 16), "--data.data_dir", str(data_dir), "--data.download", "false",
+            "--data.num_workers", "0", "--data.batch_size", str(PER_DEVICE), "--trainer.accelerator", "cpu",
+            "--model.width", str(WIDTH), "--trainer.default_root_dir", str(root), *QUIET, *extra]  # fmt: skip
+
+
+def _ddp(sub: str, data_dir: Path, root: Path, *extra: str) -> None:
+    # ddp_fork: the second rank is a fork of the first, which imports torch and Lightning once
+    # (5 s less); the sweep above runs Lightning's default launcher.
+    cmd = [sys.executable, "-m", "normbench", sub, *_args(data_dir, root, "--trainer.devices", str(WORLD),
+           "--trainer.strategy", "ddp_fork", *extra)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp_data")
+    fakedata.write_mnist(root, "MNIST", n_train=N_TRAIN, n_test=N_TEST, seed=3)
+    return root
+
+
+def _ddp_sweep(data_dir: Path, root: Path, seeds: tuple[int, ...]) -> Path:
+    """A sweep over ``seeds``, each run one epoch on 2 processes of 4 images with norms synced,
+    run as a user runs it: ``normbench sweep`` in a shell, with Lightning's own DDP launcher
+    (``strategy: ddp``), which starts the other rank by running the command again. Returns the
+    sweep's directory."""
+    diagnostics = [{"class_path": "normbench.callbacks.NormDiagnostics",
+                    "init_args": {"eval_images": EVAL_IMAGES, "precise_bn_images": PRECISE_IMAGES}},
+                   {"class_path": "ddp_probe.SaveNormBuffers", "init_args": {"out_dir": str(root)}}]  # fmt: skip
+    overrides = {
+        "data.data_dir": str(data_dir), "data.download": False, "data.num_workers": 0, "data.batch_size": PER_DEVICE,
+        "model.width": WIDTH,
+        "trainer.accelerator": "cpu", "trainer.devices": WORLD, "trainer.strategy": "ddp", "trainer.max_epochs": 1,
+        "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False, "trainer.callbacks": diagnostics,
+    }  # fmt: skip
+    config = root / "ddp.yaml"
+    config.write_text(yaml.safe_dump({"base": mnist_config("bn", 16), "overrides": overrides,
+                                      "grid": {"seed_everything": list(seeds)}}))  # fmt: skip
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(root)]
+    done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "ddp"
+
+
+def _check_every_run_once(sweep_dir: Path, seeds: tuple[int, ...]) -> None:
+    runs = sorted((sweep_dir / "lightning_logs").glob("*/*"))
+    # Nothing else ran: no rank of a run re-ran the sweep and took another run (or a new version).
+    assert [f"{r.parent.name}/{r.name}" for r in runs] == [f"seed{s}/version_0" for s in seeds]
+    for seed, run in zip(seeds, runs, strict=True):
+        record = _record(run)
+        assert record["status"] == "finished", (seed, record.get("error"))
+        assert len(record["attempts"]) == 1 and not record["attempts"][0]["resumed"], record["attempts"]
+        assert record["seed"] == record["config"]["seed_everything"] == seed
+        assert record["layout"]["world_size"] == WORLD and record["layout"]["global_batch_size"] == PER_DEVICE * WORLD
+        # One epoch of 96 images in global batches of 8.
+        assert record["global_step"] == N_TRAIN // (PER_DEVICE * WORLD) and len(record["epochs"]) == 1
+    # The synced runs' ranks ended with the same norm statistics (the last run's, saved per rank).
+    ranks = [torch.load(sweep_dir.parent / f"rank{r}.pt") for r in range(WORLD)]
+    assert ranks[0] and ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], msg=key)
+
+
+@pytest.fixture(scope="module")
+def ddp_sweep(data_dir, tmp_path_factory) -> Path:
+    """A sweep of one run on 2 processes; the tests below check that run."""
+    return _ddp_sweep(data_dir, tmp_path_factory.mktemp("ddp_sweep"), (0,))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_sweep) -> Path:
+    """The run directory of that sweep's run."""
+    return ddp_sweep / "lightning_logs" / "seed0" / "version_0"
+
+
+def test_a_multi_device_run_of_a_sweep_runs_once_as_its_own_process_group(ddp_sweep):
+    _check_every_run_once(ddp_sweep, (0,))
+
+
+# Slow (40 s: each run starts two processes that import torch and Lightning); the one-run sweep
+# above checks the same in the default suite.
+@pytest.mark.slow
+def test_a_sweep_of_three_multi_device_runs_runs_each_once(data_dir, tmp_path):
+    seeds = (0, 1, 2)
+    _check_every_run_once(_ddp_sweep(data_dir, tmp_path, seeds), seeds)
+
+
+def test_run_names_say_the_global_batch_and_the_layout(data_dir, tmp_path):
+    from normbench.cli import NormBenchCLI
+
+    for devices, name in ((1, "mnist_bn_bs4"), (WORLD, "mnist_bn_bs8_2x4")):
+        cli = NormBenchCLI(args=_args(data_dir, tmp_path, "--trainer.devices", str(devices), "--trainer.strategy",
+                                      "ddp"), run=False)  # fmt: skip
+        assert cli.trainer.logger.name == name
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def _trained(run: Path) -> NormBenchModule:
+    """The run's network at its end, from its last checkpoint, on one process."""
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's own
+    model = NormBenchModule(**hparams)
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def _test_images(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as torchvision reads it, Normalize(0.5, 0.5) as study 2's configs."""
+    test = datasets.MNIST(str(data_dir), train=False, download=False)
+    return (test.data.unsqueeze(1).float() / 255 - 0.5) / 0.5, test.targets
+
+
+def test_validation_on_two_processes_equals_one_device_on_the_same_images(ddp_run, data_dir):
+    last = _record(ddp_run)["epochs"][-1]
+    net = _trained(ddp_run).net.eval()
+    x, y = _test_images(data_dir)
+    with torch.no_grad():
+        logits = net(x)
+    # Every one of the 501 images exactly once: no padded duplicate on the shorter shard.
+    assert last["val/acc"] * N_TEST == pytest.approx(round(last["val/acc"] * N_TEST), abs=1e-4)
+    assert last["val/acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6)
+    assert last["val/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-6)
+
+
+def test_test_on_two_processes_equals_one_process(ddp_run, data_dir, tmp_path):
+    ckpt = str(ddp_run / "checkpoints" / "last.ckpt")
+    probe = ["--trainer.callbacks+=ddp_probe.SaveTestMetrics", f"--trainer.callbacks.out_dir={tmp_path}"]
+    _ddp("test", data_dir, tmp_path, "--ckpt_path", ckpt, *probe)
+    main(["test", *_args(data_dir, tmp_path, "--ckpt_path", ckpt, *probe)])
+    two, one = (json.loads((tmp_path / f"test_metrics_{n}.json").read_text()) for n in (WORLD, 1))
+    assert two["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
+    assert two["test/loss"] == pytest.approx(one["test/loss"], abs=1e-6)
+    x, y = _test_images(data_dir)
+    with torch.no_grad():
+        logits = _trained(ddp_run).net.eval()(x)
+    assert one["test/acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6)
+
+
+def _pooled_statistics(net, batches) -> None:
+    """PreciseBN by hand: each norm's running statistics become the mean and unbiased variance
+    of all its inputs over ``batches``, the network in training mode."""
+    norms = [b.norm for b in net.blocks]
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(norms))}
+    hooks = [m.register_forward_pre_hook(lambda _, a, i=i: seen[i].append(a[0].detach().double()))
+             for i, m in enumerate(norms)]  # fmt: skip
+    net.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            net(x)
+    for h in hooks:
+        h.remove()
+    for i, m in enumerate(norms):
+        h = torch.cat(seen[i]).transpose(0, 1).reshape(m.num_features, -1)
+        m.running_mean.copy_(h.mean(1))
+        m.running_var.copy_(h.var(1, unbiased=True))
+
+
+def test_diagnostics_on_two_processes_use_one_devices_subsets(ddp_run, data_dir):
+    record = _record(ddp_run)
+    # Whole evaluation batches of 32 cover the first 100 images; PreciseBN's batches are the 8
+    # images one synced batch statistic covered in training: 5 of them for 40 images.
+    assert record["diagnostics"]["measured"] == {
+        "batch_stats_images": 128, "precise_bn_train_images": 40, "precise_bn_batch_size": 8,
+        "precise_bn_val_images": 128,
+    }  # fmt: skip
+    x, y = _test_images(data_dir)
+    first = [(x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH]) for i in range(0, 128, EVAL_BATCH)]
+    trained = _trained(ddp_run).net
+
+    # Batch statistics: each evaluation batch normalized by its own moments, from the trained state.
+    correct = 0
+    with torch.no_grad():
+        for xb, yb in first:
+            correct += int((copy.deepcopy(trained).train()(xb).argmax(1) == yb).sum())
+    assert record["evals"][-1]["train_eval/val_acc_batch_stats"] == pytest.approx(correct / 128, abs=1e-6)
+
+    # PreciseBN: the first 40 training images of one device's order (a loader with no trainer,
+    # the run's seed), in batches of 8, then the first 128 test images.
+    torch.manual_seed(record["seed"])
+    dm = MNISTDataModule(str(data_dir), download=False, batch_size=8, num_workers=0)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())[:5]
+    net = copy.deepcopy(trained)
+    _pooled_statistics(net, train)
+    with torch.no_grad():
+        correct = sum(int((net.eval()(xb).argmax(1) == yb).sum()) for xb, yb in first)
+    assert record["val_acc_precise_bn"] == pytest.approx(correct / 128, abs=1e-6)
+
+
+def test_the_record_and_the_hparams_say_what_the_batch_was(ddp_run):
+    layout = {"devices": 2, "num_nodes": 1, "world_size": 2, "batch_size_per_device": 4, "global_batch_size": 8,
+              "accumulate_grad_batches": 1, "norm_stats_images": 8, "norm_stats_scope": "all devices"}  # fmt: skip
+    assert _record(ddp_run)["layout"] == layout
+    assert _hparams(ddp_run)["layout/global_batch_size"] == 8 and _hparams(ddp_run)["layout/world_size"] == 2
+
+
+def _hparams(run: Path) -> dict:
+    """The HPARAMS tab's settings of a run, read from its event file."""
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    values = {}
+    for content in acc.PluginTagToContent("hparams").values():
+        data = HParamsPluginData.FromString(content)
+        for name, value in data.session_start_info.hparams.items():
+            values[name] = value.number_value if value.HasField("number_value") else value.string_value
+    return values
