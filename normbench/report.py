@@ -29,14 +29,60 @@ BEATS = 1.0
 CONTEXT = ("dataset", "net", "activation", "num_blocks")
 
 
+class BatchSize(int):
+    """A run's global batch size (images per optimizer step) and the processes it was split
+    over. It sorts and plots as the number, and equals only a batch size of the same layout, so
+    that a batch of 8 made of 4 devices x 2 is never averaged with one device's 8 (or 2);
+    written ``8 (4x2)``.
+
+    Args:
+        value: the global batch size.
+        world_size: processes (devices x nodes).
+    """
+
+    world_size: int
+
+    def __new__(cls, value: int, world_size: int = 1) -> BatchSize:  # noqa: PYI034 - Self needs Python 3.11
+        obj = super().__new__(cls, value)
+        obj.world_size = int(world_size or 1)
+        return obj
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, int):
+            return NotImplemented
+        return int(self) == int(other) and self.world_size == getattr(other, "world_size", 1)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(int(self)) if self.world_size == 1 else hash((int(self), self.world_size))
+
+    def __str__(self) -> str:
+        if self.world_size == 1:
+            return str(int(self))
+        return f"{int(self)} ({self.world_size}x{int(self) // self.world_size})"
+
+    __repr__ = __str__
+
+
+def _batch_size(record: dict, per_device: int | None) -> BatchSize | None:
+    """The record's global batch size with its layout; records before layouts were one device's."""
+    layout = record.get("layout") or {}
+    world = layout.get("world_size") or 1
+    total = layout.get("global_batch_size") or (per_device * world if per_device else None)
+    return None if total is None else BatchSize(total, world)
+
+
 @dataclass
 class Run:
-    """What the report needs from one run record."""
+    """What the report needs from one run record; ``batch_size`` is the global one."""
 
     path: str
     dataset: str
     norm: str
-    batch_size: int | None
+    batch_size: BatchSize | None
     seed: int | None
     net: str
     activation: str
@@ -95,7 +141,7 @@ def load_run(path: Path) -> Run:
         path=str(path.parent),
         dataset=dataset,
         norm=pick(model.get("norm"), "model.norm", default="?"),
-        batch_size=pick(init.get("batch_size"), "data.batch_size"),
+        batch_size=_batch_size(record, pick(init.get("batch_size"), "data.batch_size")),
         seed=pick(config.get("seed_everything"), "seed_everything"),
         net=pick(model.get("net"), "model.net", default="seed_cnn"),
         activation=pick(model.get("activation"), "model.activation", default="relu"),

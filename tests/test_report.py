@@ -15,10 +15,11 @@ from normbench.report import CLAIMS, find_runs
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
-           activation="relu", blocks=4) -> None:  # fmt: skip
-    """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]."""
+           activation="relu", blocks=4, world=None) -> None:  # fmt: skip
+    """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]; ``world``: the
+    processes of a run with a layout (``bs`` per device), None for a record from before layouts."""
     curve = curve if curve is not None else ([best] if best is not None else [])
-    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}" / "version_0"
+    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}_w{world}" / "version_0"
     run.mkdir(parents=True)
     config = {
         "seed_everything": seed,
@@ -29,7 +30,25 @@ def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, cu
     rec = {"status": status, "config": config, "epochs": [{"epoch": i, "val/acc": a} for i, a in enumerate(curve)]}
     if status == "finished":
         rec.update(val_acc_best=max(curve), val_acc_final=curve[-1])
+    if world is not None:
+        rec["layout"] = {"devices": world, "num_nodes": 1, "world_size": world, "batch_size_per_device": bs,
+                         "global_batch_size": bs * world}  # fmt: skip
     (run / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_runs_on_several_devices_are_rows_of_their_global_batch_and_layout(tmp_path):
+    # bs 2 on one device (with and without a layout in the record), bs 8 on one device, and
+    # 4 devices x 2: three rows, never averaged together.
+    record(tmp_path, bs=2, seed=0, best=0.50)
+    record(tmp_path, bs=2, seed=1, best=0.60, world=1)
+    record(tmp_path, bs=8, seed=0, best=0.70, world=1)
+    record(tmp_path, bs=2, seed=0, best=0.90, world=4)
+    record(tmp_path, norm="gn", bs=2, seed=0, best=0.40)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 2 | 55.00 ± 7.07 (n=2) | 40.00 (n=1) |" in text
+    assert "| 8 | 70.00 (n=1) | – |" in text
+    assert "| 8 (4x2) | 90.00 (n=1) | – |" in text
 
 
 def test_tables_to_the_digit(tmp_path):
