@@ -1,6 +1,6 @@
 """``python -m normbench ...``: the same entry point as the ``normbench`` command."""
 
-from normbench.cli import main
+from normbench.main import main
 
 if __name__ == "__main__":
     main()

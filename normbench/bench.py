@@ -38,15 +38,13 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 
-from normbench.data import InMemoryLoader
 from normbench.experiments import render_configs
+from normbench.loaders import InMemoryLoader, PackedLoader
 from normbench.module import NormBenchModule
-from normbench.packed import PackedLoader, PackedRuns, packed_loss
-from normbench.results import read_record
-from normbench.sweep import cpu_cores
+from normbench.nets import PackedRuns, packed_loss
+from normbench.report.tables import markdown_table
+from normbench.results import cpu_cores, read_record
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 SECTIONS = ("runs", "overhead", "grid", "compile", "pack")
 # What "bare" turns off: everything a shipped run does besides training and evaluating.
 BARE = ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0",
@@ -93,7 +91,8 @@ def seed_loop_cmd(script: Path | None, data_dir: Path, batch_size: int, train: i
                   norm: str = "batch", seed: int = 0) -> list[str]:  # fmt: skip
     entry = [str(script)] if script is not None else ["-m", "normbench.baseline"]
     cmd = [sys.executable, *entry, "--dataset", "mnist", "--data-dir", str(data_dir), "--batch-size", str(batch_size),
-           "--norm", norm, "--epochs", "1", "--seed", str(seed), "--device", "cuda" if torch.cuda.is_available() else "cpu"]  # fmt: skip
+           "--norm", norm, "--epochs", "1", "--seed", str(seed),
+           "--device", "cuda" if torch.cuda.is_available() else "cpu"]  # fmt: skip
     cmd += ["--train-subset", str(train)] if train else []
     return cmd + (["--test-subset", str(test)] if test else [])
 
@@ -101,7 +100,8 @@ def seed_loop_cmd(script: Path | None, data_dir: Path, batch_size: int, train: i
 def normbench_cmd(
     config: Path, data_dir: Path, root: Path, train: int | None, test: int | None, *extra: str
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", str(config), "--data", "normbench.data.MNISTDataModule",
+    cmd = [sys.executable, "-m", "normbench", "fit", "--config", str(config),
+           "--data", "normbench.data.MNISTDataModule",
            "--data.data_dir", str(data_dir), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root),
            "--name", "bench"]  # fmt: skip
     cmd += ["--data.train_subset", str(train)] if train else []
@@ -115,10 +115,7 @@ def _record(root: Path) -> dict:
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print(f"\n{title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(header, rows, align="right"))
 
 
 def bench_runs(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dict]:
@@ -192,7 +189,7 @@ def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dic
             "data.batch_size": cfg.grid_batch_sizes, "seed_everything": seeds}  # fmt: skip
     for workers, threads in ((1, cores), (cores, 1)):
         out = work / f"grid_{workers}x{threads}"
-        cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--base", str(base), "--overrides", json.dumps(overrides),
+        cmd = [sys.executable, "-m", "normbench", "sweep", "--base", str(base), "--overrides", json.dumps(overrides),
                "--grid", json.dumps(grid), "--workers", str(workers), "--threads_per_run", str(threads),
                "--output", str(out), "--name", "grid"]  # fmt: skip
         seconds = timed(cmd)
@@ -309,8 +306,8 @@ def bench_pack(cfg, data_dir: Path, real: bool) -> list[dict]:
         images = torch.randint(0, 256, (cfg.train_subset, 3, 32, 32), generator=g, dtype=torch.uint8)
         targets = torch.randint(0, 10, (cfg.train_subset,), generator=g)
     packed, sequential = packed_vs_sequential(images, targets, cfg.pack, cfg.pack_batch_size, cfg.pack_steps, device)
-    print(f"\npacked K={cfg.pack} at batch size {cfg.pack_batch_size}: {packed:.1f} img/s against {sequential:.1f} img/s "
-          f"for {cfg.pack} runs one after another: {packed / sequential:.2f}x")  # fmt: skip
+    print(f"\npacked K={cfg.pack} at batch size {cfg.pack_batch_size}: {packed:.1f} img/s against "
+          f"{sequential:.1f} img/s for {cfg.pack} runs one after another: {packed / sequential:.2f}x")  # fmt: skip
     return [{"pack": cfg.pack, "batch_size": cfg.pack_batch_size, "packed": round(packed, 1),
              "sequential": round(sequential, 1), "ratio": round(packed / sequential, 3)}]  # fmt: skip
 
@@ -334,7 +331,11 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     p = ArgumentParser(prog="normbench bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", type=str, default="data", help="folder with (or for) MNIST")
     p.add_argument(
-        "--mnist_raw", type=str, default=str(SHARED / "data" / "MNIST" / "raw"), help="MNIST .gz files to copy"
+        "--mnist_raw",
+        type=str | None,
+        default=None,
+        help="a folder of MNIST's .gz files to copy into --data_dir (default: none; without MNIST files there, "
+        "they are downloaded)",
     )
     p.add_argument(
         "--seed_loop",
@@ -366,7 +367,7 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     if script is not None and not script.is_file():
         raise FileNotFoundError(f"--seed_loop {script} not found; leave it out to use normbench.baseline")
     data_dir = Path(cfg.data_dir).resolve()
-    real = _prepare_mnist(data_dir, Path(cfg.mnist_raw))
+    real = _prepare_mnist(data_dir, Path(cfg.mnist_raw) if cfg.mnist_raw else None)
     print(f"machine: {machine()}; data: {'MNIST' if real else 'no MNIST files'} in {data_dir}")
     out: dict[str, list[dict]] = {"machine": [{"machine": machine()}]}
     with tempfile.TemporaryDirectory(prefix="normbench-bench-") as tmp:

@@ -1,28 +1,23 @@
-"""Diagnostics that read the model and write TensorBoard, and the run record. They never
-change training: every state they touch (mode, buffers, hooks) is put back in a ``finally``,
-and steps that do not log cost no host sync."""
+"""Diagnostics that read the model and write TensorBoard (``NormDiagnostics``), and study 1's
+validation before the first step (``ValidateAtStart``). They never change training: every
+state they touch (mode, buffers, hooks) is put back in a ``finally``, and steps that do not log
+cost no host sync."""
 
 from __future__ import annotations
 
 import copy
-import os
-import platform
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from normbench.norms import BatchRenorm, local_norms, tracks_running_stats, update_bn_stats
-from normbench.results import code_revision, error_line, update_record
 
 BATCH_STATS_ACC = "train_eval/val_acc_batch_stats"
 PRECISE_BN_ACC = "train_eval/val_acc_precise_bn"
@@ -66,7 +61,8 @@ def batch_running_gap(x: Tensor, layer: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _tensorboard(trainer: L.Trainer):
+def tensorboard_writer(trainer: L.Trainer):
+    """The SummaryWriter of the trainer's TensorBoard logger, None without one."""
     return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
@@ -127,7 +123,8 @@ class NormDiagnostics(L.Callback):
         precise_bn_images: int = 512,
     ) -> None:
         for name, value, least in (("every_n_steps", every_n_steps, 1), ("batch_stats_every", batch_stats_every, 1),
-                                   ("eval_images", 1 if eval_images is None else eval_images, 1), ("precise_bn_images", precise_bn_images, 0)):  # fmt: skip
+                                   ("eval_images", 1 if eval_images is None else eval_images, 1),
+                                   ("precise_bn_images", precise_bn_images, 0)):  # fmt: skip
             if value < least:
                 raise ValueError(
                     f"NormDiagnostics {name}={value} must be >= {least}; "
@@ -208,7 +205,7 @@ class NormDiagnostics(L.Callback):
         self._armed = False
         with self._timed():
             try:
-                writer = _tensorboard(trainer)
+                writer = tensorboard_writer(trainer)
                 if writer is not None:
                     self._write(writer, pl_module, self._step)
             finally:
@@ -276,7 +273,7 @@ class NormDiagnostics(L.Callback):
                 if acc is None:
                     return
                 trainer.callback_metrics[PRECISE_BN_ACC] = acc
-                writer = _tensorboard(trainer)
+                writer = tensorboard_writer(trainer)
                 if writer is not None:
                     writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
 
@@ -398,37 +395,6 @@ def norm_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     return per_device * trainer.world_size if synced else per_device
 
 
-def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-    """What a run's batch means on this machine, for its record: devices, nodes, processes, the
-    per-device and global batch size (the images of one optimizer step), and how many images
-    each norm's statistics cover (``norm_stats_images``, per device or over all of them when
-    synced; 1 for norms of one image, such as gn; None for no norm)."""
-    per_device = getattr(trainer.datamodule, "batch_size", None)
-    world = trainer.world_size
-    layers = [m for m in pl_module.modules() if tracks_running_stats(m)]
-    synced = bool(getattr(pl_module, "sync_norms", False)) and world > 1
-    if layers:
-        images = norm_batch(trainer, pl_module) if per_device else None
-        ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
-        if images is not None and ghost:
-            images = min(images, *ghost)
-        scope = "all devices" if synced else "per device"
-    elif getattr(pl_module, "norm_name", None) == "none":
-        images, scope = None, "no norm"
-    else:
-        images, scope = 1, "per image"
-    return {
-        "devices": trainer.num_devices,
-        "num_nodes": trainer.num_nodes,
-        "world_size": world,
-        "batch_size_per_device": per_device,
-        "global_batch_size": per_device * world if per_device else None,
-        "accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "norm_stats_images": images,
-        "norm_stats_scope": scope,
-    }
-
-
 class ValidateAtStart(L.Callback):
     """Validates once before the first training step, logged at step 0, so that accuracy curves
     start from the untrained network as study 1's do. Lightning's sanity check runs a few
@@ -461,209 +427,3 @@ class ValidateAtStart(L.Callback):
             val_loop.run()
         finally:
             trainer.training = True
-
-
-class RunRecorder(L.Callback):
-    """Writes the run record, ``metrics.json`` in the run directory, and TensorBoard's HParams.
-
-    The record holds per-epoch metrics, the final and best figures, the seed, the global step,
-    the wall time and the status (``running``, ``finished``, ``diverged`` with the step of the
-    first NaN or inf loss, ``interrupted`` by Ctrl-C, or ``failed``); it is rewritten atomically
-    after every epoch, so an interrupted run keeps what it had. The epochs recorded so far and the wall time travel in
-    checkpoints, so a resumed run goes on with exactly the record it had at its checkpoint. At
-    the end of fit the run's hyperparameters go to the HParams tab with
-    ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies under the studies'
-    ``val_split: 0``) and the train/eval diagnostics when present.
-
-    For curves against iterations (study 1), the record also holds ``evals``, one row per
-    validation with its ``step`` (optimizer steps done), and ``train_loss_steps``, the
-    ``[step, loss]`` of the batch trained in every ``trainer.log_every_n_steps``-th step
-    (steps 0, n, 2n, ...: that batch's loss before its update), also logged to TensorBoard as
-    ``train/loss_step``. The losses stay on the device until the record is written.
-    """
-
-    def __init__(self) -> None:
-        self._epochs: list[dict[str, float]] = []
-        self._evals: list[dict[str, float]] = []
-        self._losses: list[list[float]] = []
-        self._pending_losses: list[tuple[int, Tensor]] = []
-        self._start = 0.0
-        self._elapsed = 0.0  # wall time of the attempts before a resume
-        self._restored = False
-        self._pending: int | None = None  # an epoch whose training ended but is not collected yet
-        self._trainer: L.Trainer | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        # Checkpoints at the end of an epoch are taken after the module logged the epoch's
-        # training metrics (monitoring callbacks run last), so that epoch is complete here.
-        if self._pending is not None and self._trainer is not None:
-            self._collect(self._trainer, self._pending)
-        if self._trainer is not None:
-            self._flush_losses(self._trainer)
-        return {
-            "epochs": copy.deepcopy(self._epochs),
-            "evals": copy.deepcopy(self._evals),
-            "train_loss_steps": copy.deepcopy(self._losses),
-            "wall_time_s": time.time() - self._start,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epochs = copy.deepcopy(state_dict["epochs"])
-        self._evals = copy.deepcopy(state_dict.get("evals", []))
-        self._losses = copy.deepcopy(state_dict.get("train_loss_steps", []))
-        self._elapsed = float(state_dict["wall_time_s"])
-        self._restored = True
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # A killed run resumes from this checkpoint and hides what was logged after it
-        # (purge_step), so everything logged before it must be on disk now: TensorBoard's writer
-        # drains its queue on its own schedule, and SIGKILL loses what is still queued.
-        for lg in trainer.loggers:
-            flush = getattr(lg.experiment, "flush", None) if isinstance(lg, TensorBoardLogger) else lg.save
-            if callable(flush):
-                flush()
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._restored:
-            self._epochs, self._evals, self._losses, self._elapsed = [], [], [], 0.0
-        self._start, self._trainer, self._pending = time.time() - self._elapsed, trainer, None
-        self._pending_losses = []
-        log_dir = trainer.log_dir
-        config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
-        config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else None
-        fields: dict[str, Any] = {"config": config, "revision": code_revision(), "hardware": hardware(pl_module),
-                                  "layout": batch_layout(trainer, pl_module)}  # fmt: skip
-        if trainer.ckpt_path:
-            fields["resumed_from"] = str(trainer.ckpt_path)
-        self._save(trainer, status="running", **fields)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending = trainer.current_epoch
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        every = trainer.log_every_n_steps
-        step = trainer.global_step - 1  # the optimizer step this batch was trained in
-        if every and step % every == 0:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, Tensor):
-                self._pending_losses.append((step, loss.detach()))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        step = trainer.global_step
-        row = {
-            k: _float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith(("val/", "train_eval/")) and _float(v) is not None
-        }
-        # A resumed run may validate again at its checkpoint's step: keep one row per step.
-        self._evals = [e for e in self._evals if e["step"] != step] + [{"step": step, **row}]
-        self._flush_losses(trainer)
-        self._save(trainer, status="running")
-
-    def _flush_losses(self, trainer: L.Trainer) -> None:
-        """The losses kept on the device, to the record and TensorBoard: one host sync."""
-        if not self._pending_losses:
-            return
-        steps = [s for s, _ in self._pending_losses]
-        values = torch.stack([v.float() for _, v in self._pending_losses]).tolist()
-        self._pending_losses = []
-        writer = _tensorboard(trainer) if trainer.is_global_zero else None
-        for step, value in zip(steps, values):
-            self._losses.append([step, value])
-            if writer is not None:
-                writer.add_scalar("train/loss_step", value, step)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning has aggregated the previous epoch's train and val metrics by now.
-        if self._pending is not None:
-            self._collect(trainer, self._pending)
-            self._save(trainer, status="running")
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Ctrl-C leaves a run to resume (--ckpt_path last); an error is a failure, said in one line.
-        self._flush_losses(trainer)
-        if isinstance(exception, KeyboardInterrupt):
-            self._save(trainer, status="interrupted")
-        else:
-            self._save(trainer, status="failed", error=error_line(exception))
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        diverged_at = getattr(pl_module, "diverged_at", None)
-        # A run stopped mid-epoch (diverged) has no complete last epoch to collect.
-        if self._pending is not None and diverged_at is None:
-            self._collect(trainer, self._pending)
-        self._flush_losses(trainer)
-        # Every validation, also those between epoch ends (val_check_interval), else the epochs.
-        rows = self._evals or self._epochs
-        final = rows[-1] if rows else {}
-        metrics = {
-            "val_acc_final": final.get("val/acc"),
-            "val_acc_best": max((e["val/acc"] for e in rows if "val/acc" in e), default=None),
-            "val_acc_batch_stats_final": final.get(BATCH_STATS_ACC),
-            "val_acc_precise_bn": _float(trainer.callback_metrics.get(PRECISE_BN_ACC)),
-        }
-        metrics = {k: v for k, v in metrics.items() if v is not None}
-        if diverged_at is not None:
-            self._save(trainer, status="diverged", diverged_at_step=diverged_at, **metrics)
-            return
-        self._save(trainer, status="finished", **metrics)
-        self._log_hparams(trainer, pl_module, metrics)
-
-    def _collect(self, trainer: L.Trainer, epoch: int) -> None:
-        self._pending = None
-        if any(e["epoch"] == epoch for e in self._epochs):
-            return
-        row = {k: _float(v) for k, v in trainer.callback_metrics.items() if "/" in k and _float(v) is not None}
-        if row:
-            self._epochs.append({"epoch": epoch, **row})
-
-    def _save(self, trainer: L.Trainer, **fields: Any) -> None:
-        # trainer.log_dir is a broadcast: every rank must ask for it, only rank zero writes.
-        log_dir = trainer.log_dir
-        if log_dir is None or not trainer.is_global_zero:
-            return
-        diagnostics = [cb.record() for cb in trainer.callbacks if isinstance(cb, NormDiagnostics)]
-        if diagnostics:
-            fields.setdefault("diagnostics", diagnostics[0])
-        update_record(
-            log_dir,
-            epochs=self._epochs,
-            evals=self._evals,
-            train_loss_steps=self._losses,
-            global_step=trainer.global_step,
-            seed=_seed(),
-            wall_time_s=round(time.time() - self._start, 3) if self._start else 0.0,
-            **fields,
-        )
-
-    @rank_zero_only
-    def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
-        params = {"model": dict(pl_module.hparams)}
-        if trainer.datamodule is not None:
-            params["data"] = {"dataset": getattr(trainer.datamodule, "name", ""), **dict(trainer.datamodule.hparams)}
-        # The global batch beside the per-device data.batch_size: runs on several devices are
-        # compared by what one optimizer step sees.
-        params["layout"] = batch_layout(trainer, pl_module)
-        for lg in trainer.loggers:
-            if isinstance(lg, TensorBoardLogger):
-                lg.log_hyperparams(params, {f"hparams/{k}": v for k, v in metrics.items()})
-
-
-def hardware(pl_module: L.LightningModule) -> str:
-    """The device a run trains on, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU x86_64, 2 threads``."""
-    if pl_module.device.type == "cuda":
-        return torch.cuda.get_device_name(pl_module.device)
-    return f"{pl_module.device.type.upper()} {platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _float(value: Any) -> float | None:
-    if isinstance(value, Tensor):
-        return float(value.detach().float().cpu()) if value.numel() == 1 else None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _seed() -> int | None:
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else None

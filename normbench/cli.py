@@ -1,11 +1,16 @@
-"""``normbench fit|validate|test|predict``: LightningCLI over the module and the data modules."""
+"""``normbench fit|validate|test|predict``: LightningCLI over the module and the data modules,
+and resuming a run where its checkpoint left it.
+
+Also what a run's config means on this machine before a Trainer exists (how many processes it
+asks for, its name) and normbench's 64-bit seeding, which ``normbench.pack`` and
+``normbench.sweep`` share. No command module is imported here; ``normbench.main`` is the table
+of commands.
+"""
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -14,19 +19,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import yaml
-from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry, MPSAccelerator
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.trainer.connectors.accelerator_connector import _select_auto_accelerator
 
-from normbench.callbacks import RunRecorder
-
-# main(args) is how the tests and sweeps call the CLI, inside processes with arguments of their own.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-from normbench.data import DATAMODULES, DatasetNotFoundError, ImageDataModule, dataset_name
-from normbench.module import CheckpointMismatchError, NormBenchModule
+from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
+from normbench.errors import CheckpointMismatchError, check_config_files, first_line, one_line, reported
+from normbench.experiments import experiment_name
+from normbench.module import ARCHITECTURE, NormBenchModule
+from normbench.recorder import RunRecorder
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
@@ -73,12 +76,16 @@ def run_name(config: Namespace) -> str:
     layout follows it, ``cifar10_bn_bs8_4x2`` (4 processes of 2 images), so that such a run never
     shares a directory, a TensorBoard run or a report row with one device's batch size 2 or 8.
     """
-    dataset = dataset_name(config.data.class_path)
-    net = "" if config.model.net == "seed_cnn" else f"{config.model.net}_"
-    per_device = config.data.init_args.batch_size
-    world = world_size(config.trainer)
-    layout = f"_{world}x{per_device}" if world > 1 else ""
-    return f"{dataset}_{net}{config.model.norm}_bs{per_device * world}{layout}"
+    return experiment_name(dataset_name(config.data.class_path), config.model.norm,
+                           config.data.init_args.batch_size, config.model.net, world_size(config.trainer))  # fmt: skip
+
+
+def callback_name(callback: Any) -> str:
+    """The class name of a configured callback (``ModelCheckpoint``), from a config entry
+    (``{class_path: ..., init_args: ...}``), a class path or an instance."""
+    if isinstance(callback, L.Callback):
+        return type(callback).__name__
+    return str(getattr(callback, "class_path", callback)).rsplit(".", 1)[-1]
 
 
 # seed_everything's range: torch takes 64-bit seeds, Lightning's seed_everything only numpy's 32.
@@ -107,11 +114,8 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-# The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
-ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
-
-
-def _same(a, b) -> bool:
+def _equal_settings(a: Any, b: Any) -> bool:
+    """Two values of one model setting are the same setting (an empty and a missing dict too)."""
     if isinstance(a, dict) or isinstance(b, dict):
         return dict(a or {}) == dict(b or {})
     return a == b
@@ -119,26 +123,37 @@ def _same(a, b) -> bool:
 
 class NormBenchCLI(LightningCLI):
     """LightningCLI that links the dataset's classes and channels into the model and names
-    each run directory after its experiment: ``lightning_logs/<name>/version_N``."""
+    each run directory after its experiment: ``lightning_logs/<name>/version_N``.
 
-    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+    Args:
+        args: the command's arguments (None: ``sys.argv``).
+        run: run the subcommand; False only builds the classes.
+        commands: more commands (name -> help line) for ``normbench --help`` to list, which
+            ``normbench.main`` hands to their own modules before this parser runs.
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, commands: dict[str, str] | None = None) -> None:
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         # Whether this command says what the model is, by a config or --model options.
         self._model_given = any(a == "--config" or a.startswith(("--config=", "--model")) for a in argv)
-        super().__init__(
-            NormBenchModule,
-            ImageDataModule,
-            subclass_mode_data=True,
-            # One device unless the user asks for more: Lightning's "auto" would take every GPU
-            # and change the batch size under study (rule 13 of STYLE.md).
-            trainer_defaults={"callbacks": [RunRecorder()], "devices": 1},
-            save_config_kwargs={"overwrite": True},
-            # Parse errors raise, so that main() can say them in one line.
-            parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in SUBCOMMANDS}},
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-        )
+        self._commands = dict(commands or {})
+        with warnings.catch_warnings():
+            # Tests and sweeps pass args inside processes whose own argv is another command's.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            super().__init__(
+                NormBenchModule,
+                ImageDataModule,
+                subclass_mode_data=True,
+                # One device unless the user asks for more: Lightning's "auto" would take every
+                # GPU and change the batch size under study (rule 13 of STYLE.md).
+                trainer_defaults={"callbacks": [RunRecorder()], "devices": 1},
+                save_config_kwargs={"overwrite": True},
+                # Parse errors raise, so that they can be said in one line.
+                parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in SUBCOMMANDS}},
+                auto_configure_optimizers=False,
+                args=args,
+                run=run,
+            )
 
     def _set_seed(self) -> None:
         # Lightning's own refuses seeds above 2**32 - 1; normbench takes 64-bit seeds.
@@ -148,13 +163,10 @@ class NormBenchCLI(LightningCLI):
         seed_everything(seed)
 
     def _add_subcommands(self, parser, **kwargs) -> None:
-        """Lightning's subcommands, and normbench's own, each with its one line in ``--help``.
-
-        ``main`` hands sweep, report and bench to their modules before this parser runs; they
-        are here so that ``normbench --help`` lists them.
-        """
+        """Lightning's subcommands, and the commands given to the constructor, each with its one
+        line in ``--help``."""
         super()._add_subcommands(parser, **kwargs)
-        for name, help_line in OWN_SUBCOMMANDS.items():
+        for name, help_line in self._commands.items():
             own = ArgumentParser(prog=f"normbench {name}", description=help_line, add_help=False)
             parser._subcommands_action.add_subcommand(name, own, help=help_line)
 
@@ -188,16 +200,15 @@ class NormBenchCLI(LightningCLI):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise CheckpointMismatchError(
-                f"checkpoint {path} cannot be read ({first}); pass a .ckpt file saved by normbench fit"
+                f"checkpoint {path} cannot be read ({first_line(err)}); pass a .ckpt file saved by normbench fit"
             ) from None
         if not self._model_given:
             super()._parse_ckpt_path()
             return
         model = self.config[sub].model
         for key in ARCHITECTURE:
-            if key in saved and key in model and _same(saved[key], model[key]) is False:
+            if key in saved and key in model and _equal_settings(saved[key], model[key]) is False:
                 raise CheckpointMismatchError(
                     f"checkpoint {path} is of another model: it has {key}={saved[key]!r}, this run "
                     f"{key}={model[key]!r}; drop --model.{key} or give {saved[key]!r}, or pass a checkpoint of this "
@@ -233,8 +244,9 @@ class NormBenchCLI(LightningCLI):
         """Append callback ``class_path`` unless ``trainer.<switch>`` is false or a callback of
         that kind is configured already."""
         callbacks = config.trainer.callbacks or []
-        kind = class_path.rsplit(".", 1)[-1].removeprefix("TQDM")
-        if config.trainer[switch] is False or any(kind in str(getattr(c, "class_path", "")) for c in callbacks):
+        # A callback of the kind: TQDMProgressBar's switch is also off with a RichProgressBar.
+        kind = callback_name(class_path).removeprefix("TQDM")
+        if config.trainer[switch] is False or any(callback_name(c).endswith(kind) for c in callbacks):
             return
         NormBenchCLI._append_callback(config, class_path, **init_args)
 
@@ -298,7 +310,7 @@ class NormBenchCLI(LightningCLI):
         if config.trainer.enable_checkpointing is False:
             return True
         return any(
-            "ModelCheckpoint" in str(getattr(c, "class_path", ""))
+            callback_name(c) == "ModelCheckpoint"
             and getattr(getattr(c, "init_args", None), "every_n_train_steps", None)
             for c in config.trainer.callbacks or []
         )
@@ -351,153 +363,17 @@ def _versions_newest_first(run_dir: Path) -> list[str]:
     return [p.name for p in sorted(run_dir.glob("*"), key=lambda p: (number(p), p.stat().st_mtime), reverse=True)]
 
 
-# Errors in what the user gave (a value, a file, a config): one line that names the bad value
-# and the fix, exit status 2, no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (
-    ArgumentError,
-    ValueError,
-    FileNotFoundError,
-    DatasetNotFoundError,
-    yaml.YAMLError,
-    MisconfigurationException,
-)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-OWN_SUBCOMMANDS = {  # one line each in normbench --help
-    "sweep": "Run a grid of fit runs from a sweep config.",
-    "report": "Tables, plots and verdicts from run records.",
-    "bench": "Time normbench against the study's own loop.",
-}
 
 
-class UserError(SystemExit):
-    """Exit status 2 after a one-line error; ``message`` is that line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def one_line(err: BaseException) -> str:
-    """The error as one line; jsonargparse's parse errors are cut down to the failing key, the
-    bad value and what is expected."""
-    text = " ".join((str(err).strip() or type(err).__name__).split())
-    if isinstance(err, ArgumentError) or "Parser key" in text or "Union subtypes" in text:
-        text = _parse_error(text)
-    return text[:600]
-
-
-def _parse_error(text: str) -> str:
-    outer = re.match(r'Parser key "([^"]+)": ', text)
-    key = outer.group(1) if outer else None
-    if "Union subtypes" in text and "Errors: " in text:
-        # One error per alternative type; the None alternative's is never the point.
-        items = [i.strip() for i in re.split(r"(?:^| )- ", text.split("Errors: ", 1)[1]) if i.strip()]
-        items = [i for i in items if "NoneType" not in i]
-        text = items[0] if items else text
-    elif outer:
-        text = text[outer.end() :]
-    text = re.sub(r"^Problem with given class_path '[^']+': ", "", text)
-    inner = re.match(r'Parser key "([^"]+)": ', text)
-    if inner:
-        key = f"{key}.{inner.group(1)}" if key else inner.group(1)
-        text = text[inner.end() :]
-    where = f"{key}: " if key else ""
-    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)", text)
-    if literal:
-        choices = ", ".join(c.strip().strip("'") for c in literal.group(1).split(","))
-        return f"{where}{literal.group(2).strip()!r} is not one of {choices}"
-    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", text)
-    if typed:
-        return f"{where}{typed.group(2).strip()!r} is not a valid {typed.group(1)}; give a value of that type"
-    path = re.search(r"Expected a dot import path string: (\S+)", text) or re.search(
-        r"Expected a path but (\S+) either not accessible", text
-    )
-    if path and key == "data":
-        valid = ", ".join(cls.__name__ for cls in DATAMODULES.values())
-        return f"data: {path.group(1)!r} is not a data module; use one of {valid}"
-    if path:
-        return f"{where}{path.group(1)!r} is not an importable class; give its full class path"
-    unknown = re.search(r"[Uu]nrecognized arguments: (.*)", text) or re.search(
-        r"does not accept option '([^']+)'", text
-    )
-    if unknown:
-        return f"unknown option {unknown.group(1)}; see normbench fit --help for the valid keys, or check the spelling"
-    nokey = re.search(r'No action for key "([^"]+)"', text) or re.search(
-        r"Key \"?'?([\w.]+)'?\"? is not expected", text
-    )
-    if nokey:
-        return (
-            f"unknown config key {nokey.group(1)!r}; see normbench fit --help for the valid keys, or check the spelling"
-        )
-    return where + text
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Each ``--config FILE``: it exists and is valid YAML, said with the file's name and line."""
-    for flag, value in itertools.pairwise(argv):
-        if flag != "--config" or value.lstrip().startswith(("{", "[")) or ":" in value and "\n" in value:
-            continue
-        if not os.path.isfile(value):
-            raise FileNotFoundError(
-                f"config file {value} does not exist; pass the path of a YAML config, e.g. configs/mnist_bn_bs16.yaml"
-            )
-        try:
-            yaml.safe_load(Path(value).read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(f"config file {value} is not valid YAML{where} ({problem}); fix it there") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"config file {value} cannot be read ({err}); pass a readable YAML file") from None
-
-
-def main(args: ArgsType = None) -> None:
-    """The one entry point: ``normbench ...`` in a shell, ``main([...])`` in tests and sweeps.
-
-    ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI; ``sweep``, ``report`` and
-    ``bench`` to ``normbench.sweep``, ``normbench.report`` and ``normbench.bench``. A bad value,
-    file or config ends it with one line on stderr, ``normbench: error: ...``, and exit status 2
-    (``SystemExit``); ``NORMBENCH_DEBUG=1`` shows the traceback instead.
+def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> None:
+    """``normbench fit|validate|test|predict ...``: the CLI, with a user error said in one line
+    (``normbench.errors.reported``).
 
     Args:
-        args: command-line arguments; None reads ``sys.argv``.
+        args: the command's arguments, the subcommand first (None: ``sys.argv``).
+        commands: the other commands, for ``--help`` to list.
     """
-    argv = sys.argv[1:] if args is None else list(args)
-    try:
-        check_config_files(argv)
-        if argv and argv[0] == "sweep":
-            from normbench.sweep import sweep
-
-            sweep(argv[1:])
-        elif argv and argv[0] == "report":
-            from normbench.report import report
-
-            report(argv[1:])
-        elif argv and argv[0] == "bench":
-            from normbench.bench import bench
-
-            bench(argv[1:])
-        else:
-            NormBenchCLI(args=args)
-    except KeyboardInterrupt:
-        if args is not None:
-            raise  # a caller's own loop decides
-        print(
-            "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
-            file=sys.stderr,
-        )
-        raise SystemExit(130) from None
-    except USER_ERRORS as err:
-        if os.environ.get("NORMBENCH_DEBUG"):
-            raise
-        message = f"normbench: error: {one_line(err)}"
-        print(message, file=sys.stderr)
-        raise UserError(message) from None
-
-
-if __name__ == "__main__":
-    main()
+    with reported(DATA_MODULE_NAMES):
+        check_config_files([str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:])
+        NormBenchCLI(args=args, commands=commands)

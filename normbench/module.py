@@ -17,12 +17,36 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from normbench.errors import CheckpointMismatchError
 from normbench.nets import NETS, ActivationName, NetName
 from normbench.norms import NormName, convert_sync_norms, create_norm
 
+# The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
+ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not fit the model it is loaded into."""
+
+def classification_metrics(num_classes: int) -> tuple[MulticlassAccuracy, MeanMetric]:
+    """(top-1 accuracy, mean loss) metrics of one split: torchmetrics' micro accuracy, and the
+    mean of every image's loss (so that it weighs images, not batches). No input checks: theirs
+    call .any() on the device, a host sync every step.
+
+    Args:
+        num_classes: the classifier's classes.
+    """
+    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+    return accuracy, MeanMetric(nan_strategy="disable")
+
+
+def note_first_nonfinite(first: Tensor, loss: Tensor, step: int) -> None:
+    """Where ``loss`` (a loss or one per run) is NaN or inf for the first time, set ``first``
+    (-1 until then, same shape) to ``step``; all on the device, no host sync.
+
+    Args:
+        first: the record of the first non-finite step, updated in place.
+        loss: this step's loss(es).
+        step: this step's global step.
+    """
+    first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first))
 
 
 def _net_call(net: nn.Module, x: Tensor) -> Tensor:
@@ -81,13 +105,13 @@ class NormBenchModule(L.LightningModule):
             (``normbench.norms.convert_sync_norms``). Use it instead of ``trainer.sync_batchnorm``,
             which knows only torch's BatchNorm.
         channels_last: keep weights and activations in channels-last memory order, which
-            oneDNN and cuDNN convolutions run faster (1.1-1.8x measured on CPU); same math.
+            oneDNN and cuDNN convolutions run faster; same math.
         compile: run the network under ``torch.compile`` (inductor) in training and evaluation;
-            the loss, metrics and optimizer stay eager. The first step of each mode compiles
-            (study 2's training step on 2 CPU cores: about 20 s from an empty cache, 3 s from a
-            warm one). Checkpoints are the same as without it. Forward hooks on the network's
-            layers run, also those added later; they are compiled into the graph, so a hook that
-            dynamo cannot trace (a host timer) splits it and recompiles.
+            the loss, metrics and optimizer stay eager. The first step of each mode compiles (the
+            README's speed section says what that costs). Checkpoints are the same as without it.
+            Forward hooks on the network's layers run, also those added later; they are compiled
+            into the graph, so a hook that dynamo cannot trace (a host timer) splits it and
+            recompiles.
         check_finite_every_n_steps: how often the host reads the device-side record of the first
             step whose loss was NaN or inf; a run that diverged stops there and is recorded as
             ``diverged`` with that exact step. None: every step on CPU, where reading is free,
@@ -120,7 +144,8 @@ class NormBenchModule(L.LightningModule):
             )
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}; set --model.width to a positive number of channels")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # In checkpoints; logged by RunRecorder with the experiment's variables first.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
         self.norm_name = norm
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         factory = partial(create_norm, norm, **(norm_kwargs or {}))
@@ -140,11 +165,9 @@ class NormBenchModule(L.LightningModule):
         # forward and kept out of the module tree (a plain attribute, dropped when pickled).
         self.compile_net = compile
         self._compiled_net: Callable[[nn.Module, Tensor], Tensor] | None = None
-        # No input checks: theirs call .any() on the device, a host sync every step.
-        acc = partial(MulticlassAccuracy, num_classes=num_classes, average="micro", validate_args=False)
-        mean = partial(MeanMetric, nan_strategy="disable")
-        self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
-        self.train_loss, self.val_loss, self.test_loss = mean(), mean(), mean()
+        (self.train_acc, self.train_loss), (self.val_acc, self.val_loss), (self.test_acc, self.test_loss) = (
+            classification_metrics(num_classes) for _ in range(3)
+        )
         self.val_acc_best = MaxMetric()
         # In checkpoints, so that a run resumed in the middle of an epoch ends with the same
         # epoch means and best accuracy as one never interrupted.
@@ -203,11 +226,14 @@ class NormBenchModule(L.LightningModule):
         mismatched = [k for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
         if missing or unexpected or mismatched:
             hp = checkpoint.get("hyper_parameters", {})
-            saved = ", ".join(f"{k}={hp[k]}" for k in ("norm", "net", "width", "num_blocks", "num_classes") if k in hp)
+            # The architecture's main settings (norm, net, width, num_blocks) and the classes.
+            named = (*ARCHITECTURE[:1], *ARCHITECTURE[2:5], "num_classes")
+            saved = ", ".join(f"{k}={hp[k]}" for k in named if k in hp)
             example = (mismatched or missing or unexpected)[0]
             raise CheckpointMismatchError(
                 f"the checkpoint does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(mismatched)} differently shaped tensors, e.g. {example}); it was saved with {saved or 'other settings'}: "
+                f"{len(mismatched)} differently shaped tensors, e.g. {example}); "
+                f"it was saved with {saved or 'other settings'}: "
                 "pass those --model settings, or a checkpoint of this model"
             )
         self._train_metrics_epoch = checkpoint.get("normbench", {}).get("train_metrics_epoch")
@@ -227,14 +253,14 @@ class NormBenchModule(L.LightningModule):
 
     # The metric objects are logged once, at the end of each epoch: Lightning computes them there
     # (torchmetrics reduces across processes) and resets them. A self.log call per step costs
-    # Lightning about 0.8 ms of Python work, a sixth of a whole batch-2 step on a CPU.
+    # Lightning Python work per call, a large part of a whole batch-2 step on a CPU.
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss = self._step(batch, self.train_loss, self.train_acc)
         # Remembered on the device, read every check_finite_every_n_steps: no host sync here.
         first = self.first_nonfinite_step
         if first is None or first.device != loss.device:
             first = self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), self.global_step, first))
+        note_first_nonfinite(first, loss, self.global_step)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

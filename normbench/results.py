@@ -1,25 +1,76 @@
-"""Run records: the small machine-readable ``metrics.json`` in each run directory.
+"""The run record: ``metrics.json`` in each run directory, its schema, its statuses and its one
+writer.
 
-Sweeps and reports read these records, never TensorBoard files. Writes are atomic (a
-temporary file, then a rename), so an interrupted run never leaves a torn record.
+Sweeps and reports read these records, never TensorBoard files. Every write goes through
+``update_record``, which refuses a field the schema does not name or a status it does not know,
+and writes atomically (a temporary file, then a rename), so an interrupted run never leaves a
+torn record. ``RunRecorder`` (a fit), ``normbench.pack`` (packed runs) and the sweep's attempts
+all write through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from normbench.errors import error_line
+
 RECORD = "metrics.json"
+
+# Statuses: a run is pending until it starts, running until it ends, and ends finished, diverged
+# (its loss became NaN or inf), failed (an error) or interrupted (Ctrl-C, to be resumed).
+PENDING, RUNNING, FINISHED, DIVERGED, FAILED, INTERRUPTED = (
+    "pending", "running", "finished", "diverged", "failed", "interrupted",
+)  # fmt: skip
+STATUSES = (PENDING, RUNNING, FINISHED, DIVERGED, FAILED, INTERRUPTED)
+DONE = (FINISHED, DIVERGED)  # results: a sweep never runs them again
+UNFINISHED = (RUNNING, INTERRUPTED, PENDING)  # neither a result nor a failure yet
+
+SCHEMA: dict[str, str] = {
+    "status": "one of STATUSES",
+    "config": "the run's config as LightningCLI saved it (config.yaml)",
+    "revision": "the code's git commit (+dirty), or the package version",
+    "hardware": "the device, e.g. 'CPU x86_64, 2 threads' or the GPU's name",
+    "layout": "devices, num_nodes, world_size, per-device and global batch, images per norm statistic",
+    "seed": "seed_everything",
+    "global_step": "optimizer steps done",
+    "wall_time_s": "wall time of the run, all attempts together",
+    "epochs": "one row per training epoch: its train/ and val/ metrics",
+    "evals": "one row per validation with its step",
+    "train_loss_steps": "[step, loss] of every log_every_n_steps-th batch, before its update",
+    "diagnostics": "NormDiagnostics: host seconds, the subsets asked for and measured",
+    "val_acc_final": "the last validation's accuracy",
+    "val_acc_best": "the best validation accuracy",
+    "val_acc_batch_stats_final": "the last validation's accuracy with batch statistics",
+    "val_acc_precise_bn": "the accuracy after PreciseBN",
+    "diverged_at_step": "the step of the first NaN or inf loss",
+    "error": "the line that said why a run failed",
+    "traceback": "the end of a failed run's traceback",
+    "resumed_from": "the checkpoint a resumed run started from",
+    "attempts": "sweeps: one entry per start (pid, host, started, ended, resumed, visible_devices)",
+    "sweep": "sweeps: the cell's name, index and values",
+    "packed": "packs: the pack's runs and this run's index in it",
+}
 
 
 def read_record(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The record of ``run_dir``, or an empty dict when there is none yet."""
     path = Path(run_dir) / RECORD
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def status_of(run_dir: str | os.PathLike) -> str:
+    """The run's status, ``pending`` when it has no record."""
+    return read_record(run_dir).get("status", PENDING)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -39,20 +90,94 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 def update_record(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into the record of ``run_dir`` and return the whole record.
+    """The one writer: merge ``fields`` into the record of ``run_dir`` and return the whole record.
 
     Args:
         run_dir: the run directory (the logger's ``log_dir``).
-        **fields: JSON-serializable values to set.
+        **fields: fields of ``SCHEMA``, JSON-serializable.
     """
+    unknown = sorted(set(fields) - set(SCHEMA))
+    if unknown:
+        raise KeyError(f"run record fields {unknown} are not in normbench.results.SCHEMA")
+    if "status" in fields and fields["status"] not in STATUSES:
+        raise ValueError(f"run record status {fields['status']!r} is not one of {', '.join(STATUSES)}")
     record = {**read_record(run_dir), **fields}
     write_json_atomic(Path(run_dir) / RECORD, record)
     return record
 
 
-def error_line(err: BaseException, limit: int = 500) -> str:
-    """``Type: first line of the message``, as run records store an error."""
-    return f"{type(err).__name__}: {err}".splitlines()[0][:limit]
+def summary(rows: list[dict[str, float]], precise_bn: float | None = None) -> dict[str, float]:
+    """The end-of-run figures of a record from its evaluation rows (``evals``, or ``epochs``
+    when a run validated at epoch ends only): the last and best validation accuracy, the last
+    batch-statistics accuracy and PreciseBN's; figures a run did not measure are left out.
+
+    Args:
+        rows: the record's rows, in order.
+        precise_bn: PreciseBN's accuracy, when measured.
+    """
+    final = rows[-1] if rows else {}
+    figures = {
+        "val_acc_final": final.get("val/acc"),
+        "val_acc_best": max((e["val/acc"] for e in rows if "val/acc" in e), default=None),
+        "val_acc_batch_stats_final": final.get("train_eval/val_acc_batch_stats"),
+        "val_acc_precise_bn": precise_bn,
+    }
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+# -- sweeps' attempts ---------------------------------------------------------------------
+
+
+def start_attempt(
+    run_dir: str | os.PathLike, sweep: dict[str, Any], resume: bool, previous: list | None = None, **extra: Any
+) -> None:
+    """Append a start to the record's ``attempts`` and mark the run running.
+
+    Args:
+        run_dir: the run directory.
+        sweep: the sweep cell's name, index and values.
+        resume: whether the run resumes from its checkpoint.
+        previous: the attempts before this one (None: the record's), for a run whose directory
+            was cleared to start from nothing.
+        **extra: more about the attempt (e.g. ``packed``: the size of its pack).
+    """
+    attempts = read_record(run_dir).get("attempts", []) if previous is None else list(previous)
+    attempts.append(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "resumed": resume,
+         "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **extra}
+    )  # fmt: skip
+    update_record(run_dir, status=RUNNING, attempts=attempts, sweep=sweep)
+
+
+def end_attempt(run_dir: str | os.PathLike) -> None:
+    """Note in the record's last attempt when it ended."""
+    attempts = read_record(run_dir).get("attempts", [])
+    if attempts:
+        attempts[-1]["ended"] = time.time()
+        update_record(run_dir, attempts=attempts)
+
+
+def record_failure(run_dir: str | os.PathLike, err: BaseException, start: float, traceback: str) -> None:
+    """Mark the run failed, with the line that said why and the end of its traceback."""
+    update_record(run_dir, status=FAILED, error=error_line(err), traceback=traceback[-4000:],
+                  wall_time_s=round(time.time() - start, 3))  # fmt: skip
+
+
+# -- where a run ran ----------------------------------------------------------------------
+
+
+def hardware(device: torch.device) -> str:
+    """The device a run trains on, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU x86_64, 2 threads``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type.upper()} {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def cpu_cores() -> list[int]:
+    """The cores this process may run on (its affinity mask, which taskset and cgroups narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def code_revision() -> str:

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from normbench import baseline, bench
-from normbench.cli import main
+from normbench.main import main
 
-SEED_LOOP = Path(__file__).resolve().parents[2] / "shared" / "bench" / "seed_loop.py"
+ROOT = Path(__file__).resolve().parents[1]
+SEED_LOOP = ROOT.parent / "shared" / "bench" / "seed_loop.py"
 
 
 def test_the_shipped_loop_builds_the_studys_network_module_for_module():
@@ -43,7 +44,6 @@ def test_the_shipped_loop_trains_and_prints_its_json_line(fake_data, capsys):
 
 def test_bench_needs_nothing_outside_the_package(fake_data, tmp_path, monkeypatch, capsys):
     # As for a user who installed normbench: no ../shared folder beside it, no configs/ folder.
-    monkeypatch.setattr(bench, "SHARED", tmp_path / "no_shared")
     monkeypatch.chdir(tmp_path)
     rows = bench.bench(["--data_dir", str(fake_data), "--sections", "[runs, pack]", "--batch_sizes", "[16]",
                  "--train_subset", "64", "--test_subset", "32", "--repeats", "1",
@@ -63,7 +63,7 @@ def test_bench_runs_the_shipped_config_as_it_is(tmp_path):
     # The config it runs is the committed file, byte for byte.
     for bs in (2, 16, 128):
         written = bench.shipped_config(tmp_path, "bn", bs)
-        assert written.read_text() == (bench.ROOT / "configs" / written.name).read_text()
+        assert written.read_text() == (ROOT / "configs" / written.name).read_text()
     cmd = bench.normbench_cmd(written, tmp_path, tmp_path, 10000, 2000)
     assert cmd[cmd.index("--config") + 1] == str(written) and "--trainer.callbacks" not in cmd
     assert cmd[cmd.index("--data.test_subset") + 1] == "2000"

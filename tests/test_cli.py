@@ -17,8 +17,9 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from normbench.cli import NormBenchCLI, main
+from normbench.cli import NormBenchCLI
 from normbench.experiments import STUDY1, STUDY2, render_configs
+from normbench.main import main
 from normbench.norms import NORMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def test_training_never_sees_the_test_split(fake_data, tmp_path):
 def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
     out = tmp_path / f"sync_{sync}"
     out.mkdir()
-    cmd = [sys.executable, "-m", "normbench.cli", "fit", "--config", mnist_config("bn", 16),
+    cmd = [sys.executable, "-m", "normbench", "fit", "--config", mnist_config("bn", 16),
            *fast(fake_data, out), "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--model.sync_norms", str(sync).lower(), "--trainer.limit_val_batches", "0",
            "--trainer.callbacks+=ddp_probe.SaveNormBuffers", f"--trainer.callbacks.out_dir={out}"]  # fmt: skip

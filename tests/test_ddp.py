@@ -26,8 +26,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torchvision import datasets
 
-from normbench.cli import main
 from normbench.data import MNISTDataModule
+from normbench.main import main
 from normbench.module import NormBenchModule
 
 TESTS = Path(__file__).resolve().parent

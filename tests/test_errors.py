@@ -13,7 +13,7 @@ import pytest
 import yaml
 from quick_configs import mnist_config
 
-from normbench.cli import main
+from normbench.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = mnist_config("bn", 16)
@@ -210,7 +210,7 @@ def test_bad_input_gets_one_line_and_exit_status_2(case, workspace, capsys, monk
 
 
 def test_the_console_script_exits_2_with_only_the_line(workspace):
-    cmd = [sys.executable, "-m", "normbench.cli", *fit(workspace, "--data.batch_size", "0")]
+    cmd = [sys.executable, "-m", "normbench", *fit(workspace, "--data.batch_size", "0")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

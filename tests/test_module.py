@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from normbench.callbacks import NormDiagnostics, RunRecorder
+from normbench.callbacks import NormDiagnostics
 from normbench.data import CIFAR10DataModule, MNISTDataModule
 from normbench.module import NormBenchModule
 from normbench.norms import NORMS
+from normbench.recorder import RunRecorder
 
 
 class _Witness(L.Callback):

@@ -79,7 +79,7 @@ def test_dilated_cnn_refuses_a_dilation_as_large_as_the_image():
 def test_fit_checks_the_network_against_the_images_before_training(fake_data, tmp_path, capsys):
     from quick_configs import mnist_config
 
-    from normbench.cli import main
+    from normbench.main import main
 
     with pytest.raises(SystemExit):
         main(["fit", "--config", mnist_config("bn", 16), "--model.net", "dilated_cnn", "--model.num_blocks", "7",

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normbench.data import InMemoryLoader
+from normbench.loaders import InMemoryLoader, PackedLoader
 from normbench.module import NormBenchModule
-from normbench.packed import PackedLoader, PackedRuns, packed_loss
+from normbench.nets import PackedRuns, packed_loss
 
 SEEDS = (0, 1, 2)
 STEPS = 6

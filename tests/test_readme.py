@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from normbench.cli import main
+from normbench.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

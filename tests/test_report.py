@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from normbench.cli import main
 from normbench.data import DATAMODULES
+from normbench.main import main
 from normbench.report import CLAIMS, find_runs
 
 
@@ -173,7 +173,7 @@ def _study1_like_png(path: Path, curves: dict[str, list[float]], later: list[lis
 
 
 def test_reading_the_studys_figure_recovers_its_values(tmp_path):
-    from normbench.reference import read_accuracy_panel
+    from normbench.report.reference import read_accuracy_panel
 
     g = __import__("random").Random(0)
     bn = [0.5, 0.9] + [0.95 + 0.03 * g.random() for _ in range(19)]  # a steep first segment, off the panel at 0

@@ -14,7 +14,7 @@ import torch
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from normbench.cli import main
+from normbench.main import main
 from normbench.results import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def alone(fake_data, tmp_path_factory) -> Path:
 def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_path, alone, kill_at):
     marker = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "normbench.cli", *args(fake_data, tmp_path, *killer(kill_at, marker))]
+    cmd = [sys.executable, "-m", "normbench", *args(fake_data, tmp_path, *killer(kill_at, marker))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
@@ -131,7 +131,7 @@ def test_sigkill_right_after_a_checkpoint_loses_no_scalar_logged_before_it(fake_
     slow = "{class_path: killer.SlowEventFile, init_args: {seconds: 0.01}}"
     kill = f"{{class_path: killer.KillAfterCheckpoint, init_args: {{step: {EVERY}, marker: {marker}}}}}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "normbench.cli",
+    cmd = [sys.executable, "-m", "normbench",
            *args(fake_data, tmp_path, "--trainer.callbacks", f"[{DIAGNOSTICS}, {slow}, {kill}]")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -181,7 +181,7 @@ def test_iteration_run_resumed_at_a_validation_step_has_the_curves_of_the_run_le
     marker = tmp_path / "killed"
     kill = f"{{class_path: killer.KillAtStep, init_args: {{step: 12, marker: {marker}}}}}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "normbench.cli", *study1(tmp_path, "--trainer.callbacks", f"[{start}, {kill}]")]
+    cmd = [sys.executable, "-m", "normbench", *study1(tmp_path, "--trainer.callbacks", f"[{start}, {kill}]")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_dir = tmp_path / "lightning_logs" / "run" / "version_0"

@@ -15,9 +15,9 @@ from torch import nn
 
 from normbench.cli import NormBenchCLI
 from normbench.experiments import STUDY1, STUDY1_NORM_OPTIONS, render_configs
+from normbench.grid import expand
 from normbench.nets import DilatedCNN
 from normbench.norms import create_norm
-from normbench.sweep import expand
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 5
@@ -168,7 +168,7 @@ def test_dilated_cnn_is_the_studys_network():
 
 
 def test_study1_configs_print_the_studys_setup(capsys):
-    from normbench.cli import main
+    from normbench.main import main
 
     for dataset, norm, bs in STUDY1:
         with pytest.raises(SystemExit):

@@ -17,8 +17,9 @@ import yaml
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from normbench.cli import main
-from normbench.sweep import cpu_cores, expand
+from normbench.grid import expand
+from normbench.main import main
+from normbench.results import cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = mnist_config("bn", 16)
@@ -149,7 +150,7 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
         )
     )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(out)]
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     # Kill it once one run has finished and the next has started.
@@ -213,7 +214,7 @@ def _stopped_sweep(fake_data, tmp_path: Path, callback: str) -> list[str]:
                  "trainer.callbacks": [{"class_path": callback, "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
     config = tmp_path / "mid.yaml"
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
-    return [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    return [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
 
 
 # test_resume.py checks the same resume at the fit level in the default run; this sweep-level
@@ -242,7 +243,7 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
 @pytest.mark.slow
 def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
     config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
-    cmd = [sys.executable, "-m", "normbench.cli", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
     procs = [
         subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -428,7 +429,7 @@ def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkey
     # What a worker process does with its slot, here in this process: the run's own callback
     # sees the slot's GPU as its CUDA_VISIBLE_DEVICES, and its config still says one device.
     # (The worker processes themselves are test_parallel_workers_share_the_cores_...)
-    from normbench import sweep as sweep_module
+    from normbench import runner, sweep
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # put back after the test
     config = write_sweep(tmp_path / "gpus.yaml", fake_data, {"model.norm": ["bn"]})
@@ -437,10 +438,10 @@ def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkey
                               "trainer.num_sanity_val_steps": 0,
                               "trainer.callbacks": [{"class_path": "thread_probe.ThreadProbe"}]})  # fmt: skip
     config.write_text(yaml.safe_dump(spec))
-    (cell,) = sweep_module.sweep(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
-    slots = sweep_module.gpu_slots(workers=4, gpus=2)
+    (cell,) = sweep.sweep(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
+    slots = runner.gpu_slots(workers=4, gpus=2)
     assert [slot.gpu for slot in slots] == ["0", "1", "0", "1"]  # the visible GPUs in turn, --gpus of them
-    sweep_module._run_group_in_slot([asdict(cell)], slots[1])
+    runner._run_group_in_slot([asdict(cell)], slots[1])
     run = Path(cell.run_dir)
     probe = json.loads((run / "threads.json").read_text())
     record = json.loads((run / "metrics.json").read_text())
@@ -455,7 +456,8 @@ def test_runs_go_to_the_worker_that_is_free(monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from normbench import sweep as sweep_module
+    from normbench import runner
+    from normbench.grid import Cell
 
     seconds = {"long": 1.0, "a": 0.05, "b": 0.05, "c": 0.05}
     ran: list[tuple[str, str, float, float]] = []
@@ -468,12 +470,12 @@ def test_runs_go_to_the_worker_that_is_free(monkeypatch):
             ran.append(("+".join(c["name"] for c in cells), slot.gpu, start, time.time()))
         return ["finished"] * len(cells)
 
-    monkeypatch.setattr(sweep_module, "_run_group_in_slot", fake_slot)
-    monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", lambda n, **_: ThreadPoolExecutor(n))
+    monkeypatch.setattr(runner, "_run_group_in_slot", fake_slot)
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", lambda n, **_: ThreadPoolExecutor(n))
     # Two seeds of each: with --pack, one pack per norm, handed to one worker whole.
-    cells = [sweep_module.Cell(i, f"{norm}_seed{seed}", {"model.norm": norm, "seed_everything": seed}, [], "/none")
+    cells = [Cell(i, f"{norm}_seed{seed}", {"model.norm": norm, "seed_everything": seed}, [], "/none")
              for i, (norm, seed) in enumerate((n, s) for n in seconds for s in (0, 1))]  # fmt: skip
-    sweep_module.run_local(cells, workers=2, gpus=2, pack=True)
+    runner.run_local(cells, workers=2, gpus=2, pack=True)
     gpu = {name: g for name, g, _, _ in ran}
     assert gpu == {"long_seed0+long_seed1": "0", "a_seed0+a_seed1": "1", "b_seed0+b_seed1": "1",
                    "c_seed0+c_seed1": "1"}, ran  # fmt: skip

@@ -13,7 +13,8 @@ differences in numbers:
 - a series' value at point k is where its straight segments meet: inside a segment the centre of
   the coloured run in a pixel column is the line's value there (antialiased lines are
   symmetric about it, however steep), so each segment is measured three pixels inside either
-  end (clear of a steep neighbour's width) and extended to its ends; a point between two segments that bend is where their lines cross
+  end (clear of a steep neighbour's width) and extended to its ends; a point between two
+  segments that bend is where their lines cross
   (which needs no x calibration), otherwise the two estimates are averaged.
 
 Lines drawn later cover earlier ones where they coincide (the study draws BN, BNRS, BRN, BRNC,

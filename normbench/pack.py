@@ -3,7 +3,7 @@
 Each run of the pack is built exactly as ``normbench fit`` builds it alone (its config parsed by
 the same CLI, its model initialized after its own ``seed_everything``, its data order from its
 own seed), then the K networks train in one process and one step through
-``normbench.packed.PackedRuns``. Each run keeps its own metrics, its own TensorBoard run and its
+``normbench.nets.PackedRuns``. Each run keeps its own metrics, its own TensorBoard run and its
 own run record in its own run directory, as if it had run alone; a run whose loss turns NaN or
 inf is recorded as diverged at that step while the others go on (nothing couples the runs).
 
@@ -26,9 +26,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from normbench.callbacks import hardware
-from normbench.packed import PackedLoader, PackedRuns, packed_loss
-from normbench.results import code_revision, update_record
+from normbench.cli import NormBenchCLI, callback_name, seed_everything, world_size
+from normbench.loaders import PackedLoader
+from normbench.module import classification_metrics, note_first_nonfinite
+from normbench.nets import PackedRuns, packed_losses
+from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware, summary, update_record
 
 # Trainer settings a pack takes from its runs' configs (all equal within a pack).
 TRAINER_KEYS = ("max_epochs", "max_steps", "accelerator", "limit_train_batches", "limit_val_batches",
@@ -49,8 +51,6 @@ def unpackable(config, defaults) -> str | None:
         config: the run's config as ``NormBenchCLI``'s parser gives it (no subcommand).
         defaults: that parser's defaults.
     """
-    from normbench.cli import world_size
-
     if config.model.get("lr_scheduler") is not None:
         return f"model.lr_scheduler={config.model.lr_scheduler.class_path}"
     if config.model.get("compile"):
@@ -64,9 +64,8 @@ def unpackable(config, defaults) -> str | None:
         if value != defaults.trainer.get(key):
             return f"trainer.{key}={value}"
     for callback in config.trainer.callbacks or []:
-        kind = str(getattr(callback, "class_path", callback))
-        if kind.rsplit(".", 1)[-1] not in CALLBACKS_OBSERVING:
-            return f"trainer.callbacks: {kind}"
+        if callback_name(callback) not in CALLBACKS_OBSERVING:
+            return f"trainer.callbacks: {getattr(callback, 'class_path', callback)}"
     return None
 
 
@@ -81,7 +80,9 @@ def check_packable(config, defaults, run: str) -> None:
 
 
 class PackedModule(L.LightningModule):
-    """K runs of one NormBenchModule configuration in one step, with per-run metrics.
+    """K runs of one NormBenchModule configuration in one step, with per-run metrics: each run
+    has the module's own torchmetrics (its accuracy and image-weighted mean loss, on the device)
+    and its own record of the first step whose loss was NaN or inf.
 
     Args:
         modules: the K runs' modules, built alone (same configuration, own initialization).
@@ -95,56 +96,56 @@ class PackedModule(L.LightningModule):
         self.packed = PackedRuns([m.net for m in modules])
         self.optimizer_factory = modules[0].optimizer_factory
         self.run_dirs, self.run_loggers = run_dirs, loggers
-        # Per-run sums on the device, one (K,) tensor each, updated for all runs at once: the
-        # same sums as the module's MeanMetric (batch mean x batch size) and micro accuracy.
+        num_classes = modules[0].hparams.num_classes
         for split in ("train", "val"):
-            for name in ("loss_sum", "correct", "count"):
-                self.register_buffer(f"{split}_{name}", torch.zeros(self.k), persistent=False)
+            pairs = [classification_metrics(num_classes) for _ in range(self.k)]
+            setattr(self, f"{split}_acc", nn.ModuleList(acc for acc, _ in pairs))
+            setattr(self, f"{split}_loss", nn.ModuleList(loss for _, loss in pairs))
         self.register_buffer("first_nonfinite", torch.full((self.k,), -1, dtype=torch.long), persistent=False)
         self.best = [float("-inf")] * self.k
         self.epochs: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
         self._val_done = False
 
-    def _accumulate(self, split: str, per_run: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Add one batch: per_run (K,) mean losses, logits (K, B, classes), y (K, B)."""
-        b = y.shape[1]
-        getattr(self, f"{split}_loss_sum").add_(per_run.detach() * b)
-        getattr(self, f"{split}_correct").add_((logits.detach().argmax(-1) == y).sum(1))
-        getattr(self, f"{split}_count").add_(b)
+    def _update(self, split: str, logits: Tensor, y: Tensor) -> Tensor:
+        """Add one batch of every run, logits (K, B, classes) and y (K, B), to the split's
+        metrics; returns each run's mean loss, (K,)."""
+        losses = packed_losses(logits, y)
+        detached = logits.detach()
+        for run in range(self.k):
+            getattr(self, f"{split}_loss")[run].update(losses[run].detach())
+            getattr(self, f"{split}_acc")[run].update(detached[run], y[run])
+        return losses.mean(1)
 
-    def _take(self, split: str) -> tuple[list[float], list[float]]:
-        """(per-run mean loss, per-run accuracy) of the split so far, then zero its sums."""
-        sums = [getattr(self, f"{split}_{name}") for name in ("loss_sum", "correct", "count")]
-        loss, acc = (sums[0] / sums[2]).tolist(), (sums[1] / sums[2]).tolist()
-        for t in sums:
-            t.zero_()
-        return loss, acc
+    def _compute_and_reset(self, split: str) -> tuple[list[float], list[float]]:
+        """(per-run mean loss, per-run accuracy) of the split so far; the metrics start again."""
+        figures = []
+        for name in ("loss", "acc"):
+            metrics = getattr(self, f"{split}_{name}")
+            figures.append(torch.stack([m.compute() for m in metrics]).tolist())
+            for m in metrics:
+                m.reset()
+        return figures[0], figures[1]
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
-        logits = self.packed(x)
-        total, per_run = packed_loss(logits, y)
-        self._accumulate("train", per_run, logits, y)
-        bad = ~torch.isfinite(per_run.detach()) & (self.first_nonfinite < 0)
-        self.first_nonfinite.copy_(torch.where(bad, self.global_step, self.first_nonfinite))
-        return total
+        per_run = self._update("train", self.packed(x), y)
+        note_first_nonfinite(self.first_nonfinite, per_run, self.global_step)
+        # The sum over runs: each run's gradient is its own mean loss's.
+        return per_run.sum()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits = self.packed(x, shared_input=True)
-        targets = y.expand(self.k, -1)
-        _, per_run = packed_loss(logits, targets)
-        self._accumulate("val", per_run, logits, targets)
+        self._update("val", self.packed(x, shared_input=True), y.expand(self.k, -1))
 
     def on_validation_epoch_end(self) -> None:
         self._val_done = not self.trainer.sanity_checking
         if self.trainer.sanity_checking:
-            self._take("val")
+            self._compute_and_reset("val")
 
     def on_train_epoch_end(self) -> None:
         diverged = self.first_nonfinite.tolist()
-        train_loss, train_acc = self._take("train")
-        val_loss, val_acc = self._take("val") if self._val_done else (None, None)
+        train_loss, train_acc = self._compute_and_reset("train")
+        val_loss, val_acc = self._compute_and_reset("val") if self._val_done else (None, None)
         for k in range(self.k):
             row: dict[str, float] = {
                 "epoch": self.current_epoch,
@@ -159,7 +160,7 @@ class PackedModule(L.LightningModule):
             self.epochs[k].append(row)
             if self.run_loggers[k] is not None:
                 self.run_loggers[k].log_metrics({m: v for m, v in row.items() if m != "epoch"}, step=self.global_step)
-            update_record(self.run_dirs[k], epochs=self.epochs[k], global_step=self.global_step, status="running")
+            update_record(self.run_dirs[k], epochs=self.epochs[k], global_step=self.global_step, status=RUNNING)
         self._val_done = False
         if all(step >= 0 for step in diverged):
             self.trainer.should_stop = True
@@ -176,8 +177,6 @@ def fit_pack(cells: list[Any]) -> None:
     Args:
         cells: ``normbench.sweep.Cell`` objects.
     """
-    from normbench.cli import NormBenchCLI, seed_everything
-
     start = time.time()
     clis = [NormBenchCLI(args=cell.args[1:], run=False) for cell in cells]  # each seeds, then builds its model
     first = clis[0].config
@@ -211,22 +210,20 @@ def fit_pack(cells: list[Any]) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         config = cli.parser.dump(cli.config, skip_none=False)
         (Path(run_dir) / "config.yaml").write_text(config)
-        update_record(run_dir, status="running", config=yaml.safe_load(config), revision=code_revision(),
-                      seed=cli.config.seed_everything, packed={"runs": [c.name for c in cells], "index": index})  # fmt: skip
+        update_record(run_dir, status=RUNNING, config=yaml.safe_load(config), revision=code_revision(),
+                      seed=cli.config.seed_everything,
+                      packed={"runs": [c.name for c in cells], "index": index})  # fmt: skip
     module = PackedModule([cli.model for cli in clis], run_dirs, loggers)
     trainer.fit(module, train_dataloaders=PackedLoader(loaders), val_dataloaders=val_loader)
     diverged = module.first_nonfinite.tolist()
     for k, run_dir in enumerate(run_dirs):
-        epochs = module.epochs[k]
-        accs = [e["val/acc"] for e in epochs if "val/acc" in e]
-        fields: dict[str, Any] = {"global_step": trainer.global_step, "hardware": hardware(module),
-                                  "wall_time_s": round(time.time() - start, 3)}  # fmt: skip
-        if accs:
-            fields.update(val_acc_final=accs[-1], val_acc_best=max(accs))
+        fields: dict[str, Any] = {"global_step": trainer.global_step, "hardware": hardware(module.device),
+                                  "wall_time_s": round(time.time() - start, 3),
+                                  **summary(module.epochs[k])}  # fmt: skip
         if diverged[k] >= 0:
             fields["global_step"] = diverged[k] + 1  # where it would have stopped alone
-            update_record(run_dir, status="diverged", diverged_at_step=diverged[k], **fields)
+            update_record(run_dir, status=DIVERGED, diverged_at_step=diverged[k], **fields)
         else:
-            update_record(run_dir, status="finished", **fields)
+            update_record(run_dir, status=FINISHED, **fields)
         if loggers[k] is not None:
             loggers[k].finalize("success")

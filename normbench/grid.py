@@ -1,0 +1,150 @@
+"""A sweep's runs from its config: the cells of the grid, their names, arguments and run
+directories, checked before anything runs, and grouped into packs."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentError
+
+from normbench.cli import NormBenchCLI, world_size
+from normbench.data import DATA_MODULE_NAMES, DATAMODULES, dataset_name
+from normbench.errors import one_line
+from normbench.pack import check_packable
+from normbench.results import (
+    status_of,
+)
+
+# Short labels for common axes in run names; other keys use their last component.
+LABELS = {
+    "dataset": "",
+    "data": "",
+    "model.norm": "",
+    "model.net": "",
+    "model.activation": "",
+    "data.batch_size": "bs",
+    "seed_everything": "seed",
+    "model.num_blocks": "blocks",
+}
+
+
+@dataclass
+class Cell:
+    """One run of the grid; ``world_size``: the processes its Trainer config asks for (devices
+    times nodes), set when the sweep parses the cells."""
+
+    index: int
+    name: str
+    values: dict[str, Any]
+    args: list[str]
+    run_dir: str
+    world_size: int = 1
+
+    def status(self) -> str:
+        return status_of(self.run_dir)
+
+
+def cli_value(value: Any) -> str:
+    """A config value as one command-line token (YAML flow style for lists and dicts)."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _key_args(key: str, value: Any) -> list[str]:
+    if key == "dataset":
+        if value not in DATAMODULES:
+            raise ValueError(
+                f"unknown dataset {value!r} in the sweep grid; valid datasets are: {', '.join(DATAMODULES)}"
+            )
+        return ["--data", f"normbench.data.{DATAMODULES[value].__name__}"]
+    return [f"--{key}", cli_value(value)]
+
+
+def _label(key: str, value: Any) -> str:
+    prefix = LABELS.get(key, key.rsplit(".", 1)[-1])
+    if key == "data":
+        value = dataset_name(value)
+    return prefix + re.sub(r"[^A-Za-z0-9_.+-]+", "-", cli_value(value)).strip("-")
+
+
+def _axis(key: str, spec: list[Any] | dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, {config key: value}) for each point of one axis."""
+    if isinstance(spec, dict):
+        for label, keys in spec.items():
+            if not isinstance(keys, dict) or not keys:
+                raise ValueError(f"sweep axis {key}: variant {label!r} must map config keys to values")
+        return [(str(label), dict(keys)) for label, keys in spec.items()]
+    return [(_label(key, v), {key: v}) for v in spec]
+
+
+def expand(grid: dict[str, Any], base: str, overrides: dict[str, Any], sweep_dir: str | Path) -> list[Cell]:
+    """The cells of the grid, in a stable order (the axes' order, last axis fastest).
+
+    Args:
+        grid: config key -> the values it takes (``dataset`` takes registry names), or axis
+            name -> {variant name: {config key: value}}.
+        base: the base experiment config every run starts from.
+        overrides: config key -> value, for every run.
+        sweep_dir: the sweep's directory.
+    """
+    empty = [k for k, v in grid.items() if not isinstance(v, (list, dict)) or not v]
+    if not grid or empty:
+        where = f" at {', '.join(empty)}" if empty else ""
+        raise ValueError(f"the sweep grid is empty{where}; give every axis a list of values")
+    sweep_dir = Path(sweep_dir).resolve()
+    fixed = [a for k, v in overrides.items() for a in _key_args(k, v)]
+    cells = []
+    for index, combo in enumerate(itertools.product(*(_axis(k, v) for k, v in grid.items()))):
+        values = {k: v for _, keys in combo for k, v in keys.items()}
+        name = "_".join(label for label, _ in combo if label)
+        args = ["fit", "--config", str(Path(base).resolve()), *fixed]
+        args += [a for k, v in values.items() for a in _key_args(k, v)]
+        args += ["--trainer.default_root_dir", str(sweep_dir), "--name", name, "--version", "0"]
+        cells.append(Cell(index, name, values, args, str(sweep_dir / "lightning_logs" / name / "version_0")))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise ValueError("two cells of the sweep get the same name; give the axes distinct values")
+    return cells
+
+
+def validate(cells: list[Cell], pack: bool = False) -> None:
+    """Parse every cell's arguments before anything runs, so that a grid or override naming a
+    key that does not exist, or a value of the wrong type, stops the sweep with one line; with
+    ``pack``, also a setting that a pack would not apply (``normbench.pack.check_packable``)."""
+    parser = defaults = None
+    packed = {id(c) for group in packs(cells, pack) if len(group) > 1 for c in group}
+    for cell in cells:
+        try:
+            if parser is None:
+                # The first cell is also instantiated, which checks values such as batch_size.
+                parser = NormBenchCLI(args=cell.args[1:], run=False).parser
+            config = parser.parse_args(cell.args[1:])
+        except (ArgumentError, ValueError) as err:
+            given = ", ".join(f"{k}={cli_value(v)}" for k, v in cell.values.items())
+            raise ValueError(
+                f"sweep run {cell.name} ({given}): {one_line(err, DATA_MODULE_NAMES)}; "
+                "fix the sweep's grid or overrides"
+            ) from None
+        cell.world_size = world_size(config.trainer)
+        if id(cell) in packed:
+            if defaults is None:
+                defaults = parser.get_defaults()
+            check_packable(config, defaults, cell.name)
+
+
+def packs(cells: list[Cell], enabled: bool) -> list[list[Cell]]:
+    """The cells grouped into packs of runs that differ only in ``seed_everything`` (one cell
+    per group when packing is off or the grid has no seed axis), in grid order."""
+    if not enabled:
+        return [[c] for c in cells]
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        key = tuple((k, cli_value(v)) for k, v in cell.values.items() if k != "seed_everything")
+        groups.setdefault(key, []).append(cell)
+    return list(groups.values())

@@ -1,0 +1,61 @@
+"""The table of normbench's commands and its one entry point, ``main(args=None)``: the
+``normbench`` console script, ``python -m normbench``, the tests and the sweeps' workers all
+enter here.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (``normbench.cli``); ``sweep``,
+``report`` and ``bench`` are normbench's own, each a function of its module that takes the
+arguments after its name.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.cli import ArgsType
+
+from normbench.bench import bench
+from normbench.cli import run_cli
+from normbench.data import DATA_MODULE_NAMES
+from normbench.errors import check_config_files, reported
+from normbench.report import report
+from normbench.sweep import sweep
+
+# normbench's own commands: name -> (the one line --help gives it, the function that runs it).
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], object]]] = {
+    "sweep": ("Run a grid of fit runs from a sweep config.", sweep),
+    "report": ("Tables, plots and verdicts from run records.", report),
+    "bench": ("Time normbench against the study's own loop.", bench),
+}
+
+
+def main(args: ArgsType = None) -> None:
+    """The one entry point: ``normbench ...`` in a shell, ``main([...])`` in tests and sweeps.
+
+    A bad value, file or config ends it with one line on stderr, ``normbench: error: ...``, and
+    exit status 2 (``SystemExit``); ``NORMBENCH_DEBUG=1`` shows the traceback instead. Ctrl-C
+    ends it with exit status 130 and the line that says how to resume.
+
+    Args:
+        args: command-line arguments; None reads ``sys.argv``.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        if argv and argv[0] in COMMANDS:
+            with reported(DATA_MODULE_NAMES):
+                check_config_files(argv)
+                COMMANDS[argv[0]][1](argv[1:])
+        else:
+            run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
+    except KeyboardInterrupt:
+        if args is not None:
+            raise  # a caller's own loop decides
+        print(
+            "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""``normbench report``: tables, plots and verdicts from run records, never retraining.
+
+- ``records``: one ``Run`` per run record, its global batch and layout.
+- ``tables``: statistics over runs (mean, std, n; failures counted apart) and the tables.
+- ``verdicts``: the studies' claims, each with the figures behind its verdict.
+- ``figures``: the plots, and study 1's figures beside the published ones (``reference``
+  reads those off their pixels).
+- ``command``: ``report.md``, ``best_accuracy.csv`` and the command line.
+"""
+
+from normbench.report.command import report, write_report
+from normbench.report.records import BatchSize, Run, find_runs, load_run
+from normbench.report.verdicts import CLAIMS
+
+__all__ = ["CLAIMS", "BatchSize", "Run", "find_runs", "load_run", "report", "write_report"]

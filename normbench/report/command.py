@@ -1,0 +1,136 @@
+"""``normbench report``: tables, plots and the studies' verdicts from run records.
+
+It reads ``metrics.json`` run records only and never retrains. Every figure is a mean +- the
+sample standard deviation over seeds, with n; failed and diverged runs are counted as such and
+never enter a mean as 0%.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+
+from normbench.report.figures import plots, study1_sections
+from normbench.report.records import CONTEXT, Run, find_runs
+from normbench.report.tables import aggregate, batch_size_tables, depth_tables, markdown_table
+from normbench.report.verdicts import CLAIMS
+from normbench.results import RECORD
+
+
+def _sweep_lines(paths: list[str]) -> list[str]:
+    """The sweeps behind the records: their commands and fixed settings, from sweep.json."""
+    lines = []
+    for p in map(Path, paths):
+        for meta in sorted(p.rglob("sweep*.json")) if p.is_dir() else []:
+            info = json.loads(meta.read_text())
+            lines.append(f"- sweep `{info.get('name')}`: `{info.get('command', '')}`; "
+                         f"base `{Path(info.get('base', '')).name}`"
+                         f", for every run: `{json.dumps(info.get('overrides', {}))}`")  # fmt: skip
+    return lines
+
+
+def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, reference: str | None = None) -> Path:
+    """Write report.md, best_accuracy.csv and the plots into ``out``; return report.md's path.
+
+    Args:
+        runs: the run records.
+        out: the output folder.
+        inputs: the sweep or run directories the records came from.
+        command: the command that made the report, as it is stated in it.
+        reference: a folder of study 1's published figures to put beside ours.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    status = defaultdict(int)
+    for r in runs:
+        status[r.status] += 1
+    what = "test" if all(r.val_split == 0 for r in runs) else "validation"
+    lines = [
+        "# normbench report",
+        "",
+        (
+            f"Made by `{command}` from {len(runs)} run records "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); it reads records and never retrains."
+        ),
+        (
+            f"Accuracy is the best {what} accuracy over the evaluations of a run (every epoch, or every "
+            "val_check_interval iterations), in percent: mean ± sample "
+            "standard deviation over seeds (n runs). Failed and diverged runs are counted, never averaged as 0%."
+        ),
+        (
+            f"Runs made on: {', '.join(sorted({r.hardware for r in runs if r.hardware})) or 'not recorded'}; "
+            f"total training wall time {sum(r.wall_time_s or 0 for r in runs) / 60:.1f} min."
+        ),
+        "",
+        *_sweep_lines(inputs),
+        "",
+        "## Best accuracy by batch size and norm",
+    ]
+    with open(out / "best_accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*CONTEXT, "batch_size", "norm", "n", "mean", "std", "failed", "diverged", "unfinished"])
+        for key, s in sorted(aggregate(runs, (*CONTEXT, "batch_size", "norm")).items(), key=lambda kv: str(kv[0])):
+            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished])
+    for ctx, header, rows in batch_size_tables(runs):
+        lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
+    for ctx, header, rows in depth_tables(runs):
+        lines += ["", "## Depth and activation", "", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, batch size {ctx[3]}", ""]
+        lines.append(markdown_table(header, rows))
+    lines += ["", "## The studies' claims, checked against these runs", ""]
+    lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence] for v in
+                                                                (c(runs) for c in CLAIMS)])]  # fmt: skip
+    study1 = study1_sections(runs, out, reference)
+    if study1:
+        lines += ["", "## Training loss and test accuracy per iteration (study 1's figures)"]
+        if reference:
+            note = (
+                "The study's numbers are read off its published figures' pixels (`normbench.report.reference`: to 0.1 "
+                "point, "
+                "0.8 next to a segment that leaves the panel; ≈: under a line drawn later, within its width)."
+            )
+            lines += ["", note]
+        lines += study1
+    broken = [r for r in runs if not r.ok]
+    if broken:
+        lines += ["", "## Runs that did not finish", ""]
+        lines += [f"- `{Path(r.path).parent.name}`: {r.status}" for r in broken]
+    written = plots(runs, out)
+    if written:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in written]
+    report_path = out / "report.md"
+    report_path.write_text("\n".join(lines) + "\n")
+    return report_path
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
+def report(args: list[str] | None = None) -> Path:
+    """``normbench report <sweep or run dirs> [--out DIR]``.
+
+    Args:
+        args: command-line arguments after ``report``.
+    """
+    parser = ArgumentParser(prog="normbench report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", type=str, nargs="+", help="sweep directories, run directories or records")
+    parser.add_argument("--out", type=str | None, default=None, help="output folder (default: <first path>/report)")
+    parser.add_argument("--reference", type=str | None, default=None,
+                        help="folder of study 1's published figures (bs-B-dataset-D.png) "
+                        "to show beside ours")  # fmt: skip
+    cfg = parser.parse_args(args)
+    runs = find_runs(cfg.paths)
+    if not runs:
+        raise SystemExit(f"no {RECORD} run records under {' '.join(cfg.paths)}; pass a sweep or run directory")
+    out = Path(cfg.out) if cfg.out else Path(cfg.paths[0]) / "report"
+    command = "normbench report " + " ".join(sys.argv[2:] if args is None else args)
+    if cfg.reference and not Path(cfg.reference).is_dir():
+        raise FileNotFoundError(f"--reference {cfg.reference} is not a folder; pass the folder of the study's PNGs")
+    path = write_report(runs, out, cfg.paths, command, cfg.reference)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,174 @@
+"""The report's figures: accuracy per epoch and against batch size, and study 1's figure per
+(dataset, batch size) with its table beside the published one."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+from normbench.report.records import CONTEXT, Run
+from normbench.report.reference import study1_reference
+from normbench.report.tables import Stat, aggregate, markdown_table, sorted_values
+
+
+def _save(fig, ax, path: Path) -> str:
+    """Legend, grid, layout, then the PNG; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plots(runs: list[Run], out: Path) -> list[str]:
+    """Accuracy per epoch (a line per norm, a band over seeds) and best accuracy against batch
+    size (error bars), as PNGs in ``out``; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    main = [r for r in runs if r.ok and not r.iterations]
+    # Accuracy against epoch, per dataset and batch size: a line per norm, a band over seeds.
+    for ctx in sorted_values({(r.dataset, r.net, r.activation, r.num_blocks, r.batch_size) for r in main}):
+        group = [r for r in main if (r.dataset, r.net, r.activation, r.num_blocks, r.batch_size) == ctx and r.curve]
+        if not group:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for norm in sorted_values({r.norm for r in group}):
+            curves = [r.curve for r in group if r.norm == norm]
+            length = min(map(len, curves))
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
+            std = [statistics.stdev([c[i] for c in curves]) if len(curves) > 1 else 0.0 for i in range(length)]
+            epochs = list(range(1, length + 1))
+            ax.plot(epochs, mean, marker="o", label=f"{norm} (n={len(curves)})")
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ds, net, act, blocks, bs = ctx
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{ds}, batch size {bs}")
+        written.append(_save(fig, ax, out / f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"))
+    # Best accuracy against batch size, per context, with error bars over seeds; not for runs
+    # measured in iterations, whose lengths differ by batch size.
+    stats = aggregate([r for r in runs if not r.iterations], (*CONTEXT, "norm", "batch_size"))
+    for ctx in sorted_values({k[:4] for k in stats}):
+        sub = {k[4:]: v for k, v in stats.items() if k[:4] == ctx and v.mean is not None}
+        if len({b for _, b in sub}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for norm in sorted_values({n for n, _ in sub}):
+            pts = sorted((b, s) for (n, b), s in sub.items() if n == norm)
+            ax.errorbar([b for b, _ in pts], [s.mean for _, s in pts], yerr=[s.std or 0.0 for _, s in pts],
+                        marker="o", capsize=3, label=norm)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="batch size", ylabel="best test accuracy (%)", title=f"{ctx[0]}: accuracy vs batch size")
+        written.append(_save(fig, ax, out / f"acc_vs_batch_size_{ctx[0]}_{ctx[1]}_{ctx[2]}_{ctx[3]}blocks.png"))
+    return written
+
+
+# The study's colours (matplotlib's first three), so that our figure reads like its figure.
+STUDY1_COLORS = {"bn": "C0", "bnrs": "C1", "brn": "C2"}
+# The iterations at which the report names our test accuracy beside the study's.
+COMPARE_AT = (500, 2000, 5000, 10000)
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float]]:
+    """Steps every curve has, and the mean and sample std over the curves there."""
+    common = sorted(set.intersection(*({s for s, _ in c} for c in curves)))
+    by_step = [dict(c) for c in curves]
+    mean = [statistics.fmean(d[s] for d in by_step) for s in common]
+    std = [statistics.stdev([d[s] for d in by_step]) if len(by_step) > 1 else 0.0 for s in common]
+    return common, mean, std
+
+
+def _study1_figure(group: list[Run], path: Path, title: str) -> str:
+    """Study 1's figure for one (dataset, batch size): training loss (log scale) and test accuracy
+    against iterations, a line per norm (the mean over seeds; a band of one std for accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for norm in sorted_values({r.norm for r in group}):
+        runs = [r for r in group if r.norm == norm]
+        color = STUDY1_COLORS.get(norm)
+        n = len(runs)
+        if all(r.losses for r in runs):
+            steps, mean, _ = _mean_curve([r.losses for r in runs])
+            ax_loss.plot(steps, mean, color=color, lw=0.8, label=f"{norm} (n={n})")
+        if all(r.evals for r in runs):
+            steps, mean, std = _mean_curve([r.evals for r in runs])
+            ax_acc.plot(steps, mean, color=color, marker="o", ms=3, label=f"{norm} (n={n})")
+            ax_acc.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=color, alpha=0.2)  # fmt: skip
+    ax_loss.set_yscale("log")
+    ax_loss.set(title="Training loss", xlabel="iteration", ylabel="loss of the batch (mean over seeds)")
+    ax_acc.set(title="Test accuracy", xlabel="iteration", ylabel="test accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def _accuracy_at_step(runs: list[Run], step: int) -> Stat:
+    """The runs' test accuracy at iteration ``step``, where they evaluated there."""
+    return Stat([dict(r.evals)[step] for r in runs if step in dict(r.evals)])
+
+
+def study1_sections(runs: list[Run], out: Path, reference: str | None) -> list[str]:
+    """Markdown for every (dataset, net, batch size) of iteration runs: our figure, the study's
+    beside it when ``reference`` holds it, and test accuracy at ``COMPARE_AT`` side by side."""
+    lines: list[str] = []
+    done = [r for r in runs if r.ok and r.iterations]
+    for dataset, net, bs in sorted_values({(r.dataset, r.net, r.batch_size) for r in done}):
+        group = [r for r in done if (r.dataset, r.net, r.batch_size) == (dataset, net, bs)]
+        steps = max(r.max_steps for r in group)
+        name = _study1_figure(group, out / f"study1_{dataset}_{net}_bs{bs}.png",
+                              f"{dataset}, {net}, batch size {bs}: {steps:,} iterations")  # fmt: skip
+        ref = study1_reference(reference, dataset, bs) if reference else None
+        lines += ["", f"### {dataset}, batch size {bs} ({net}, {steps:,} iterations)", ""]
+        if ref is not None:
+            copy = out / f"reference_{ref[0].name}"
+            shutil.copyfile(ref[0], copy)
+            lines += ["| normbench | the study (published figure) |", "|---|---|",
+                      f"| ![{name}]({name}) | ![{copy.name}]({copy.name}) |"]  # fmt: skip
+        else:
+            lines.append(f"![{name}]({name})")
+        values = ref[1] if ref is not None else {}
+        header = ["norm", *(f"{s:,}" for s in COMPARE_AT)]
+        rows = []
+        for norm in sorted_values({r.norm for r in group}):
+            ours = [r for r in group if r.norm == norm]
+            cells = []
+            for step in COMPARE_AT:
+                stat = _accuracy_at_step(ours, step)
+                text = stat.cell() if stat.values else "not run"
+                theirs = values.get(norm, {}).get(step) if values else None
+                if values and norm in values:
+                    text += " / " + _reference_cell(theirs, stat.mean)
+                cells.append(text)
+            rows.append([norm, *cells])
+        what = "ours (mean ± std, n) / the study's, read off its figure, and ours − theirs" if values else "ours"
+        lines += ["", f"Test accuracy (%) at iteration: {what}.", "", markdown_table(header, rows)]
+    return lines
+
+
+def _reference_cell(theirs: tuple[float, bool] | None, ours: float | None) -> str:
+    if theirs is None:
+        return "not visible (below the panel or under later lines)"
+    value, covered = theirs
+    if math.isinf(value):
+        return "below 75"
+    text = f"{'≈' if covered else ''}{100 * value:.1f}"
+    if ours is not None:
+        text += f" ({ours - 100 * value:+.1f})"
+    return text

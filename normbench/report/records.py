@@ -1,0 +1,157 @@
+"""The report's view of run records: one ``Run`` per ``metrics.json``, read and never
+rewritten; ``batch_size`` is the global batch with its layout (``BatchSize``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normbench.data import DATAMODULES, dataset_name
+from normbench.results import FINISHED, RECORD
+
+CONTEXT = ("dataset", "net", "activation", "num_blocks")
+
+
+class BatchSize(int):
+    """A run's global batch size (images per optimizer step) and the processes it was split
+    over. It sorts and plots as the number, and equals only a batch size of the same layout, so
+    that a batch of 8 made of 4 devices x 2 is never averaged with one device's 8 (or 2);
+    written ``8 (4x2)``.
+
+    Args:
+        value: the global batch size.
+        world_size: processes (devices x nodes).
+    """
+
+    world_size: int
+
+    def __new__(cls, value: int, world_size: int = 1) -> BatchSize:  # noqa: PYI034 - Self needs Python 3.11
+        obj = super().__new__(cls, value)
+        obj.world_size = int(world_size or 1)
+        return obj
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, int):
+            return NotImplemented
+        return int(self) == int(other) and self.world_size == getattr(other, "world_size", 1)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(int(self)) if self.world_size == 1 else hash((int(self), self.world_size))
+
+    def __str__(self) -> str:
+        if self.world_size == 1:
+            return str(int(self))
+        return f"{int(self)} ({self.world_size}x{int(self) // self.world_size})"
+
+    __repr__ = __str__
+
+
+def _batch_size(record: dict, per_device: int | None) -> BatchSize | None:
+    """The record's global batch size with its layout; records before layouts were one device's."""
+    layout = record.get("layout") or {}
+    world = layout.get("world_size") or 1
+    total = layout.get("global_batch_size") or (per_device * world if per_device else None)
+    return None if total is None else BatchSize(total, world)
+
+
+@dataclass
+class Run:
+    """What the report needs from one run record; ``batch_size`` is the global one."""
+
+    path: str
+    dataset: str
+    norm: str
+    batch_size: BatchSize | None
+    seed: int | None
+    net: str
+    activation: str
+    num_blocks: int | None
+    val_split: float
+    status: str
+    best: float | None  # percent
+    final: float | None
+    curve: list[float] = field(default_factory=list)  # percent per epoch
+    wall_time_s: float | None = None
+    hardware: str | None = None
+    max_steps: int | None = None  # set for runs measured in iterations (study 1), not epochs
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, percent) per validation
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss of that batch)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == FINISHED and self.best is not None
+
+    def points(self) -> tuple[str, list[int], list[float]]:
+        """(unit, x, accuracy %) of the accuracy curve: per epoch (1, 2, ...), or per evaluation
+        at its iteration for iteration runs (the untrained network at 0 left out)."""
+        if self.iterations:
+            kept = [(s, a) for s, a in self.evals if s > 0]
+            return "iteration", [s for s, _ in kept], [a for _, a in kept]
+        return "epoch", list(range(1, len(self.curve) + 1)), self.curve
+
+    @property
+    def iterations(self) -> bool:
+        """A run measured in optimizer steps (``trainer.max_steps``), as study 1's are."""
+        return self.max_steps is not None and self.max_steps > 0
+
+    def context(self) -> tuple:
+        return tuple(getattr(self, k) for k in CONTEXT)
+
+
+def load_run(path: Path) -> Run:
+    """A ``Run`` from one record; failed runs fall back on their sweep cell's values."""
+    record = json.loads(path.read_text())
+    config = record.get("config") or {}
+    model, data = config.get("model", {}), config.get("data", {})
+    init = data.get("init_args", {})
+    values = record.get("sweep", {}).get("values", {})
+
+    def pick(config_value, *keys, default=None):
+        if config_value is not None:
+            return config_value
+        return next((values[k] for k in keys if k in values), default)
+
+    dataset = dataset_name(data.get("class_path", "")) if data else None
+    dataset = pick(dataset, "dataset", default="?")
+    if dataset not in DATAMODULES and "data" in values:
+        dataset = dataset_name(str(values["data"]))
+    pct = lambda v: None if v is None else 100.0 * v
+    return Run(
+        path=str(path.parent),
+        dataset=dataset,
+        norm=pick(model.get("norm"), "model.norm", default="?"),
+        batch_size=_batch_size(record, pick(init.get("batch_size"), "data.batch_size")),
+        seed=pick(config.get("seed_everything"), "seed_everything"),
+        net=pick(model.get("net"), "model.net", default="seed_cnn"),
+        activation=pick(model.get("activation"), "model.activation", default="relu"),
+        num_blocks=pick(model.get("num_blocks"), "model.num_blocks", default=4),
+        val_split=init.get("val_split", 0.0) or 0.0,
+        status=record.get("status", "unknown"),
+        best=pct(record.get("val_acc_best")),
+        final=pct(record.get("val_acc_final")),
+        curve=[100.0 * e["val/acc"] for e in record.get("epochs", []) if "val/acc" in e],
+        wall_time_s=record.get("wall_time_s"),
+        hardware=record.get("hardware"),
+        max_steps=(config.get("trainer") or {}).get("max_steps"),
+        evals=[(e["step"], 100.0 * e["val/acc"]) for e in record.get("evals", []) if "val/acc" in e],
+        losses=[(int(s), float(v)) for s, v in record.get("train_loss_steps", [])],
+    )
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run record under ``paths`` (sweep directories, run directories or record files)."""
+    files: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_file():
+            files.add(p)
+        elif p.is_dir():
+            files.update(p.rglob(RECORD))
+        else:
+            raise FileNotFoundError(f"{p} does not exist; pass sweep or run directories")
+    return [load_run(f) for f in sorted(files)]

@@ -1,0 +1,340 @@
+"""Running a sweep's cells: one claim per cell, each run through the CLI in this process or
+as its own process group, packs, and where runs execute (here one after another, worker
+processes that each own a slot of the machine, or Ray)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from normbench.cli import run_cli
+from normbench.grid import Cell, packs
+from normbench.pack import fit_pack
+from normbench.results import (
+    DONE,
+    INTERRUPTED,
+    cpu_cores,
+    end_attempt,
+    read_record,
+    record_failure,
+    start_attempt,
+)
+
+
+@contextmanager
+def claim(cell: Cell) -> Iterator[bool]:
+    """Hold the cell's claim, ``<sweep>/claims/<cell>.lock``, while the body runs; yields False
+    when another process holds it.
+
+    The claim is a POSIX lock (``fcntl.lockf``, which NFS forwards to its lock manager) on a file
+    that says who holds it. The kernel drops the lock when its process ends in any way, SIGKILL
+    and power loss included, so a claim left by a crashed process is stale by construction: the
+    file is still there, its lock is free, and the next sweep takes it over.
+    """
+    path = Path(cell.run_dir).parents[2] / "claims" / f"{cell.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous and cell.status() not in DONE:
+            print(f"sweep: taking over the stale claim on {cell.name} ({previous})", file=sys.stderr)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.fsync(fd)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock; the file stays, to say who ran the cell last
+
+
+def run_cell(cell: Cell | dict) -> str:
+    """Run one cell and return its status; a failure is recorded, not raised.
+
+    A cell of one process runs through ``main`` in this process. A cell whose Trainer asks for
+    several devices (or nodes) runs as a process group of its own, ``python -m normbench fit
+    ...`` in a subprocess that Lightning's DDP launcher then re-launches per rank: run in this
+    process, the launcher would re-launch the sweep command itself as the other ranks.
+
+    A cell another process has claimed is left to it (``claimed``). An interrupted run resumes
+    from its last checkpoint in its own run directory (``--ckpt_path last``); a failed one starts
+    again from scratch. Each start is appended to the record's ``attempts``, with the devices
+    it could see (``CUDA_VISIBLE_DEVICES``) and when it ended.
+    """
+    cell = Cell(**cell) if isinstance(cell, dict) else cell
+    run_dir = Path(cell.run_dir)
+    with claim(cell) as ours:
+        if not ours:
+            return "claimed"
+        status = cell.status()
+        if status in DONE:
+            return status
+        resume = status != "failed" and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        _start_attempt(cell, resume=resume)
+        start = time.time()
+        try:
+            if cell.world_size > 1:
+                _run_process_group(cell)
+            else:
+                run_cli([*cell.args, "--ckpt_path", "last"])
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
+            if cell.status() == INTERRUPTED:
+                # Ctrl-C stops the sweep, not just this run (Lightning turned it into an exit and
+                # ignores SIGINT from then on); the run resumes when the sweep runs again.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt from None
+            record_failure(cell.run_dir, err, start, traceback.format_exc())
+        finally:
+            end_attempt(cell.run_dir)
+        return cell.status()
+
+
+class RunExitError(RuntimeError):
+    """A run's own process group exited with a non-zero status."""
+
+
+def _run_process_group(cell: Cell) -> None:
+    """``normbench fit`` of ``cell`` in a subprocess, which Lightning launches as its own
+    process group on every device this process sees; its output streams through."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "normbench", *cell.args, "--ckpt_path", "last"], env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the run's processes too: let them record the interruption and stop.
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code == -signal.SIGINT or code == 130:
+        raise KeyboardInterrupt
+    if code != 0 and cell.status() not in (*DONE, "failed"):
+        raise RunExitError(f"the run's process group exited with status {code}; its output above says why")
+
+
+def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
+    """Record this start of ``cell`` (``normbench.results.start_attempt``); without a checkpoint
+    to resume from, the run directory is cleared first (the record's attempts are kept)."""
+    run_dir = Path(cell.run_dir)
+    previous = read_record(run_dir).get("attempts", [])
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    sweep = {"cell": cell.name, "index": cell.index, "values": cell.values}
+    start_attempt(run_dir, sweep, resume, previous, **extra)
+
+
+def run_group(cells: list[Cell | dict]) -> list[str]:
+    """Run one pack (``normbench.packed_fit``) or, for a single cell, ``run_cell``; failures are
+    recorded per run, as in ``run_cell``. Packs have no checkpoints: an interrupted pack starts again."""
+    cells = [Cell(**c) if isinstance(c, dict) else c for c in cells]
+    if len(cells) == 1:
+        return [run_cell(cells[0])]
+    with ExitStack() as stack:
+        todo = [c for c in cells if stack.enter_context(claim(c)) and c.status() not in DONE]
+        if len(todo) == 1:
+            stack.close()  # run_cell takes the claim itself
+            return [*(c.status() for c in cells if c is not todo[0]), run_cell(todo[0])]
+        for cell in todo:
+            _start_attempt(cell, resume=False, packed=len(todo))
+        start = time.time()
+        try:
+            if todo:
+                fit_pack(todo)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded for every run of the pack
+            for cell in todo:
+                record_failure(cell.run_dir, err, start, traceback.format_exc())
+        finally:
+            for cell in todo:
+                end_attempt(cell.run_dir)
+    return [c.status() for c in cells]
+
+
+def _ray_trainable(config: dict) -> None:
+    from ray import tune
+
+    tune.report({"status": run_cell(config["cell"])})
+
+
+def run_ray(cells: list[Cell], sweep_dir: Path, cpus_per_run: float, gpus_per_run: float, address: str | None) -> None:
+    """Run the cells as trials of Ray Tune (``pip install normbench[ray]``), on a local Ray
+    instance or the cluster at ``address``."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError:
+        raise SystemExit("the ray backend needs Ray Tune: pip install 'normbench[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    trainable = tune.with_resources(_ray_trainable, {"cpu": cpus_per_run, "gpu": gpus_per_run})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([asdict(c) for c in cells])},
+        run_config=tune.RunConfig(name="ray", storage_path=str(sweep_dir), verbose=0),
+    )
+    tuner.fit()
+
+
+def check_threads_per_run(threads_per_run: int | None, workers: int) -> None:
+    """A bad ``--threads_per_run`` stops the sweep with one line, before anything runs."""
+    if threads_per_run is not None and threads_per_run < 1:
+        default = max(1, len(cpu_cores()) // max(1, workers))
+        raise ValueError(
+            f"--threads_per_run must be >= 1, got {threads_per_run}; give a positive number of threads per run, "
+            f"or leave it out for cores // workers ({default} here)"
+        )
+
+
+def cpu_slots(workers: int, threads: int) -> list[list[int]]:
+    """The cores each of ``workers`` concurrent runs is pinned to: consecutive blocks of
+    ``threads`` cores, disjoint while ``workers * threads`` cores exist, wrapping around
+    (shared) beyond that."""
+    cores = cpu_cores()
+    return [
+        sorted({cores[(slot * threads + i) % len(cores)] for i in range(min(threads, len(cores)))})
+        for slot in range(workers)
+    ]
+
+
+def limit_threads(threads: int, cores: list[int] | None = None) -> None:
+    """Give this process ``threads`` intra-op and inter-op threads (and OMP_NUM_THREADS and
+    MKL_NUM_THREADS for the processes it starts, such as data loader workers) and, where the OS
+    allows, pin it to ``cores``.
+
+    Torch accepts the inter-op count only before its first parallel work, so this runs first
+    thing in a fresh worker process.
+    """
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    torch.set_num_interop_threads(threads)
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Slot:
+    """One worker's share of the machine: its GPU (``CUDA_VISIBLE_DEVICES``), or its threads
+    and cores on CPU."""
+
+    gpu: str | None = None
+    threads: int | None = None
+    cores: list[int] | None = None
+
+
+def gpu_slots(workers: int, gpus: int) -> list[Slot]:
+    """One GPU per worker, in turn (worker w on the w-th visible GPU modulo their count): of
+    ``CUDA_VISIBLE_DEVICES`` when it is set, else of 0 .. gpus - 1."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = visible[:gpus] if len(visible) >= gpus else [str(i) for i in range(gpus)]
+    return [Slot(gpu=ids[w % len(ids)]) for w in range(workers)]
+
+
+def _run_group_in_slot(cells: list[dict], slot: Slot) -> list[str]:
+    """``run_group`` in a fresh worker process, on its share of the machine. The GPU is set
+    before anything touches CUDA in this process, so device 0 of every run here is that GPU
+    and Lightning's default of one device takes it."""
+    if slot.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    if slot.threads is not None:
+        limit_threads(slot.threads, slot.cores)
+    return run_group(cells)
+
+
+def run_local(
+    cells: list[Cell], workers: int, gpus: int, pack: bool = False, threads_per_run: int | None = None
+) -> None:
+    """Run the cells here: in this process one after another, or ``workers`` processes at once,
+    each the owner of one slot of the machine and given the next run (or pack) when its last one
+    ends; with ``pack``, the runs that differ only in their seed train together as one pack.
+
+    With GPUs each worker owns one (``CUDA_VISIBLE_DEVICES`` in its process; several workers
+    share one when workers > gpus). On CPU ``workers`` processes share the machine instead of
+    each starting one thread per core: each gets ``threads_per_run`` threads (default cores //
+    workers, at least 1) and is pinned to cores of its own (``cpu_slots``). One process alone
+    keeps torch's defaults unless ``threads_per_run`` is given; on GPUs only a given
+    ``threads_per_run`` applies, unpinned.
+
+    A run whose Trainer asks for several devices runs as its own process group on every device
+    the sweep sees (``run_cell``): one after another, in grid order, after the one-device runs
+    when there are several workers.
+    """
+    from tqdm import tqdm
+
+    groups = packs(cells, pack)
+    bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
+
+    def run_here(group: list[Cell]) -> None:
+        bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
+        run_group(group)
+        bar.update(len(group))
+
+    if workers <= 1:
+        import torch
+
+        before = torch.get_num_threads()
+        if threads_per_run is not None:
+            torch.set_num_threads(threads_per_run)  # inter-op threads are fixed in this process by now
+        try:
+            for group in groups:
+                run_here(group)
+        finally:
+            torch.set_num_threads(before)
+            bar.close()
+        return
+    # Packs hold runs of one process each: a pack never asks for several devices (check_packable).
+    several = [g for g in groups if g[0].world_size > 1]
+    groups = [g for g in groups if g[0].world_size <= 1]
+    if gpus:
+        slots = gpu_slots(workers, gpus)
+        for slot in slots:
+            slot.threads = threads_per_run
+    else:
+        threads = threads_per_run or max(1, len(cpu_cores()) // workers)
+        slots = [Slot(threads=threads, cores=cores) for cores in cpu_slots(workers, threads)]
+    # A fresh process per run: nothing leaks from one run into the next. At most `workers` runs
+    # are submitted at once, each to a free slot, taken back when it ends.
+    todo = iter(groups)
+    running: dict = {}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+
+            def submit(index: int) -> None:
+                group = next(todo, None)
+                if group is not None:
+                    future = pool.submit(_run_group_in_slot, [asdict(c) for c in group], slots[index])
+                    running[future] = (index, len(group))
+
+            for index in range(workers):
+                submit(index)
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, n = running.pop(future)
+                    future.result()
+                    bar.update(n)
+                    submit(index)
+        for group in several:
+            run_here(group)
+    finally:
+        bar.close()
