@@ -6,6 +6,7 @@ cost no host sync."""
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 import warnings
 from collections.abc import Iterator
@@ -146,6 +147,8 @@ class NormDiagnostics(L.Callback):
         self._layers: dict[str, nn.Module] = {}
         self._val_source = None  # one device's validation batches, found at the first use in a fit
         self.measured: dict[str, int] = {}
+        self._kept: dict[str, list[float]] = {}  # this epoch's per-step figures, for end_of_run
+        self._kept_epoch: int | None = None
 
     # -- hooks on the model ----------------------------------------------------------------
 
@@ -208,8 +211,49 @@ class NormDiagnostics(L.Callback):
                 writer = tensorboard_writer(trainer)
                 if writer is not None:
                     self._write(writer, pl_module, self._step)
+                self._keep(trainer.current_epoch)
             finally:
                 self._captured, self._grads = {}, []
+
+    def _keep(self, epoch: int) -> None:
+        """Add this step's figures to those of its epoch, as numbers on the host (a step that logs
+        reads them anyway), for the run record's end-of-run figures."""
+        if self._kept_epoch != epoch:
+            self._kept, self._kept_epoch = {}, epoch
+        values = {f"{name}/{key}": value for name, figures in self._captured.items() for key, value in figures.items()
+                  if key in ("mean_gap", "std_ratio")}  # fmt: skip
+        values.update({f"grad/block_{i}": g for i, g in enumerate(self._grads)})
+        for key, value in values.items():
+            self._kept.setdefault(key, []).append(float(value))
+
+    def end_of_run(self) -> dict[str, Any]:
+        """Means over the captures (every ``every_n_steps`` steps) of the last training epoch:
+        per norm layer, in depth order, the batch-vs-running ``mean_gap`` and ``std_ratio``; per
+        block, the mean |gradient| of its conv weight, and the last block's over the first's."""
+        if not self._kept:
+            return {}
+        mean = {k: statistics.fmean(v) for k, v in self._kept.items()}
+        gaps = {name: {key: mean[f"{name}/{key}"] for key in ("mean_gap", "std_ratio") if f"{name}/{key}" in mean}
+                for name in self._layers if f"{name}/mean_gap" in mean}  # fmt: skip
+        blocks = sorted((k for k in mean if k.startswith("grad/")), key=lambda k: int(k.rsplit("_", 1)[1]))
+        grads = [mean[k] for k in blocks]
+        out: dict[str, Any] = {"epoch": self._kept_epoch, "captures": max(len(v) for v in self._kept.values())}
+        if gaps:
+            out["batch_vs_running"] = gaps
+        if grads:
+            out["grad_per_block"] = grads
+            if len(grads) > 1 and grads[0] > 0:
+                out["grad_last_over_first"] = grads[-1] / grads[0]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        # The end-of-run figures so far travel in checkpoints, so that a resumed run ends with
+        # the figures of the run never interrupted.
+        return {"kept": copy.deepcopy(self._kept), "kept_epoch": self._kept_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._kept = copy.deepcopy(state_dict.get("kept", {}))
+        self._kept_epoch = state_dict.get("kept_epoch")
 
     def _write(self, writer, pl_module: L.LightningModule, step: int) -> None:
         for name, layer in self._layers.items():
@@ -345,10 +389,11 @@ class NormDiagnostics(L.Callback):
     def record(self) -> dict[str, Any]:
         """What the run record says of the diagnostics: their time, their subsets as asked and
         as measured (``measured``: images of the last batch-statistics pass, PreciseBN's
-        training images and batch size and its validation images), and where those come from."""
+        training images and batch size and its validation images), where those come from, and
+        the per-step figures of the last epoch (``end_of_run``)."""
         return {"seconds": round(self.seconds, 3), "eval_images": self.eval_images,
                 "precise_bn_images": self.precise_bn_images, "measured": dict(self.measured),
-                "subsets": SUBSETS}  # fmt: skip
+                "subsets": SUBSETS, "end_of_run": self.end_of_run()}  # fmt: skip
 
     @torch.no_grad()
     def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor | None:

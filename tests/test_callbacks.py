@@ -8,9 +8,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -285,3 +285,36 @@ def test_the_hparams_tab_leads_with_the_experiments_variables(fake_data, tmp_pat
     # hparams.yaml holds the same settings.
     saved = yaml.safe_load((run / "hparams.yaml").read_text())
     assert set(saved) == set(infos) and saved["norm/num_groups"] == 4 and saved["dataset"] == "mnist"
+
+
+def test_end_of_run_figures_are_means_over_the_last_epochs_steps(tmp_path):
+    # 3 epochs of 3 steps, a capture at every step: the record's figures are the means of the
+    # logged figures of the last epoch's steps (6, 7, 8), not of the whole run.
+    torch.manual_seed(0)
+    module = NormBenchModule(norm="bn", width=8, num_blocks=3, num_classes=3, in_channels=1)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g))
+    diagnostics = NormDiagnostics(every_n_steps=1, batch_stats_eval=False, precise_bn_images=0)
+    trainer = L.Trainer(
+        max_epochs=3, logger=TensorBoardLogger(tmp_path, name="end"), accelerator="cpu", limit_val_batches=0,
+        callbacks=[diagnostics], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    acc = events(tmp_path / "end" / "version_0")
+
+    def last_epoch_mean(tag: str) -> float:
+        values = [e.value for e in acc.Scalars(tag) if e.step >= 6]
+        assert len(values) == 3, tag
+        return sum(values) / 3
+
+    end = diagnostics.record()["end_of_run"]
+    assert end["epoch"] == 2 and end["captures"] == 3
+    assert list(end["batch_vs_running"]) == ["blocks.0.norm", "blocks.1.norm", "blocks.2.norm"]
+    for name, figures in end["batch_vs_running"].items():
+        for key in ("mean_gap", "std_ratio"):
+            assert figures[key] == pytest.approx(last_epoch_mean(f"batch_vs_running/{name}/{key}"), rel=1e-5)
+    grads = [last_epoch_mean(f"grad/block_{i}") for i in range(3)]
+    assert end["grad_per_block"] == pytest.approx(grads, rel=1e-5)
+    assert end["grad_last_over_first"] == pytest.approx(grads[2] / grads[0], rel=1e-5)
+    whole_run = [e.value for e in acc.Scalars("grad/block_0")]
+    assert sum(whole_run) / len(whole_run) != pytest.approx(grads[0], rel=1e-3)  # the last epoch, not all
