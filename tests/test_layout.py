@@ -23,7 +23,7 @@ LAYERS = [
     ["normbench.bench"],
     ["normbench.report"],  # the package's __init__, the names it shows
     ["normbench.report.command"],
-    ["normbench.report.figures", "normbench.report.verdicts"],
+    ["normbench.report.figures", "normbench.report.verdicts", "normbench.report.why"],
     ["normbench.report.tables"],
     ["normbench.report.records", "normbench.report.reference"],
     ["normbench.pack"],

@@ -15,7 +15,7 @@ from normbench.report import CLAIMS, find_runs
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
-           activation="relu", blocks=4, world=None) -> None:  # fmt: skip
+           activation="relu", blocks=4, world=None, **extra) -> None:  # fmt: skip
     """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]; ``world``: the
     processes of a run with a layout (``bs`` per device), None for a record from before layouts."""
     curve = curve if curve is not None else ([best] if best is not None else [])
@@ -33,6 +33,7 @@ def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, cu
     if world is not None:
         rec["layout"] = {"devices": world, "num_nodes": 1, "world_size": world, "batch_size_per_device": bs,
                          "global_batch_size": bs * world}  # fmt: skip
+    rec.update(extra)
     (run / "metrics.json").write_text(json.dumps(rec))
 
 
@@ -242,3 +243,119 @@ def test_report_draws_study1_figures_and_names_the_differences(tmp_path):
         assert float(diff) == pytest.approx(float(ours.split()[0]) - float(value), abs=0.051)
     bnrs_row = next(line for line in text.splitlines() if line.startswith("| bnrs |"))
     assert "not visible" in bnrs_row  # the study's bnrs lies below its panel
+
+
+# --------------------------------------------------------------------------- statistics and the why
+
+
+def test_welch_and_hedges_g_equal_their_formulas():
+    from scipy import stats
+
+    from normbench.report.tables import Comparison, PairedComparison, Stat
+
+    a, b = [70.0, 72.5, 71.0, 74.0], [65.0, 69.0, 66.5]
+    c = Comparison(Stat(a), Stat(b))
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (ma - mb) / (va + vb) ** 0.5
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch-Satterthwaite
+    assert c.t == pytest.approx(t) and c.p == pytest.approx(2 * stats.t.sf(abs(t), df))
+    pooled = (((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / 5) ** 0.5
+    assert c.hedges_g == pytest.approx((ma - mb) / pooled * (1 - 3 / (4 * 7 - 9)))
+    assert "Welch's t-test" in c.text() and f"p = {c.p:.3f}" in c.text()
+    # Paired: the differences' mean over their standard error, n - 1 degrees of freedom.
+    x, y = [80.0, 81.0, 79.5], [75.0, 77.0, 74.0]
+    d = [u - v for u, v in zip(x, y)]
+    t_rel = statistics.fmean(d) / (statistics.stdev(d) / 3**0.5)
+    paired = PairedComparison(Stat(x), Stat(y))
+    assert paired.t == pytest.approx(t_rel) and paired.p == pytest.approx(2 * stats.t.sf(t_rel, 2))
+    assert not Comparison(Stat([1.0]), Stat(b)).testable and "too few runs" in Comparison(Stat([1.0]), Stat(b)).text()
+
+
+def test_cells_that_did_not_learn_are_marked_and_make_comparing_verdicts_inconclusive(tmp_path):
+    # 10 classes: below 30% a cell did not learn. bn and gn at batch size 128 stay near chance.
+    for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+        for bs, bn, gn in ((2, 0.50, 0.80), (16, 0.79, 0.80), (128, 0.12, 0.14)):
+            record(tmp_path, norm="bn", bs=bs, seed=seed, best=bn + jitter)
+            record(tmp_path, norm="gn", bs=bs, seed=seed, best=gn + jitter)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 128 | 12.00 ± 1.00 (n=3, not learned) | 14.00 ± 1.00 (n=3, not learned) |" in text
+    assert "| 2 | 50.00 ± 1.00 (n=3) |" in text
+    v = verdicts(tmp_path)
+    for claim in ("gn_stable", "bn_needs_batch", "bn_close_to_gn"):
+        assert v[claim][0] == "inconclusive", (claim, v[claim])
+        assert "bs 128" in v[claim][1] and "did not learn" in v[claim][1]
+    rows = list(csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").read_text().splitlines()))
+    assert {(r["batch_size"], r["learned"]) for r in rows} == {("2", "true"), ("16", "true"), ("128", "false")}
+
+
+def test_deep_sigmoid_networks_that_do_not_learn_still_feed_the_depth_verdict(tmp_path):
+    for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
+        for blocks, relu, sigmoid in ((1, 60.0, 50.0), (2, 65.0, 40.0), (4, 70.0, 20.0), (8, 75.0, 10.0)):
+            record(
+                tmp_path, "fashion_mnist", "bn", 128, seed, activation="relu", blocks=blocks, best=(relu + jitter) / 100
+            )
+            record(tmp_path, "fashion_mnist", "bn", 128, seed, activation="sigmoid", blocks=blocks,
+                   best=(sigmoid + jitter) / 100)  # fmt: skip
+    verdict, evidence = verdicts(tmp_path)["depth_activation"]
+    assert verdict == "supported"
+    assert "did not learn" in evidence and "sigmoid 4 blocks (20.00%)" in evidence and "sigmoid 8 blocks" in evidence
+    # 8 blocks against 1, sigmoid: 10 - 50 = -40 points, Welch's t-test over the 3 seeds.
+    assert "sigmoid 8 − 1 blocks: -40.00 points, Welch's t-test" in evidence
+
+
+def _diagnosed(root, norm, bs, seed, final, batch_stats=None, precise=None, gap=None, ratio=None, grads=None, **kw):
+    end = {}
+    if gap is not None:
+        end["batch_vs_running"] = {"blocks.0.norm": {"mean_gap": 9.0, "std_ratio": 9.0},
+                                   "blocks.3.norm": {"mean_gap": gap, "std_ratio": ratio}}  # fmt: skip
+    if grads is not None:
+        end["grad_per_block"] = grads
+    extra = {"diagnostics": {"eval_images": None, "end_of_run": end}}
+    if batch_stats is not None:
+        extra.update(val_acc_batch_stats_final=batch_stats, val_acc_precise_bn=precise)
+    record(root, norm=norm, bs=bs, seed=seed, best=final, **kw, **extra)
+
+
+def test_the_why_section_states_what_precise_bn_recovers_with_the_last_layers_figures(tmp_path):
+    # At batch size 2, BN loses 10 points to GN and PreciseBN recovers 8 of them: stale running
+    # statistics. At 128 BN loses 10 and PreciseBN recovers 1: the trained network is worse.
+    for seed, j in enumerate((-0.01, 0.0, 0.01)):
+        _diagnosed(tmp_path, "bn", 2, seed, 0.60 + j, batch_stats=0.66 + j, precise=0.68 + j, gap=0.5 + j, ratio=0.8)
+        _diagnosed(tmp_path, "gn", 2, seed, 0.70 + j)
+        _diagnosed(tmp_path, "bn", 128, seed, 0.60 + j, batch_stats=0.61, precise=0.61 + j, gap=0.05, ratio=1.0 + j)
+        _diagnosed(tmp_path, "gn", 128, seed, 0.70 + 2 * j)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    why = text.split("## Why", 1)[1]
+    # The last layer's figures (blocks.3.norm), not the first's.
+    assert (
+        "| 2 | bn | 60.00 ± 1.00 (n=3) | 66.00 ± 1.00 (n=3) | 68.00 ± 1.00 (n=3) | 0.500 ± 0.010 (n=3) | 0.800 ± 0.000 (n=3) |"
+        in why
+    )
+    assert "| 2 | gn | 70.00 ± 1.00 (n=3) | – | – | – | – |" in why
+    assert "at batch size 2, BN is behind GN by 10.00 points" in why
+    assert "PreciseBN recovers +8.00 points of them: stale running statistics" in why
+    assert "at batch size 128, BN is behind GN by 10.00 points" in why and "PreciseBN recovers only +1.00" in why
+    assert "lay 0.500 running standard deviations from the running mean, with a std ratio of 0.800" in why
+    assert (tmp_path / "rep" / "study2_beside_the_study.png").is_file()
+
+
+def test_the_gradient_section_gives_first_last_and_their_ratio_against_depth(tmp_path):
+    for seed, j in enumerate((0.0, 0.002)):
+        for blocks in (1, 4):
+            grads = [0.01 + j] + [0.005] * (blocks - 2) + [0.002 + j] if blocks > 1 else [0.01 + j]
+            _diagnosed(tmp_path, "bn", 128, seed, 0.7, grads=grads, activation="sigmoid", blocks=blocks)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    section = (tmp_path / "rep" / "report.md").read_text().split("## Gradient magnitude per block against depth", 1)[1]
+    ratio = statistics.fmean([0.002 / 0.01, 0.004 / 0.012])
+    assert (
+        f"| sigmoid | 4 | 70.00 ± 0.00 (n=2) | 0.01100 ± 0.00141 (n=2) | 0.00300 ± 0.00141 (n=2) | {ratio:.3f}"
+        in section
+    )
+    assert (
+        "| sigmoid | 1 | 70.00 ± 0.00 (n=2) | 0.01100 ± 0.00141 (n=2) | 0.01100 ± 0.00141 (n=2) | 1.000 ± 0.000"
+        in section
+    )
+    assert "0.0124 → 0.0039 (ReLU)" in section

@@ -3,8 +3,10 @@
 - ``records``: one ``Run`` per run record, its global batch and layout.
 - ``tables``: statistics over runs (mean, std, n; failures counted apart) and the tables.
 - ``verdicts``: the studies' claims, each with the figures behind its verdict.
-- ``figures``: the plots, and study 1's figures beside the published ones (``reference``
-  reads those off their pixels).
+- ``why``: what the end-of-run diagnostics say of each norm and batch size, and the gradient
+  magnitude per block against depth.
+- ``figures``: the plots, study 2's curve beside its table, and study 1's figures beside the
+  published ones (``reference`` reads those off their pixels).
 - ``command``: ``report.md``, ``best_accuracy.csv`` and the command line.
 """
 

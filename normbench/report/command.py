@@ -16,10 +16,24 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from normbench.report.figures import plots, study1_sections
+from normbench.report.figures import STUDY2_NOTE, plots, study1_sections, study2_figure
 from normbench.report.records import CONTEXT, Run, find_runs
-from normbench.report.tables import aggregate, batch_size_tables, depth_tables, markdown_table
+from normbench.report.tables import LEARNED, aggregate, batch_size_tables, depth_tables, markdown_table
 from normbench.report.verdicts import CLAIMS
+from normbench.report.why import gradient_sections, why_sections
+
+WHY_INTRO = (
+    "Per norm and batch size, mean ± std over seeds (n): test accuracy at the last evaluation with the "
+    "norms' running statistics, with their batch statistics (train mode, each evaluation batch normalized "
+    "by itself, nothing updated) and after PreciseBN recomputed the running statistics from training "
+    "images; and, over the last epoch's training steps, how far the last norm layer's batch mean lay from "
+    "its running mean in running standard deviations (mean gap) and its batch over running standard "
+    "deviation (std ratio). gn has no running statistics: its accuracy is what it is."
+)
+GRADIENT_INTRO = (
+    "The mean absolute gradient of each block's conv weight over the last epoch's training steps "
+    "(NormDiagnostics, every every_n_steps steps), mean ± std over seeds (n), against the network's depth."
+)
 from normbench.results import RECORD
 
 
@@ -60,7 +74,9 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         (
             f"Accuracy is the best {what} accuracy over the evaluations of a run (every epoch, or every "
             "val_check_interval iterations), in percent: mean ± sample "
-            "standard deviation over seeds (n runs). Failed and diverged runs are counted, never averaged as 0%."
+            "standard deviation over seeds (n runs). Failed and diverged runs are counted, never averaged as 0%. "
+            f"A condition whose runs averaged below {LEARNED:g}x chance is marked *not learned* and feeds no verdict "
+            "that compares norms or batch sizes."
         ),
         (
             f"Runs made on: {', '.join(sorted({r.hardware for r in runs if r.hardware})) or 'not recorded'}; "
@@ -73,9 +89,11 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
     ]
     with open(out / "best_accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*CONTEXT, "batch_size", "norm", "n", "mean", "std", "failed", "diverged", "unfinished"])
+        writer.writerow([*CONTEXT, "batch_size", "norm", "n", "mean", "std", "failed", "diverged", "unfinished",
+                         "learned"])  # fmt: skip
         for key, s in sorted(aggregate(runs, (*CONTEXT, "batch_size", "norm")).items(), key=lambda kv: str(kv[0])):
-            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished])
+            learned = "" if s.learned is None else str(s.learned).lower()
+            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished, learned])
     for ctx, header, rows in batch_size_tables(runs):
         lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
     for ctx, header, rows in depth_tables(runs):
@@ -84,6 +102,15 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
     lines += ["", "## The studies' claims, checked against these runs", ""]
     lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence] for v in
                                                                 (c(runs) for c in CLAIMS)])]  # fmt: skip
+    why = why_sections(runs)
+    if why:
+        lines += ["", "## Why: what the end-of-run diagnostics say", "", WHY_INTRO, *why]
+    gradients = gradient_sections(runs)
+    if gradients:
+        lines += ["", "## Gradient magnitude per block against depth", "", GRADIENT_INTRO, *gradients]
+    beside = study2_figure(runs, out)
+    if beside:
+        lines += ["", "## Ours beside the study's table", "", STUDY2_NOTE, "", f"![{beside}]({beside})"]
     study1 = study1_sections(runs, out, reference)
     if study1:
         lines += ["", "## Training loss and test accuracy per iteration (study 1's figures)"]

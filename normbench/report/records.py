@@ -82,10 +82,39 @@ class Run:
     max_steps: int | None = None  # set for runs measured in iterations (study 1), not epochs
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, percent) per validation
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss of that batch)
+    # The end-of-run diagnostics (percent), on the same images as ``final`` when the run's
+    # NormDiagnostics measured on the whole validation set (``eval_images: null``).
+    batch_stats: float | None = None  # accuracy with the norms' batch statistics (train mode)
+    precise_bn: float | None = None  # accuracy after PreciseBN recomputed the running statistics
+    diagnostics_images: int | None = None  # the validation images those two were measured on (None: all)
+    mean_gap: float | None = None  # the last norm layer's |mu_B - mu_run| / sigma_run, last epoch
+    std_ratio: float | None = None  # the last norm layer's sigma_B / sigma_run, last epoch
+    grads: list[float] = field(default_factory=list)  # mean |gradient| per block, first to last
 
     @property
     def ok(self) -> bool:
         return self.status == FINISHED and self.best is not None
+
+    @property
+    def grad_first(self) -> float | None:
+        """Mean |gradient| of the first block's conv weight over the last epoch."""
+        return self.grads[0] if self.grads else None
+
+    @property
+    def grad_last(self) -> float | None:
+        """Mean |gradient| of the last block's conv weight over the last epoch."""
+        return self.grads[-1] if self.grads else None
+
+    @property
+    def grad_ratio(self) -> float | None:
+        """The last block's gradient magnitude over the first's."""
+        return self.grads[-1] / self.grads[0] if self.grads and self.grads[0] else None
+
+    @property
+    def chance(self) -> float | None:
+        """Accuracy (percent) of guessing: 100 / the dataset's classes."""
+        module = DATAMODULES.get(self.dataset)
+        return 100.0 / module.num_classes if module is not None else None
 
     def points(self) -> tuple[str, list[int], list[float]]:
         """(unit, x, accuracy %) of the accuracy curve: per epoch (1, 2, ...), or per evaluation
@@ -122,6 +151,9 @@ def load_run(path: Path) -> Run:
     if dataset not in DATAMODULES and "data" in values:
         dataset = dataset_name(str(values["data"]))
     pct = lambda v: None if v is None else 100.0 * v
+    end = (record.get("diagnostics") or {}).get("end_of_run") or {}
+    gaps = end.get("batch_vs_running") or {}
+    last_layer = gaps[list(gaps)[-1]] if gaps else {}  # in depth order: the last is the deepest
     return Run(
         path=str(path.parent),
         dataset=dataset,
@@ -141,6 +173,12 @@ def load_run(path: Path) -> Run:
         max_steps=(config.get("trainer") or {}).get("max_steps"),
         evals=[(e["step"], 100.0 * e["val/acc"]) for e in record.get("evals", []) if "val/acc" in e],
         losses=[(int(s), float(v)) for s, v in record.get("train_loss_steps", [])],
+        batch_stats=pct(record.get("val_acc_batch_stats_final")),
+        precise_bn=pct(record.get("val_acc_precise_bn")),
+        diagnostics_images=(record.get("diagnostics") or {}).get("eval_images"),
+        mean_gap=last_layer.get("mean_gap"),
+        std_ratio=last_layer.get("std_ratio"),
+        grads=list(end.get("grad_per_block", [])),
     )
 
 

@@ -3,23 +3,39 @@ failed, diverged and unfinished runs counted apart and never averaged as 0%."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from scipy import stats as scipy_stats
+
 from normbench.report.records import CONTEXT, Run
 from normbench.results import DIVERGED, UNFINISHED
+
+# A condition's runs learned when their mean accuracy reaches this many times chance (3x: 30% for
+# 10 classes); below it they are marked "not learned" and never feed a verdict that compares.
+LEARNED = 3.0
 
 
 @dataclass
 class Stat:
-    """Mean and sample standard deviation of the finished runs of one condition."""
+    """Mean and sample standard deviation of the finished runs of one condition; ``floor``: the
+    accuracy its runs must reach on average to count as having learned (LEARNED x chance)."""
 
     values: list[float]
     failed: int = 0
     diverged: int = 0
     unfinished: int = 0  # still running, or interrupted and waiting to be resumed
+    floor: float | None = None
+
+    @property
+    def learned(self) -> bool | None:
+        """Whether the runs learned (None: no floor or no finished run)."""
+        if self.floor is None or not self.values:
+            return None
+        return self.mean >= self.floor
 
     @property
     def n(self) -> int:
@@ -40,6 +56,8 @@ class Stat:
         if not self.values:
             return ", ".join(notes) or "–"
         text = f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
+        if self.learned is False:
+            notes.append("not learned")
         return f"{text} (n={self.n}{', ' + ', '.join(notes) if notes else ''})"
 
 
@@ -48,6 +66,9 @@ def aggregate(runs: list[Run], keys: tuple[str, ...], metric: str = "best") -> d
     groups: dict[tuple, Stat] = defaultdict(lambda: Stat([]))
     for r in runs:
         stat = groups[tuple(getattr(r, k) for k in keys)]
+        if metric in ("best", "final") and r.chance is not None:
+            # One dataset per group when the keys hold it; else the most classes' chance.
+            stat.floor = max(stat.floor or 0.0, LEARNED * r.chance)
         if r.ok:
             stat.values.append(getattr(r, metric))
         elif r.status == DIVERGED:
@@ -104,3 +125,93 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str | None =
     rule = "---:|" if align == "right" else "---|"
     lines = ["| " + " | ".join(header) + " |", "|" + rule * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+@dataclass
+class Comparison:
+    """Two conditions' runs compared: the difference of their means (a - b, points), Welch's
+    t-test (``scipy.stats.ttest_ind`` with unequal variances) and Hedges' g, the difference in
+    pooled standard deviations with the small-sample correction."""
+
+    a: Stat
+    b: Stat
+
+    @property
+    def difference(self) -> float:
+        return self.a.mean - self.b.mean
+
+    @property
+    def testable(self) -> bool:
+        return self.a.n >= 2 and self.b.n >= 2 and (self.a.std or 0) + (self.b.std or 0) > 0
+
+    @property
+    def p(self) -> float | None:
+        """The two-sided p-value of Welch's t-test; None with fewer than 2 runs a side or no spread."""
+        if not self.testable:
+            return None
+        return float(scipy_stats.ttest_ind(self.a.values, self.b.values, equal_var=False).pvalue)
+
+    @property
+    def t(self) -> float | None:
+        if not self.testable:
+            return None
+        return float(scipy_stats.ttest_ind(self.a.values, self.b.values, equal_var=False).statistic)
+
+    @property
+    def hedges_g(self) -> float | None:
+        if not self.testable:
+            return None
+        na, nb = self.a.n, self.b.n
+        pooled = math.sqrt(((na - 1) * self.a.std**2 + (nb - 1) * self.b.std**2) / (na + nb - 2))
+        return self.difference / pooled * (1 - 3 / (4 * (na + nb) - 9))
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        return self.p is not None and self.p < alpha
+
+    def text(self) -> str:
+        """``+4.00 points, Welch's t-test t = 9.80, p = 0.0006, n = 3 and 3, Hedges' g = 6.40``."""
+        head = f"{self.difference:+.2f} points"
+        if not self.testable:
+            return f"{head} (n = {self.a.n} and {self.b.n}: too few runs or no spread for a test)"
+        return (f"{head}, Welch's t-test t = {self.t:.2f}, p = {_p(self.p)}, n = {self.a.n} and {self.b.n}, "
+                f"Hedges' g = {self.hedges_g:.2f}")  # fmt: skip
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+class PairedComparison(Comparison):
+    """Two figures of the same runs compared (a_i - b_i for run i, the runs in the same order):
+    the mean difference, the paired t-test (``scipy.stats.ttest_rel``) and Cohen's d_z, the mean
+    difference over the differences' standard deviation."""
+
+    @property
+    def _differences(self) -> list[float]:
+        if self.a.n != self.b.n:
+            raise ValueError(f"a paired comparison needs the same runs on both sides, got {self.a.n} and {self.b.n}")
+        return [x - y for x, y in zip(self.a.values, self.b.values, strict=True)]
+
+    @property
+    def testable(self) -> bool:
+        d = self._differences
+        return len(d) >= 2 and statistics.stdev(d) > 0
+
+    @property
+    def p(self) -> float | None:
+        return float(scipy_stats.ttest_rel(self.a.values, self.b.values).pvalue) if self.testable else None
+
+    @property
+    def t(self) -> float | None:
+        return float(scipy_stats.ttest_rel(self.a.values, self.b.values).statistic) if self.testable else None
+
+    @property
+    def hedges_g(self) -> float | None:  # d_z for paired figures
+        return statistics.fmean(self._differences) / statistics.stdev(self._differences) if self.testable else None
+
+    def text(self) -> str:
+        head = f"{self.difference:+.2f} points"
+        if not self.testable:
+            return f"{head} (n = {self.a.n}: too few runs or no spread for a test)"
+        test = f"paired t-test t = {self.t:.2f}, p = {_p(self.p)}, n = {self.a.n}"
+        return f"{head}, {test}, Cohen's d_z = {self.hedges_g:.2f}"

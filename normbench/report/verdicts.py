@@ -1,4 +1,11 @@
-"""The studies' claims, each checked against the runs with the figures behind its verdict."""
+"""The studies' claims, each checked against the runs with the statistics behind its verdict.
+
+A verdict is ``supported``, ``not supported``, ``inconclusive`` (a condition it compares did not
+learn: its runs' mean stayed below LEARNED x chance) or ``not enough data``. Its evidence names
+n, the means, the test (Welch's t-test over seeds, ``scipy.stats``) with its p-value, and the
+effect size (the difference in points and Hedges' g). Differences count when they are larger
+than the claim's margin (CLOSE, BEATS) and significant at ALPHA.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +14,38 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from normbench.report.records import Run
-from normbench.report.tables import aggregate, sorted_values
+from normbench.report.tables import Comparison, Stat, aggregate, sorted_values
 
 # Points of accuracy within which two norms "perform alike": the studies' "within 3 points".
 CLOSE = 3.0
 # How much BRN must gain over BN, in points, to count as beating it.
 BEATS = 1.0
+# The level at which a difference between two conditions counts as real.
+ALPHA = 0.05
 
 
 @dataclass
 class Verdict:
     claim: str
-    verdict: str  # "supported", "not supported" or "not enough data"
+    verdict: str  # "supported", "not supported", "inconclusive" or "not enough data"
     evidence: str
 
 
-def _means(runs: list[Run], **fixed) -> dict[tuple, float]:
-    """(dataset, batch size) -> mean best accuracy of the finished runs matching ``fixed``."""
+def _stats(runs: list[Run], **fixed) -> dict[tuple, Stat]:
+    """(dataset, batch size) -> the best accuracies of the runs matching ``fixed``."""
     chosen = [r for r in runs if all(getattr(r, k) == v for k, v in fixed.items())]
-    return {k: s.mean for k, s in aggregate(chosen, ("dataset", "batch_size")).items() if s.mean is not None}
+    return {k: s for k, s in aggregate(chosen, ("dataset", "batch_size")).items() if s.mean is not None}
+
+
+def _not_learned(*groups: dict[tuple, Stat]) -> list[str]:
+    """The conditions among ``groups`` whose runs did not learn, as ``dataset bs B (mean%)``."""
+    found = {k: s for g in groups for k, s in g.items() if s.learned is False}
+    return [f"{d} bs {b} ({s.mean:.2f}%)" for (d, b), s in sorted(found.items(), key=lambda kv: str(kv[0]))]
+
+
+def _inconclusive(claim: str, names: list[str], norm: str = "") -> Verdict:
+    who = f"{norm} runs" if norm else "runs"
+    return Verdict(claim, "inconclusive", f"{who} at {', '.join(names)} did not learn (below 3x chance)")
 
 
 # Each study's network as the study ran it: (net, activation, blocks).
@@ -39,34 +59,45 @@ def _main_runs(runs: list[Run]) -> list[Run]:
 
 def gn_stable(runs: list[Run]) -> Verdict:
     claim = "GroupNorm stays stable across batch sizes"
-    gn = _means(_main_runs(runs), norm="gn")
+    gn = _stats(_main_runs(runs), norm="gn")
+    if _not_learned(gn):
+        return _inconclusive(claim, _not_learned(gn), "gn")
     parts, ok = [], []
     for ds in sorted_values({d for d, _ in gn}):
-        accs = {b: a for (d, b), a in gn.items() if d == ds}
+        accs = {b: s for (d, b), s in gn.items() if d == ds}
         if len(accs) >= 3:
-            spread = max(accs.values()) - min(accs.values())
+            best, worst = max(accs, key=lambda b: accs[b].mean), min(accs, key=lambda b: accs[b].mean)
+            spread = accs[best].mean - accs[worst].mean
             ok.append(spread <= CLOSE)
-            parts.append(f"{ds}: {min(accs.values()):.2f} to {max(accs.values()):.2f} over batch sizes "
-                         f"{min(accs)}–{max(accs)}, a spread of {spread:.2f} points")  # fmt: skip
+            parts.append(f"{ds}: {accs[worst].mean:.2f} to {accs[best].mean:.2f} over batch sizes "
+                         f"{min(accs)}–{max(accs)}, a spread of {spread:.2f} points (bs {best} − bs {worst}: "
+                         f"{Comparison(accs[best], accs[worst]).text()})")  # fmt: skip
     if not ok:
         return Verdict(claim, "not enough data", "needs gn at 3 or more batch sizes")
     return Verdict(claim, "supported" if all(ok) else "not supported", f"{'; '.join(parts)} (stable: within {CLOSE:g})")
 
 
-def _bn_threshold(runs: list[Run]) -> dict[str, tuple[int | None, dict[int, float]]]:
+def _bn_threshold(runs: list[Run]) -> dict[str, tuple[int | None, dict[int, Comparison]]]:
     """Per dataset: the smallest batch size from which BN stays within CLOSE points of GN,
-    and BN - GN at every batch size."""
+    and BN against GN at every batch size."""
     main = _main_runs(runs)
-    bn, gn = _means(main, norm="bn"), _means(main, norm="gn")
+    bn, gn = _stats(main, norm="bn"), _stats(main, norm="gn")
     out = {}
     for ds in sorted_values({d for d, _ in bn}):
-        gaps = {b: bn[(d, b)] - gn[(d, b)] for (d, b) in bn if d == ds and (d, b) in gn}
+        gaps = {b: Comparison(bn[(d, b)], gn[(d, b)]) for (d, b) in bn if d == ds and (d, b) in gn}
         if len(gaps) < 2:
             continue
         sizes = sorted(gaps)
-        good = [b for i, b in enumerate(sizes) if all(abs(gaps[c]) <= CLOSE for c in sizes[i:])]
+        good = [b for i, b in enumerate(sizes) if all(abs(gaps[c].difference) <= CLOSE for c in sizes[i:])]
         out[ds] = (good[0] if good else None, gaps)
     return out
+
+
+def _bn_gn_not_learned(runs: list[Run]) -> list[str]:
+    main = _main_runs(runs)
+    bn, gn = _stats(main, norm="bn"), _stats(main, norm="gn")
+    common = {k for k in bn if k in gn}
+    return _not_learned({k: bn[k] for k in common}, {k: gn[k] for k in common})
 
 
 def bn_needs_batch(runs: list[Run]) -> Verdict:
@@ -74,12 +105,18 @@ def bn_needs_batch(runs: list[Run]) -> Verdict:
     found = _bn_threshold(runs)
     if not found:
         return Verdict(claim, "not enough data", "needs bn and gn at 2 or more common batch sizes")
+    if _bn_gn_not_learned(runs):
+        return _inconclusive(claim, _bn_gn_not_learned(runs))
     parts, holds = [], []
     for ds, (n, gaps) in found.items():
-        listing = ", ".join(f"bs {b}: {g:+.2f}" for b, g in sorted(gaps.items()))
+        listing = ", ".join(f"bs {b}: {g.difference:+.2f}" for b, g in sorted(gaps.items()))
         where = f"from batch size {n}" if n is not None else "at no batch size"
-        parts.append(f"{ds}: BN is within {CLOSE:g} points of GN {where} (BN − GN: {listing})")
-        holds.append(n is not None and n > min(gaps))
+        smallest = min(gaps)
+        # Behind GN at the smallest batch by more than CLOSE, and significantly so.
+        behind = gaps[smallest].difference < -CLOSE and gaps[smallest].significant(ALPHA)
+        holds.append(n is not None and n > smallest and behind)
+        parts.append(f"{ds}: BN is within {CLOSE:g} points of GN {where} (BN − GN: {listing}; at bs {smallest}: "
+                     f"{gaps[smallest].text()})")  # fmt: skip
     return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts))
 
 
@@ -88,32 +125,39 @@ def bn_close_to_gn(runs: list[Run]) -> Verdict:
     found = {ds: v for ds, v in _bn_threshold(runs).items() if v[0] is not None}
     if not found:
         return Verdict(claim, "not enough data", "BN performs well at no batch size with a GN counterpart")
+    if _bn_gn_not_learned(runs):
+        return _inconclusive(claim, _bn_gn_not_learned(runs))
     parts, holds = [], []
     for ds, (n, gaps) in found.items():
         big = {b: g for b, g in gaps.items() if b >= n}
-        worst = max(big.values(), key=abs)
-        holds.append(abs(worst) <= CLOSE)
-        parts.append(f"{ds}: largest |BN − GN| at batch sizes ≥ {n} is {abs(worst):.2f} points")
+        widest = max(big, key=lambda b: abs(big[b].difference))
+        holds.append(abs(big[widest].difference) <= CLOSE)
+        parts.append(f"{ds}: largest |BN − GN| at batch sizes ≥ {n} is {abs(big[widest].difference):.2f} points "
+                     f"(bs {widest}: {big[widest].text()})")  # fmt: skip
     return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts))
 
 
 def brn_small_hard(runs: list[Run]) -> Verdict:
     claim = "BRN beats BN only at small batch sizes on the hard task"
     main = _main_runs(runs)
-    bn, brn = _means(main, norm="bn"), _means(main, norm="brn")
-    diffs = {k: brn[k] - bn[k] for k in bn if k in brn}
+    bn, brn = _stats(main, norm="bn"), _stats(main, norm="brn")
+    diffs = {k: Comparison(brn[k], bn[k]) for k in bn if k in brn}
     datasets = sorted_values({d for d, _ in diffs})
     if len(datasets) < 2 or len({b for _, b in diffs}) < 2:
         return Verdict(claim, "not enough data", "needs bn and brn on two datasets at two or more batch sizes")
-    hard = min(datasets, key=lambda d: statistics.fmean(bn[(d, b)] for (e, b) in diffs if e == d))
+    missed = _not_learned({k: bn[k] for k in diffs}, {k: brn[k] for k in diffs})
+    if missed:
+        return _inconclusive(claim, missed)
+    hard = min(datasets, key=lambda d: statistics.fmean(bn[(d, b)].mean for (e, b) in diffs if e == d))
     smallest = min(b for d, b in diffs if d == hard)
-    beats = {k: v > BEATS for k, v in diffs.items()}
+    beats = {k: c.difference > BEATS and c.significant(ALPHA) for k, c in diffs.items()}
     holds = beats[(hard, smallest)] and not any(v for k, v in beats.items() if k != (hard, smallest))
-    listing = "; ".join(f"{d} bs {b}: {diffs[(d, b)]:+.2f}" for d, b in sorted(diffs))
+    listing = "; ".join(f"{d} bs {b}: {diffs[(d, b)].difference:+.2f}" for d, b in sorted(diffs))
     return Verdict(
         claim,
         "supported" if holds else "not supported",
-        f"hard task = {hard} (lowest BN accuracy); BRN − BN: {listing} (beats: > {BEATS:g} point)",
+        f"hard task = {hard} (lowest BN accuracy); BRN − BN: {listing} (beats: > {BEATS:g} point and p < {ALPHA:g}; "
+        f"{hard} bs {smallest}: {diffs[(hard, smallest)].text()})",
     )
 
 
@@ -138,8 +182,9 @@ def bnrs_slower(runs: list[Run]) -> Verdict:
         e_bn, e_rs = _first_reaching(xs, mean_curve["bn"], target), _first_reaching(xs, mean_curve["bnrs"], target)
         is_slower = e_rs is None or e_rs > e_bn or (e_rs == e_bn and mean_curve["bnrs"][0] < mean_curve["bn"][0])
         slower.append(is_slower)
+        first = Comparison(Stat([p[2][0] for p in group["bnrs"]]), Stat([p[2][0] for p in group["bn"]]))
         parts.append(f"{ds} bs {bs}: {unit} {xs[0]} {mean_curve['bn'][0]:.2f} (bn) vs {mean_curve['bnrs'][0]:.2f} "
-                     f"(bnrs); 95% of BN's best at {unit} {e_bn} vs "
+                     f"(bnrs; bnrs − bn {first.text()}); 95% of BN's best at {unit} {e_bn} vs "
                      f"{e_rs if e_rs else f'never in {xs[-1]}'}")  # fmt: skip
     if not slower:
         return Verdict(claim, "not enough data", "needs bn and bnrs curves at common batch sizes")
@@ -154,20 +199,34 @@ def _slope(points: dict[int, float]) -> float:
 
 
 def depth_activation(runs: list[Run]) -> Verdict:
+    # Deep sigmoid networks that stop learning are what this claim is about: cells below 3x
+    # chance feed it, and the evidence says which they are.
     claim = "Sigmoid networks lose accuracy as blocks are added, while ReLU networks gain"
     stats = aggregate(runs, ("dataset", "norm", "batch_size", "activation", "num_blocks"))
     parts, holds = [], []
     for ctx in sorted_values({k[:3] for k in stats}):
-        curves = defaultdict(dict)
+        cells: dict[str, dict[int, Stat]] = defaultdict(dict)
         for k, s in stats.items():
             if k[:3] == ctx and s.mean is not None:
-                curves[k[3]][k[4]] = s.mean
-        if len(curves.get("relu", {})) < 2 or len(curves.get("sigmoid", {})) < 2:
+                cells[k[3]][k[4]] = s
+        if len(cells.get("relu", {})) < 2 or len(cells.get("sigmoid", {})) < 2:
             continue
-        slopes = {a: _slope(curves[a]) for a in ("relu", "sigmoid")}
+        slopes = {a: _slope({d: s.mean for d, s in cells[a].items()}) for a in ("relu", "sigmoid")}
         holds.append(slopes["sigmoid"] < 0 < slopes["relu"])
-        parts.append(f"{ctx[0]} {ctx[1]} bs {ctx[2]}: accuracy per added block {slopes['relu']:+.2f} (relu), "
-                     f"{slopes['sigmoid']:+.2f} (sigmoid)")  # fmt: skip
+        text = [(f"{ctx[0]} {ctx[1]} bs {ctx[2]}: accuracy per added block {slopes['relu']:+.2f} (relu), "
+                f"{slopes['sigmoid']:+.2f} (sigmoid)")]  # fmt: skip
+        for act in ("relu", "sigmoid"):
+            shallow, deep = min(cells[act]), max(cells[act])
+            change = Comparison(cells[act][deep], cells[act][shallow])
+            text.append(f"{act} {deep} − {shallow} blocks: {change.text()}")
+        lost = [
+            f"{a} {d} blocks ({s.mean:.2f}%)" for a in cells for d, s in sorted(cells[a].items()) if s.learned is False
+        ]
+        if lost:
+            text.append(
+                f"did not learn (below 3x chance, what the claim predicts of deep sigmoid networks): {', '.join(lost)}"
+            )
+        parts.append("; ".join(text))
     if not holds:
         return Verdict(claim, "not enough data", "needs relu and sigmoid at two or more depths")
     return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts))
