@@ -18,9 +18,17 @@ from jsonargparse import ArgumentParser
 
 from normbench.report.figures import STUDY2_NOTE, plots, study1_sections, study2_figure
 from normbench.report.records import CONTEXT, Run, find_runs
-from normbench.report.tables import LEARNED, aggregate, batch_size_tables, depth_tables, markdown_table
+from normbench.report.tables import (
+    LEARNED,
+    aggregate,
+    batch_size_tables,
+    depth_tables,
+    markdown_table,
+    precision_tables,
+)
 from normbench.report.verdicts import CLAIMS
 from normbench.report.why import gradient_sections, why_sections
+from normbench.results import RECORD
 
 WHY_INTRO = (
     "Per norm and batch size, mean ± std over seeds (n): test accuracy at the last evaluation with the "
@@ -30,11 +38,15 @@ WHY_INTRO = (
     "its running mean in running standard deviations (mean gap) and its batch over running standard "
     "deviation (std ratio). gn has no running statistics: its accuracy is what it is."
 )
+PRECISION_INTRO = (
+    "The same runs in another `trainer.precision` than fp32 (`32-true`), seed for seed: best accuracy, mean ± "
+    "std over seeds (n), and the difference of the means with Welch's t-test over seeds. In every other table "
+    "and verdict a run in another precision is a condition of its own (`bn bf16-mixed`), never averaged with fp32."
+)
 GRADIENT_INTRO = (
     "The mean absolute gradient of each block's conv weight over the last epoch's training steps "
     "(NormDiagnostics, every every_n_steps steps), mean ± std over seeds (n), against the network's depth."
 )
-from normbench.results import RECORD
 
 
 def _sweep_lines(paths: list[str]) -> list[str]:
@@ -84,8 +96,6 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         ),
         "",
         *_sweep_lines(inputs),
-        "",
-        "## Best accuracy by batch size and norm",
     ]
     with open(out / "best_accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -94,7 +104,9 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         for key, s in sorted(aggregate(runs, (*CONTEXT, "batch_size", "norm")).items(), key=lambda kv: str(kv[0])):
             learned = "" if s.learned is None else str(s.learned).lower()
             writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished, learned])
-    for ctx, header, rows in batch_size_tables(runs):
+    tables = batch_size_tables(runs)
+    lines += ["", "## Best accuracy by batch size and norm"] if tables else []
+    for ctx, header, rows in tables:
         lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
     for ctx, header, rows in depth_tables(runs):
         lines += ["", "## Depth and activation", "", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, batch size {ctx[3]}", ""]
@@ -102,6 +114,11 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
     lines += ["", "## The studies' claims, checked against these runs", ""]
     lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence] for v in
                                                                 (c(runs) for c in CLAIMS)])]  # fmt: skip
+    precision = precision_tables(runs)
+    if precision:
+        lines += ["", "## Precision: the same runs against fp32", "", PRECISION_INTRO]
+        for ctx, header, rows in precision:
+            lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
     why = why_sections(runs)
     if why:
         lines += ["", "## Why: what the end-of-run diagnostics say", "", WHY_INTRO, *why]

@@ -199,11 +199,14 @@ def _slope(points: dict[int, float]) -> float:
 
 
 def depth_activation(runs: list[Run]) -> Verdict:
-    # Deep sigmoid networks that stop learning are what this claim is about: cells below 3x
-    # chance feed it, and the evidence says which they are.
+    # Deep sigmoid networks that stop learning are what this claim is about: sigmoid cells below
+    # 3x chance that are deeper than every sigmoid cell that learned feed it, and the evidence
+    # says which they are. Any other cell that did not learn (a ReLU one, or a shallow sigmoid
+    # one: a network that never learned has nothing for depth to take away) makes its context
+    # inconclusive.
     claim = "Sigmoid networks lose accuracy as blocks are added, while ReLU networks gain"
     stats = aggregate(runs, ("dataset", "norm", "batch_size", "activation", "num_blocks"))
-    parts, holds = [], []
+    parts, holds, unclear = [], [], []
     for ctx in sorted_values({k[:3] for k in stats}):
         cells: dict[str, dict[int, Stat]] = defaultdict(dict)
         for k, s in stats.items():
@@ -211,25 +214,33 @@ def depth_activation(runs: list[Run]) -> Verdict:
                 cells[k[3]][k[4]] = s
         if len(cells.get("relu", {})) < 2 or len(cells.get("sigmoid", {})) < 2:
             continue
+        where = f"{ctx[0]} {ctx[1]} bs {ctx[2]}"
+        learned = [d for d, s in cells["sigmoid"].items() if s.learned is not False]
+        deep_lost = [d for d, s in sorted(cells["sigmoid"].items()) if s.learned is False and learned
+                     and d > max(learned)]  # fmt: skip
+        other_lost = [f"{a} {d} blocks ({s.mean:.2f}%)" for a in ("relu", "sigmoid")
+                      for d, s in sorted(cells[a].items())
+                      if s.learned is False and not (a == "sigmoid" and d in deep_lost)]  # fmt: skip
+        if other_lost:
+            unclear.append(f"{where}: {', '.join(other_lost)} did not learn (below 3x chance), so depth had nothing "
+                           "to take away there")  # fmt: skip
+            continue
         slopes = {a: _slope({d: s.mean for d, s in cells[a].items()}) for a in ("relu", "sigmoid")}
         holds.append(slopes["sigmoid"] < 0 < slopes["relu"])
-        text = [(f"{ctx[0]} {ctx[1]} bs {ctx[2]}: accuracy per added block {slopes['relu']:+.2f} (relu), "
-                f"{slopes['sigmoid']:+.2f} (sigmoid)")]  # fmt: skip
+        text = [f"{where}: accuracy per added block {slopes['relu']:+.2f} (relu), {slopes['sigmoid']:+.2f} (sigmoid)"]
         for act in ("relu", "sigmoid"):
             shallow, deep = min(cells[act]), max(cells[act])
             change = Comparison(cells[act][deep], cells[act][shallow])
             text.append(f"{act} {deep} − {shallow} blocks: {change.text()}")
-        lost = [
-            f"{a} {d} blocks ({s.mean:.2f}%)" for a in cells for d, s in sorted(cells[a].items()) if s.learned is False
-        ]
-        if lost:
-            text.append(
-                f"did not learn (below 3x chance, what the claim predicts of deep sigmoid networks): {', '.join(lost)}"
-            )
+        if deep_lost:
+            lost = ", ".join(f"sigmoid {d} blocks ({cells['sigmoid'][d].mean:.2f}%)" for d in deep_lost)
+            text.append(f"did not learn (below 3x chance, what the claim predicts of deep sigmoid networks): {lost}")
         parts.append("; ".join(text))
     if not holds:
+        if unclear:
+            return Verdict(claim, "inconclusive", "; ".join(unclear))
         return Verdict(claim, "not enough data", "needs relu and sigmoid at two or more depths")
-    return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts))
+    return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts + unclear))
 
 
 CLAIMS = (gn_stable, bn_needs_batch, bn_close_to_gn, brn_small_hard, bnrs_slower, depth_activation)
