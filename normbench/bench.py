@@ -10,11 +10,14 @@ copy given with ``--seed_loop``). Sections (``--sections``):
   ``test_subset`` test images, at each batch size: the study's loop, normbench ``shipped`` and
   normbench ``bare`` (diagnostics, checkpointing, sanity check and progress bar off), and the
   ratios (the loop's seconds over normbench's: above 1, normbench is faster).
+- ``bf16``: the shipped config with ``--trainer.precision bf16-mixed`` beside the same runs
+  (with ``runs`` one table: each repeat times the loop, shipped fp32, bare and bf16-mixed in turn).
 - ``overhead``: the shipped config over one full epoch and the full test split, and the time
   its diagnostics took (``diagnostics.seconds`` in its run record) as a share of the process.
 - ``grid``: a 12-run study grid (bn and gn, batch sizes 2 and 16, 3 seeds) by ``normbench
-  sweep`` with 1 worker of all cores' threads and with one worker per core of one thread each,
-  against the study's loop over the same grid one run after another.
+  sweep`` with 1 worker of all cores' threads, with one worker per core of one thread each (each
+  worker one process for the whole grid), and the same with a fresh process per run, against the
+  study's loop over the same grid one run after another.
 - ``compile``: the shipped config with ``--model.compile true`` against eager, from an empty
   compile cache and again from the cache that run left.
 - ``pack``: K packed runs against the same K runs one after another (steps only).
@@ -45,7 +48,11 @@ from normbench.nets import PackedRuns, packed_loss
 from normbench.report.tables import markdown_table
 from normbench.results import cpu_cores, read_record
 
-SECTIONS = ("runs", "overhead", "grid", "compile", "pack")
+SECTIONS = ("runs", "bf16", "overhead", "grid", "compile", "pack")
+BF16 = ["--trainer.precision", "bf16-mixed"]
+# The CPU features that decide what bf16 can gain: AVX-512 BF16 converts and dot products,
+# AMX's bf16 matrix tiles (what oneDNN's bf16 convolutions and matmuls need to beat fp32).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 # What "bare" turns off: everything a shipped run does besides training and evaluating.
 BARE = ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
@@ -118,36 +125,56 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print(markdown_table(header, rows, align="right"))
 
 
-def bench_runs(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dict]:
-    """The study's loop, shipped and bare, alternating, ``repeats`` times each; medians."""
+RUN_KINDS = {"seed_loop": "study's loop", "shipped": "shipped", "bare": "bare", "bf16": "shipped bf16-mixed"}
+
+
+def _spread(row: dict, kind: str) -> str:
+    """``median (min–max)`` seconds of one kind of run."""
+    low, high = row[f"{kind}_range_s"]
+    return f"{row[f'{kind}_s']:.1f} ({low:.1f}–{high:.1f})"
+
+
+def bench_runs(cfg, data_dir: Path, work: Path, script: Path | None, kinds: list[str]) -> list[dict]:
+    """The study's loop and normbench's ``kinds`` of run (shipped, bare, bf16), alternating,
+    ``repeats`` times each; medians, and each kind's ratio to the loop."""
     rows = []
+    extras = {"shipped": [], "bare": BARE, "bf16": BF16}
     for bs in cfg.batch_sizes:
         config = shipped_config(work, "bn", bs)
-        times: dict[str, list[float]] = {"seed_loop": [], "shipped": [], "bare": []}
+        times: dict[str, list[float]] = {k: [] for k in ("seed_loop", *kinds)}
         diagnostics = []
         for i in range(cfg.repeats):
             times["seed_loop"].append(timed(seed_loop_cmd(script, data_dir, bs, cfg.train_subset, cfg.test_subset)))
-            for kind, extra in (("shipped", []), ("bare", BARE)):
+            for kind in kinds:
                 root = work / f"runs_bs{bs}_{kind}_{i}"
-                times[kind].append(
-                    timed(normbench_cmd(config, data_dir, root, cfg.train_subset, cfg.test_subset, *extra))
-                )
+                cmd = normbench_cmd(config, data_dir, root, cfg.train_subset, cfg.test_subset, *extras[kind])
+                times[kind].append(timed(cmd))
                 if kind == "shipped":
                     diagnostics.append(_record(root).get("diagnostics", {}).get("seconds", float("nan")))
                 shutil.rmtree(root, ignore_errors=True)
         # The ratios from the figures as printed, so that the table checks out by hand.
         med = {k: round(statistics.median(v), 1) for k, v in times.items()}
-        rows.append({"batch_size": bs, "n": cfg.repeats, **{f"{k}_s": v for k, v in med.items()},
-                     "diagnostics_s": round(statistics.median(diagnostics), 1),
-                     "ratio_shipped": round(med["seed_loop"] / med["shipped"], 2),
-                     "ratio_bare": round(med["seed_loop"] / med["bare"], 2)})  # fmt: skip
+        row = {"batch_size": bs, "n": cfg.repeats, **{f"{k}_s": v for k, v in med.items()},
+               **{f"{k}_range_s": [round(min(v), 1), round(max(v), 1)] for k, v in times.items()},
+               **{f"ratio_{k}": round(med["seed_loop"] / med[k], 2) for k in kinds}}  # fmt: skip
+        if diagnostics:
+            row["diagnostics_s"] = round(statistics.median(diagnostics), 1)
+        rows.append(row)
+    header = ["batch size", *(f"{RUN_KINDS[k]} s" for k in ("seed_loop", *kinds))]
+    header += ["diagnostics s"] if "shipped" in kinds else []
+    header += [f"{RUN_KINDS[k]} ratio" for k in kinds]
+    table = []
+    for r in rows:
+        cells = [str(r["batch_size"]), *(_spread(r, k) for k in ("seed_loop", *kinds))]
+        cells += [f"{r['diagnostics_s']:.1f}"] if "shipped" in kinds else []
+        table.append(cells + [f"{r['ratio_' + k]:.2f}x" for k in kinds])
     _table(
         f"One epoch, {cfg.train_subset} training images, {cfg.test_subset} test images, whole process "
-        f"(median of {cfg.repeats}; ratio = the study's loop's seconds / normbench's)",
-        ["batch size", "study's loop s", "shipped s", "bare s", "diagnostics s", "shipped ratio", "bare ratio"],
-        [[str(r["batch_size"]), f"{r['seed_loop_s']:.1f}", f"{r['shipped_s']:.1f}", f"{r['bare_s']:.1f}",
-          f"{r['diagnostics_s']:.1f}", f"{r['ratio_shipped']:.2f}x", f"{r['ratio_bare']:.2f}x"] for r in rows],
-    )  # fmt: skip
+        f"(median of {cfg.repeats} alternating runs, min–max in brackets; ratio = the study's loop's seconds / "
+        "normbench's; the study's loop is fp32)",
+        header,
+        table,
+    )
     return rows
 
 
@@ -187,14 +214,18 @@ def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dic
                  "data.test_subset": cfg.grid_test_subset, "trainer.max_epochs": 1}  # fmt: skip
     grid = {"norm": {"bn": {"model.norm": "bn"}, "gn": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 4}}},
             "data.batch_size": cfg.grid_batch_sizes, "seed_everything": seeds}  # fmt: skip
-    for workers, threads in ((1, cores), (cores, 1)):
-        out = work / f"grid_{workers}x{threads}"
+    layouts = [(1, cores, None), (cores, 1, None), (cores, 1, 1)] if cores > 1 else [(1, cores, None)]
+    for workers, threads, runs_per_worker in layouts:
+        out = work / f"grid_{workers}x{threads}_{runs_per_worker}"
         cmd = [sys.executable, "-m", "normbench", "sweep", "--base", str(base), "--overrides", json.dumps(overrides),
                "--grid", json.dumps(grid), "--workers", str(workers), "--threads_per_run", str(threads),
                "--output", str(out), "--name", "grid"]  # fmt: skip
+        cmd += ["--runs_per_worker", str(runs_per_worker)] if runs_per_worker else []
         seconds = timed(cmd)
         finished = sum(read_record(f.parent).get("status") == "finished" for f in out.rglob("metrics.json"))
-        rows.append({"layout": f"normbench sweep, {workers} worker(s) x {threads} thread(s)", "runs": finished,
+        how = ("" if workers == 1 else ", a fresh process per run" if runs_per_worker == 1
+               else ", each worker one process for the grid")  # fmt: skip
+        rows.append({"layout": f"normbench sweep, {workers} worker(s) x {threads} thread(s){how}", "runs": finished,
                      "seconds": round(seconds, 1)})  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
     for r in rows:
@@ -312,14 +343,25 @@ def bench_pack(cfg, data_dir: Path, real: bool) -> list[dict]:
              "sequential": round(sequential, 1), "ratio": round(packed / sequential, 3)}]  # fmt: skip
 
 
+def cpu_flags() -> str:
+    """What this CPU has for bf16: ``CPU_FLAGS`` present and absent (from /proc/cpuinfo, as
+    lscpu shows them) and torch's own reading (``torch.backends.cpu.get_cpu_capability``)."""
+    flags: set[str] = set()
+    if Path("/proc/cpuinfo").is_file():
+        line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    have = " ".join(f if f in flags else f"no {f}" for f in CPU_FLAGS)
+    return f"flags: {have}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine() -> str:
-    """The machine in words: the GPU, else the CPU model and its cores."""
+    """The machine in words: the GPU, else the CPU model, its cores and bf16 features."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").is_file() else "CPU"  # fmt: skip
     cores = len(cpu_cores())
-    return f"{model}, {cores} cores, torch {torch.__version__}"
+    return f"{model}, {cores} cores, torch {torch.__version__}; {cpu_flags()}"
 
 
 def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
@@ -377,7 +419,11 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
                 print(f"\n{section}: skipped, it needs the MNIST files (--data_dir, --mnist_raw)")
                 continue
             if section == "runs":
-                out[section] = bench_runs(cfg, data_dir, work, script)
+                kinds = ["shipped", "bare", *(["bf16"] if "bf16" in cfg.sections else [])]
+                out[section] = bench_runs(cfg, data_dir, work, script, kinds)
+            elif section == "bf16":
+                if "runs" not in cfg.sections:  # else the runs section timed it beside the others
+                    out[section] = bench_runs(cfg, data_dir, work, script, ["shipped", "bf16"])
             elif section == "overhead":
                 out[section] = bench_overhead(cfg, data_dir, work)
             elif section == "grid":

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -250,19 +251,55 @@ def gpu_slots(workers: int, gpus: int) -> list[Slot]:
     return [Slot(gpu=ids[w % len(ids)]) for w in range(workers)]
 
 
-def _run_group_in_slot(cells: list[dict], slot: Slot) -> list[str]:
-    """``run_group`` in a fresh worker process, on its share of the machine. The GPU is set
-    before anything touches CUDA in this process, so device 0 of every run here is that GPU
-    and Lightning's default of one device takes it."""
+_SLOT: Slot | None = None  # the share of the machine this process has taken (enter_slot)
+
+
+def enter_slot(slot: Slot) -> None:
+    """Take ``slot`` in this process: its GPU as ``CUDA_VISIBLE_DEVICES`` before anything
+    touches CUDA here, so that device 0 of every run is that GPU and Lightning's default of one
+    device takes it; on CPU its threads and cores. Taking the slot this process holds again
+    changes nothing (torch fixes inter-op threads at its first parallel work)."""
+    global _SLOT
+    if slot == _SLOT:
+        return
     if slot.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
     if slot.threads is not None:
         limit_threads(slot.threads, slot.cores)
+    _SLOT = slot
+
+
+def _start_worker(slot: Slot) -> None:
+    """A worker process's first act: take its slot, then import what every run needs, once for
+    all the runs it will train (torch, Lightning and normbench's CLI: about 4 s on 2 cores)."""
+    enter_slot(slot)
+    import normbench.cli  # noqa: F401 - the import is the point
+
+
+def _run_group_in_slot(cells: list[dict], slot: Slot) -> list[str]:
+    """``run_group`` in a worker process that owns ``slot``."""
+    enter_slot(slot)
     return run_group(cells)
 
 
+def _worker_died(group: list[dict], err: BaseException) -> None:
+    """A worker process ended in the middle of ``group`` (killed, out of memory): its runs are
+    recorded as failed, with why, and the sweep goes on; the next sweep of the same grid runs
+    them again."""
+    for c in group:
+        cell = Cell(**c)
+        if cell.status() not in DONE:
+            record_failure(cell.run_dir, err, time.time(), f"the worker process running it ended: {err!r}")
+            end_attempt(cell.run_dir)
+
+
 def run_local(
-    cells: list[Cell], workers: int, gpus: int, pack: bool = False, threads_per_run: int | None = None
+    cells: list[Cell],
+    workers: int,
+    gpus: int,
+    pack: bool = False,
+    threads_per_run: int | None = None,
+    runs_per_worker: int | None = None,
 ) -> None:
     """Run the cells here: in this process one after another, or ``workers`` processes at once,
     each the owner of one slot of the machine and given the next run (or pack) when its last one
@@ -274,6 +311,11 @@ def run_local(
     workers, at least 1) and is pinned to cores of its own (``cpu_slots``). One process alone
     keeps torch's defaults unless ``threads_per_run`` is given; on GPUs only a given
     ``threads_per_run`` applies, unpinned.
+
+    Each worker is one process for the whole sweep, so torch and Lightning are imported once per
+    worker, not once per run; ``runs_per_worker`` replaces a worker by a fresh process after that
+    many runs (1: a fresh process per run). A worker that dies takes only its current runs with it:
+    they are recorded as failed and the next sweep runs them again.
 
     A run whose Trainer asks for several devices runs as its own process group on every device
     the sweep sees (``run_cell``): one after another, in grid order, after the one-device runs
@@ -312,28 +354,43 @@ def run_local(
     else:
         threads = threads_per_run or max(1, len(cpu_cores()) // workers)
         slots = [Slot(threads=threads, cores=cores) for cores in cpu_slots(workers, threads)]
-    # A fresh process per run: nothing leaks from one run into the next. At most `workers` runs
-    # are submitted at once, each to a free slot, taken back when it ends.
+
+    # One worker process per slot, started once: it imports torch and Lightning once and trains
+    # run after run (``runs_per_worker`` of them, then a fresh process, if given). At most one
+    # run (or pack) per worker at a time, each handed to a free worker.
+    def worker(slot: Slot) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(slot,),
+                                   max_tasks_per_child=runs_per_worker)  # fmt: skip
+
     todo = iter(groups)
     running: dict = {}
+    pools = [worker(slot) for slot in slots]
     try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
 
-            def submit(index: int) -> None:
-                group = next(todo, None)
-                if group is not None:
-                    future = pool.submit(_run_group_in_slot, [asdict(c) for c in group], slots[index])
-                    running[future] = (index, len(group))
+        def submit(index: int) -> None:
+            group = next(todo, None)
+            if group is not None:
+                group = [asdict(c) for c in group]
+                running[pools[index].submit(_run_group_in_slot, group, slots[index])] = (index, group)
 
-            for index in range(workers):
-                submit(index)
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index, n = running.pop(future)
+        for index in range(workers):
+            submit(index)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, group = running.pop(future)
+                try:
                     future.result()
-                    bar.update(n)
-                    submit(index)
+                except BrokenProcessPool as err:
+                    _worker_died(group, err)
+                    pools[index].shutdown(wait=False)
+                    pools[index] = worker(slots[index])
+                bar.update(len(group))
+                submit(index)
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+    try:
         for group in several:
             run_here(group)
     finally:

@@ -90,6 +90,13 @@ def build_parser() -> ArgumentParser:
         "workers, or torch's default with one worker)",
     )
     parser.add_argument(
+        "--runs_per_worker",
+        type=int | None,
+        default=None,
+        help="with --workers > 1, runs a worker process trains before a fresh one replaces it (default: no limit, "
+        "each worker imports torch and Lightning once; 1: a fresh process per run)",
+    )
+    parser.add_argument(
         "--gpus",
         type=int | None,
         default=None,
@@ -123,6 +130,11 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     if cfg.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {cfg.workers}; use 1 to run one after another")
     check_threads_per_run(cfg.threads_per_run, cfg.workers)
+    if cfg.runs_per_worker is not None and cfg.runs_per_worker < 1:
+        raise ValueError(
+            f"--runs_per_worker must be >= 1, got {cfg.runs_per_worker}; leave it out to keep each worker for the "
+            "whole sweep, or give 1 for a fresh process per run"
+        )
     config_files = cfg.get("config") or []
     name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
     sweep_dir = Path(cfg.output).resolve() / name
@@ -161,7 +173,9 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        run_local(todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run)
+        run_local(
+            todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run, runs_per_worker=cfg.runs_per_worker
+        )
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
     return cells

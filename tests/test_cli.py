@@ -134,6 +134,26 @@ def test_training_never_sees_the_test_split(fake_data, tmp_path):
             assert {split for split, _ in val} == {fakedata.TRAIN} and not set(val) & set(seen)
 
 
+def test_a_shell_command_ends_at_once_with_everything_written(fake_data, tmp_path):
+    # normbench in a shell skips Python's teardown of torch and Lightning (os._exit once its
+    # output is flushed): the run's record, TensorBoard events, checkpoint and printed lines
+    # must all be complete by then, and the exit status the command's.
+    cmd = [sys.executable, "-m", "normbench", "fit", "--config", mnist_config("bn", 16), *fast(fake_data, tmp_path),
+           "--trainer.max_epochs", "2", "--name", "quick"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "quick" / "version_0"
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "finished" and len(record["epochs"]) == 2
+    assert len(scalars(run)["val/acc"]) == 2  # both epochs' events flushed to disk
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # 2 epochs x 3
+    assert "`Trainer.fit` stopped: `max_epochs=2` reached." in done.stderr + done.stdout
+    help_out = subprocess.run([sys.executable, "-m", "normbench", "fit", "--help"], capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+    assert help_out.returncode == 0
+    assert "--trainer.max_epochs" in help_out.stdout
+
+
 # --------------------------------------------------------------------------- several processes
 
 

@@ -134,6 +134,10 @@ CASES = {
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--workers", "0"],
         ["--workers must be >= 1, got 0", "use 1 to run one after another"],
     ),
+    "sweep runs_per_worker 0": (
+        lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--runs_per_worker", "0"],
+        ["--runs_per_worker must be >= 1, got 0", "a fresh process per run"],
+    ),
     "checkpoint of another norm": (
         lambda r: fit(r, "--model.norm", "gn", "--ckpt_path", ckpt(r)),
         ["is of another model", "norm='bn'", "this run norm='gn'", "drop --model.norm"],

@@ -15,11 +15,11 @@ from normbench.report import CLAIMS, find_runs
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
-           activation="relu", blocks=4, world=None, **extra) -> None:  # fmt: skip
+           activation="relu", blocks=4, world=None, precision=None, **extra) -> None:  # fmt: skip
     """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]; ``world``: the
     processes of a run with a layout (``bs`` per device), None for a record from before layouts."""
     curve = curve if curve is not None else ([best] if best is not None else [])
-    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}_w{world}" / "version_0"
+    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}_w{world}_{precision}" / "version_0"
     run.mkdir(parents=True)
     config = {
         "seed_everything": seed,
@@ -27,6 +27,8 @@ def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, cu
         "data": {"class_path": f"normbench.data.{DATAMODULES[dataset].__name__}",
                  "init_args": {"batch_size": bs, "val_split": 0.0}},
     }  # fmt: skip
+    if precision is not None:
+        config["trainer"] = {"precision": precision}
     rec = {"status": status, "config": config, "epochs": [{"epoch": i, "val/acc": a} for i, a in enumerate(curve)]}
     if status == "finished":
         rec.update(val_acc_best=max(curve), val_acc_final=curve[-1])
@@ -305,6 +307,22 @@ def test_deep_sigmoid_networks_that_do_not_learn_still_feed_the_depth_verdict(tm
     assert "sigmoid 8 − 1 blocks: -40.00 points, Welch's t-test" in evidence
 
 
+def test_shallow_sigmoid_networks_that_did_not_learn_make_the_depth_verdict_inconclusive(tmp_path):
+    # At too small a scale the 1- and 2-block sigmoid networks never learn: their "loss" with
+    # depth is no evidence either way, whatever the deeper ones do.
+    for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
+        for blocks, relu, sigmoid in ((1, 52.0, 22.0), (2, 65.0, 28.0), (4, 75.0, 38.0), (8, 76.0, 35.0)):
+            record(
+                tmp_path, "fashion_mnist", "bn", 128, seed, activation="relu", blocks=blocks, best=(relu + jitter) / 100
+            )
+            record(tmp_path, "fashion_mnist", "bn", 128, seed, activation="sigmoid", blocks=blocks,
+                   best=(sigmoid + jitter) / 100)  # fmt: skip
+    verdict, evidence = verdicts(tmp_path)["depth_activation"]
+    assert verdict == "inconclusive", evidence
+    assert "sigmoid 1 blocks (22.00%), sigmoid 2 blocks (28.00%) did not learn" in evidence
+    assert "what the claim predicts" not in evidence
+
+
 def _diagnosed(root, norm, bs, seed, final, batch_stats=None, precise=None, gap=None, ratio=None, grads=None, **kw):
     end = {}
     if gap is not None:
@@ -359,3 +377,28 @@ def test_the_gradient_section_gives_first_last_and_their_ratio_against_depth(tmp
         in section
     )
     assert "0.0124 → 0.0039 (ReLU)" in section
+
+
+def test_runs_in_bf16_are_their_own_condition_and_compared_with_fp32_by_welch(tmp_path):
+    from scipy import stats
+
+    fp32, bf16 = [0.70, 0.72, 0.745], [0.69, 0.735, 0.71]
+    for seed, (a, b) in enumerate(zip(fp32, bf16)):
+        record(tmp_path, norm="bn", bs=2, seed=seed, best=a, precision=32 if seed == 0 else "32-true")
+        record(tmp_path, norm="bn", bs=2, seed=seed, best=b, precision="bf16-mixed")
+        record(tmp_path, norm="gn", bs=2, seed=seed, best=0.60 + 0.01 * seed)  # no precision in its config: fp32
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    # Never averaged with fp32: a column of its own in the accuracy table ...
+    assert "| batch size | bn | bn bf16-mixed | gn |" in text
+    assert f"| 2 | {100 * statistics.fmean(fp32):.2f} ± {100 * statistics.stdev(fp32):.2f} (n=3) |" in text
+    # ... and a row of the precision table: the difference and Welch's test, by hand.
+    a, b = [100 * v for v in bf16], [100 * v for v in fp32]
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3
+    t = (statistics.fmean(a) - statistics.fmean(b)) / (va + vb) ** 0.5
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    p = 2 * stats.t.sf(abs(t), df)
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | bn |"))
+    assert f"{statistics.fmean(a) - statistics.fmean(b):+.2f} points, Welch's t-test t = {t:.2f}, p = {p:.3f}" in row
+    assert "| batch size | norm | 32-true (%) | bf16-mixed (%) | bf16-mixed − 32-true |" in text
+    assert not any(line.startswith("| 2 | gn |") for line in text.splitlines())  # gn ran in fp32 only

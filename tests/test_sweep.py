@@ -295,6 +295,31 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(overri
             assert not set(probes[0]["cores"]) & set(probes[1]["cores"]), probes
 
 
+# A fresh process per run (1) with -m slow: its three worker starts cost about 10 s more.
+@pytest.mark.parametrize("runs_per_worker", [None, pytest.param(1, marks=pytest.mark.slow)])
+def test_a_worker_process_trains_run_after_run(runs_per_worker, fake_data, tmp_path):
+    # Three runs on two workers: by default each worker is one process for the whole sweep, so
+    # three runs need two processes (one of them trains two runs, having imported torch once);
+    # with --runs_per_worker 1 every run has a process of its own. Each run's record is its own.
+    config = write_sweep(tmp_path / "reuse.yaml", fake_data, {"model.norm": ["bn", "gn", "brn"]})
+    spec = yaml.safe_load(config.read_text())
+    spec["overrides"].update({"trainer.max_epochs": 1, "trainer.limit_train_batches": 1, "trainer.num_sanity_val_steps": 0,
+                              "trainer.callbacks": [{"class_path": "thread_probe.ThreadProbe"}]})  # fmt: skip
+    config.write_text(yaml.safe_dump(spec))
+    extra = [] if runs_per_worker is None else ["--runs_per_worker", str(runs_per_worker)]
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "2", *extra])
+    runs = sorted((tmp_path / "out" / "reuse" / "lightning_logs").glob("*/version_0"))
+    assert [r.parent.name for r in runs] == ["bn", "brn", "gn"]
+    pids = []
+    for run in runs:
+        record = json.loads((run / "metrics.json").read_text())
+        probe = json.loads((run / "threads.json").read_text())
+        assert record["status"] == "finished" and record["config"]["model"]["norm"] == run.parent.name
+        assert record["attempts"][0]["pid"] == probe["pid"] != os.getpid()
+        pids.append(probe["pid"])
+    assert len(set(pids)) == (2 if runs_per_worker is None else 3), pids
+
+
 def test_sweep_help_shows_threads_per_run(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", "--help"])

@@ -12,6 +12,14 @@ from normbench.data import DATAMODULES, dataset_name
 from normbench.results import FINISHED, RECORD
 
 CONTEXT = ("dataset", "net", "activation", "num_blocks")
+FP32 = "32-true"
+
+
+def precision_name(value: object) -> str:
+    """Lightning's name of a ``trainer.precision`` value (``32`` and ``"32"`` are ``32-true``,
+    ``bf16`` is ``bf16-mixed``, ``16`` is ``16-mixed``); runs whose config has none are fp32."""
+    text = FP32 if value is None else str(value)
+    return {"32": FP32, "bf16": "bf16-mixed", "16": "16-mixed", "64": "64-true"}.get(text, text)
 
 
 class BatchSize(int):
@@ -66,6 +74,8 @@ class Run:
 
     path: str
     dataset: str
+    # The norm, with the precision when it is not fp32 (``bn bf16-mixed``): a run in another
+    # precision is another condition, in every table and verdict. ``norm_name``: the norm alone.
     norm: str
     batch_size: BatchSize | None
     seed: int | None
@@ -90,6 +100,8 @@ class Run:
     mean_gap: float | None = None  # the last norm layer's |mu_B - mu_run| / sigma_run, last epoch
     std_ratio: float | None = None  # the last norm layer's sigma_B / sigma_run, last epoch
     grads: list[float] = field(default_factory=list)  # mean |gradient| per block, first to last
+    precision: str = FP32  # trainer.precision, as Lightning names it
+    norm_name: str = ""
 
     @property
     def ok(self) -> bool:
@@ -154,10 +166,14 @@ def load_run(path: Path) -> Run:
     end = (record.get("diagnostics") or {}).get("end_of_run") or {}
     gaps = end.get("batch_vs_running") or {}
     last_layer = gaps[list(gaps)[-1]] if gaps else {}  # in depth order: the last is the deepest
+    norm = pick(model.get("norm"), "model.norm", default="?")
+    precision = precision_name(pick((config.get("trainer") or {}).get("precision"), "trainer.precision"))
     return Run(
         path=str(path.parent),
         dataset=dataset,
-        norm=pick(model.get("norm"), "model.norm", default="?"),
+        norm=norm if precision == FP32 else f"{norm} {precision}",
+        norm_name=norm,
+        precision=precision,
         batch_size=_batch_size(record, pick(init.get("batch_size"), "data.batch_size")),
         seed=pick(config.get("seed_everything"), "seed_everything"),
         net=pick(model.get("net"), "model.net", default="seed_cnn"),

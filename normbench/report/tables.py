@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
 
-from normbench.report.records import CONTEXT, Run
+from normbench.report.records import CONTEXT, FP32, Run
 from normbench.results import DIVERGED, UNFINISHED
 
 # A condition's runs learned when their mean accuracy reaches this many times chance (3x: 30% for
@@ -215,3 +215,30 @@ class PairedComparison(Comparison):
             return f"{head} (n = {self.a.n}: too few runs or no spread for a test)"
         test = f"paired t-test t = {self.t:.2f}, p = {_p(self.p)}, n = {self.a.n}"
         return f"{head}, {test}, Cohen's d_z = {self.hedges_g:.2f}"
+
+
+def precision_tables(runs: list[Run]) -> list[tuple[tuple, list[str], list[list[str]]]]:
+    """Per context where runs differ in ``trainer.precision``: rows (batch size, norm), the best
+    accuracy in fp32 and in each other precision, and each one's difference from fp32 with
+    Welch's t-test over seeds (``Comparison``)."""
+    stats = aggregate(runs, (*CONTEXT, "batch_size", "norm_name", "precision"))
+    tables = []
+    for ctx in sorted_values({k[:4] for k in stats}):
+        sub = {k[4:]: v for k, v in stats.items() if k[:4] == ctx}
+        others = sorted_values({p for _, _, p in sub} - {FP32})
+        if not others or FP32 not in {p for _, _, p in sub}:
+            continue
+        rows = []
+        for b, n in sorted_values({(b, n) for b, n, p in sub if p != FP32}):
+            base = sub.get((b, n, FP32))
+            row = [str(b), n, base.cell() if base else "–"]
+            for p in others:
+                other = sub.get((b, n, p))
+                row.append(other.cell() if other else "–")
+                row.append(Comparison(other, base).text() if other and base and other.n and base.n else "–")
+            rows.append(row)
+        header = ["batch size", "norm", f"{FP32} (%)"]
+        for p in others:
+            header += [f"{p} (%)", f"{p} − {FP32}"]
+        tables.append((ctx, header, rows))
+    return tables
