@@ -48,7 +48,7 @@ from normbench.nets import PackedRuns, packed_loss
 from normbench.report.tables import markdown_table
 from normbench.results import cpu_cores, read_record
 
-SECTIONS = ("runs", "bf16", "overhead", "grid", "compile", "pack")
+SECTIONS = ("runs", "overhead", "grid", "compile", "pack", "bf16")
 BF16 = ["--trainer.precision", "bf16-mixed"]
 # The CPU features that decide what bf16 can gain: AVX-512 BF16 converts and dot products,
 # AMX's bf16 matrix tiles (what oneDNN's bf16 convolutions and matmuls need to beat fp32).
