@@ -134,6 +134,8 @@ def test_training_never_sees_the_test_split(fake_data, tmp_path):
             assert {split for split, _ in val} == {fakedata.TRAIN} and not set(val) & set(seen)
 
 
+# Slow (19 s): test_errors' console-script test takes the same exit path in the default suite.
+@pytest.mark.slow
 def test_a_shell_command_ends_at_once_with_everything_written(fake_data, tmp_path):
     # normbench in a shell skips Python's teardown of torch and Lightning (os._exit once its
     # output is flushed): the run's record, TensorBoard events, checkpoint and printed lines
