@@ -292,14 +292,18 @@ def test_cells_that_did_not_learn_are_marked_and_make_comparing_verdicts_inconcl
     assert {(r["batch_size"], r["learned"]) for r in rows} == {("2", "true"), ("16", "true"), ("128", "false")}
 
 
-def test_deep_sigmoid_networks_that_do_not_learn_still_feed_the_depth_verdict(tmp_path):
+def depth_records(root: Path, accuracy: dict[int, tuple[float, float]]) -> None:
+    """Study 2's depth runs on Fashion-MNIST at batch size 128: blocks -> (relu, sigmoid) best
+    accuracy in percent, for 3 seeds spread by -0.5, 0 and +0.5 points."""
     for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
-        for blocks, relu, sigmoid in ((1, 60.0, 50.0), (2, 65.0, 40.0), (4, 70.0, 20.0), (8, 75.0, 10.0)):
-            record(
-                tmp_path, "fashion_mnist", "bn", 128, seed, activation="relu", blocks=blocks, best=(relu + jitter) / 100
-            )
-            record(tmp_path, "fashion_mnist", "bn", 128, seed, activation="sigmoid", blocks=blocks,
-                   best=(sigmoid + jitter) / 100)  # fmt: skip
+        for blocks, by_activation in accuracy.items():
+            for activation, best in zip(("relu", "sigmoid"), by_activation, strict=True):
+                record(root, "fashion_mnist", "bn", 128, seed, activation=activation, blocks=blocks,
+                       best=(best + jitter) / 100)  # fmt: skip
+
+
+def test_deep_sigmoid_networks_that_do_not_learn_still_feed_the_depth_verdict(tmp_path):
+    depth_records(tmp_path, {1: (60.0, 50.0), 2: (65.0, 40.0), 4: (70.0, 20.0), 8: (75.0, 10.0)})
     verdict, evidence = verdicts(tmp_path)["depth_activation"]
     assert verdict == "supported"
     assert "did not learn" in evidence and "sigmoid 4 blocks (20.00%)" in evidence and "sigmoid 8 blocks" in evidence
@@ -310,13 +314,7 @@ def test_deep_sigmoid_networks_that_do_not_learn_still_feed_the_depth_verdict(tm
 def test_shallow_sigmoid_networks_that_did_not_learn_make_the_depth_verdict_inconclusive(tmp_path):
     # At too small a scale the 1- and 2-block sigmoid networks never learn: their "loss" with
     # depth is no evidence either way, whatever the deeper ones do.
-    for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
-        for blocks, relu, sigmoid in ((1, 52.0, 22.0), (2, 65.0, 28.0), (4, 75.0, 38.0), (8, 76.0, 35.0)):
-            record(
-                tmp_path, "fashion_mnist", "bn", 128, seed, activation="relu", blocks=blocks, best=(relu + jitter) / 100
-            )
-            record(tmp_path, "fashion_mnist", "bn", 128, seed, activation="sigmoid", blocks=blocks,
-                   best=(sigmoid + jitter) / 100)  # fmt: skip
+    depth_records(tmp_path, {1: (52.0, 22.0), 2: (65.0, 28.0), 4: (75.0, 38.0), 8: (76.0, 35.0)})
     verdict, evidence = verdicts(tmp_path)["depth_activation"]
     assert verdict == "inconclusive", evidence
     assert "sigmoid 1 blocks (22.00%), sigmoid 2 blocks (28.00%) did not learn" in evidence

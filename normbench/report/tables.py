@@ -144,18 +144,18 @@ class Comparison:
     def testable(self) -> bool:
         return self.a.n >= 2 and self.b.n >= 2 and (self.a.std or 0) + (self.b.std or 0) > 0
 
+    def _test(self):
+        """The test's result (``statistic``, ``pvalue``): Welch's t-test of the two sides."""
+        return scipy_stats.ttest_ind(self.a.values, self.b.values, equal_var=False)
+
     @property
     def p(self) -> float | None:
-        """The two-sided p-value of Welch's t-test; None with fewer than 2 runs a side or no spread."""
-        if not self.testable:
-            return None
-        return float(scipy_stats.ttest_ind(self.a.values, self.b.values, equal_var=False).pvalue)
+        """The two-sided p-value of the test; None with fewer than 2 runs a side or no spread."""
+        return float(self._test().pvalue) if self.testable else None
 
     @property
     def t(self) -> float | None:
-        if not self.testable:
-            return None
-        return float(scipy_stats.ttest_ind(self.a.values, self.b.values, equal_var=False).statistic)
+        return float(self._test().statistic) if self.testable else None
 
     @property
     def hedges_g(self) -> float | None:
@@ -197,13 +197,8 @@ class PairedComparison(Comparison):
         d = self._differences
         return len(d) >= 2 and statistics.stdev(d) > 0
 
-    @property
-    def p(self) -> float | None:
-        return float(scipy_stats.ttest_rel(self.a.values, self.b.values).pvalue) if self.testable else None
-
-    @property
-    def t(self) -> float | None:
-        return float(scipy_stats.ttest_rel(self.a.values, self.b.values).statistic) if self.testable else None
+    def _test(self):
+        return scipy_stats.ttest_rel(self.a.values, self.b.values)
 
     @property
     def hedges_g(self) -> float | None:  # d_z for paired figures
