@@ -30,12 +30,13 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from normbench.grid import Cell, expand, validate
+from normbench.grid import Cell, expand, packs, validate
 from normbench.results import (
     DONE,
+    cpu_cores,
     write_json_atomic,
 )
-from normbench.runner import check_threads_per_run, run_local, run_ray
+from normbench.runner import auto_workers, check_threads_per_run, run_local, run_ray, worker_threads
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:
@@ -77,10 +78,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
     parser.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        help="runs at once (local backend). 1 runs them one after another in this process with all cores' "
-        "threads (normbench bench's grid section compares the layouts)",
+        type=int | Literal["auto"],
+        default="auto",
+        help="runs at once (local backend). auto: one worker process per GPU, or on CPU one per core (per "
+        "--threads_per_run cores), at most one per run; 1 runs them one after another in this process with "
+        "all cores' threads (normbench bench's grid section compares the layouts)",
     )
     parser.add_argument(
         "--threads_per_run",
@@ -117,6 +119,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _layout(workers: int, gpus: int, threads_per_run: int | None) -> str:
+    """Where the runs go, in words: ``2 worker processes, 1 thread each, on 2 cores``."""
+    if workers <= 1:
+        threads = "torch's default threads" if threads_per_run is None else f"{threads_per_run} threads"
+        return f"one run after another in this process, {threads}"
+    threads = worker_threads(workers, gpus, threads_per_run)
+    where = f"on {gpus} GPUs" if gpus else f"on {len(cpu_cores())} cores"
+    each = "" if threads is None else f", {threads} thread{'s' * (threads != 1)} each"
+    return f"{workers} worker processes{each}, {where} (--workers 1: one after another here)"
+
+
 def sweep(args: list[str] | None = None) -> list[Cell]:
     """``normbench sweep``: expand the grid and run what is not done yet.
 
@@ -127,9 +140,11 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         The cells of the grid.
     """
     cfg = build_parser().parse_args(args)
-    if cfg.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {cfg.workers}; use 1 to run one after another")
-    check_threads_per_run(cfg.threads_per_run, cfg.workers)
+    if cfg.workers != "auto" and cfg.workers < 1:
+        raise ValueError(
+            f"--workers must be >= 1 or auto, got {cfg.workers}; use 1 to run one after another, or leave it out"
+        )
+    check_threads_per_run(cfg.threads_per_run, 1 if cfg.workers == "auto" else cfg.workers)
     if cfg.runs_per_worker is not None and cfg.runs_per_worker < 1:
         raise ValueError(
             f"--runs_per_worker must be >= 1, got {cfg.runs_per_worker}; leave it out to keep each worker for the "
@@ -173,8 +188,14 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
+        workers = cfg.workers
+        if workers == "auto":
+            one_device = [g for g in packs(todo, pack) if g[0].world_size <= 1]
+            workers = auto_workers(len(one_device), gpus, cfg.threads_per_run)
+        if todo:
+            print(f"sweep {name}: {_layout(workers, gpus, cfg.threads_per_run)}", file=sys.stderr)
         run_local(
-            todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run, runs_per_worker=cfg.runs_per_worker
+            todo, workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run, runs_per_worker=cfg.runs_per_worker
         )
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)

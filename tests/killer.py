@@ -70,3 +70,30 @@ class KillAfterCheckpoint(KillAtStep):
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CtrlCAtStep(KillAtStep):
+    """A terminal's Ctrl-C: SIGINT to the whole process group (the sweep and all its workers),
+    after step ``step``, once every one of ``runs`` runs has started training, so that all of
+    them are mid-training when it arrives.
+
+    Args:
+        step: the global step after which to press Ctrl-C.
+        marker: file that records it; ``<marker>.<pid>`` says a run has started.
+        runs: how many runs must be training first.
+    """
+
+    def __init__(self, step: int, marker: str, runs: int) -> None:
+        super().__init__(step, marker)
+        self.runs = runs
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        Path(f"{self.marker}.{os.getpid()}").touch()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            deadline = time.time() + 120
+            while len(list(self.marker.parent.glob(f"{self.marker.name}.*"))) < self.runs and time.time() < deadline:
+                time.sleep(0.05)
+            self.marker.write_text(str(os.getpid()))
+            os.killpg(os.getpgid(0), signal.SIGINT)

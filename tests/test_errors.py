@@ -132,7 +132,7 @@ CASES = {
     ),
     "sweep workers 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--workers", "0"],
-        ["--workers must be >= 1, got 0", "use 1 to run one after another"],
+        ["--workers must be >= 1 or auto, got 0", "use 1 to run one after another, or leave it out"],
     ),
     "sweep runs_per_worker 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--runs_per_worker", "0"],

@@ -115,7 +115,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
     grid = {"norm": {"bn": {"model.norm": "bn"}, "gn5": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 5}}},
             "data.batch_size": [4, 8]}  # fmt: skip
     config = write_sweep(tmp_path / "tiny.yaml", fake_data, grid)
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     found = records(tmp_path / "out" / "tiny")
     assert sorted(found) == ["bn_bs4", "bn_bs8", "gn5_bs4", "gn5_bs8"]
     for name, (record,) in found.items():
@@ -130,7 +130,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
         assert record["sweep"]["cell"] == name
     # Run again: everything finished or failed is final for finished runs, failed ones are retried.
     mtimes = {f: f.stat().st_mtime for f in (tmp_path / "out" / "tiny").rglob("events.out.tfevents*")}
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     assert {f: f.stat().st_mtime for f in mtimes} == mtimes  # finished runs were not retrained
     report = main(["report", str(tmp_path / "out" / "tiny")])
     text = (tmp_path / "out" / "tiny" / "report" / "report.md").read_text()
@@ -150,7 +150,7 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
         )
     )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(out)]
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(out), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     # Kill it once one run has finished and the next has started.
@@ -214,7 +214,8 @@ def _stopped_sweep(fake_data, tmp_path: Path, callback: str) -> list[str]:
                  "trainer.callbacks": [{"class_path": callback, "init_args": {"step": 9, "marker": str(marker)}}]}  # fmt: skip
     config = tmp_path / "mid.yaml"
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn"]}}))
-    return [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    return [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out"),
+            "--workers", "1"]  # fmt: skip
 
 
 # test_resume.py checks the same resume at the fit level in the default run; this sweep-level
@@ -243,7 +244,8 @@ def test_sweep_resumes_a_run_killed_mid_epoch_from_its_checkpoint(fake_data, tmp
 @pytest.mark.slow
 def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_path):
     config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn", "bnrs", "brn"]})
-    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out"),
+           "--workers", "1"]  # fmt: skip
     procs = [
         subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -260,8 +262,9 @@ def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_
     assert pids <= {p.pid for p in procs}
 
 
-# The default split runs in the default suite; the --threads_per_run override with -m slow
-# (each case starts two worker processes that import torch and Lightning: 12 s).
+# The default layout (no --workers: auto) runs in the default suite; --workers 2 with the
+# --threads_per_run override with -m slow (each case starts worker processes that import torch
+# and Lightning: 12 s).
 @pytest.mark.parametrize("override", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(override, fake_data, tmp_path):
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
@@ -271,13 +274,19 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(overri
     spec["overrides"].update({"trainer.max_epochs": 1, "trainer.limit_train_batches": 1, "trainer.num_sanity_val_steps": 0,
                               "trainer.callbacks": [{"class_path": "thread_probe.ThreadProbe"}]})  # fmt: skip
     config.write_text(yaml.safe_dump(spec))
-    default = max(1, len(cores) // 2)
-    # The override: 1 thread, or 2 where 1 is the default already (a 2-core machine).
+    # By default (auto) one worker per core, at most one per run: two runs take two workers of
+    # cores // 2 threads each where there are 2 cores or more (one run in this process on 1 core).
+    # The override: --workers 2 with 1 thread each, or 2 where 1 is the default already.
+    workers = 2 if override else min(2, len(cores))
+    default = max(1, len(cores) // workers)
     cases = [(1 if default > 1 else 2,) * 2] if override else [(None, default)]
     for given, threads in cases:
         out = tmp_path / f"threads{given}"
-        extra = [] if given is None else ["--threads_per_run", str(given)]
-        main(["sweep", "--config", str(config), "--output", str(out), "--workers", "2", *extra])
+        extra = ["--workers", "2"] if override else []
+        extra += [] if given is None else ["--threads_per_run", str(given)]
+        main(["sweep", "--config", str(config), "--output", str(out), *extra])
+        if workers == 1:  # one core: the runs ran here, one after another, with torch's threads
+            threads = torch.get_num_threads()
         runs = sorted((out / "par" / "lightning_logs").glob("*/version_0"))
         assert [r.parent.name for r in runs] == ["bn", "gn"]
         probes = [json.loads((r / "threads.json").read_text()) for r in runs]
@@ -285,6 +294,9 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(overri
             record = json.loads((run / "metrics.json").read_text())
             assert record["status"] == "finished"
             assert record["hardware"].endswith(f", {threads} threads"), (given, record["hardware"])
+            if workers == 1:
+                assert probe["pid"] == os.getpid()
+                continue
             assert probe["intra_op"] == probe["inter_op"] == threads, (given, probe)
             assert probe["env"] == {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             assert probe["pid"] != os.getpid()  # each in a worker process
@@ -293,6 +305,19 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(overri
         if hasattr(os, "sched_setaffinity") and 2 * threads <= len(cores):
             # The two runs ran at once, each on cores of its own.
             assert not set(probes[0]["cores"]) & set(probes[1]["cores"]), probes
+
+
+def test_auto_workers_are_one_per_core_or_gpu_and_at_most_one_per_run(monkeypatch):
+    from normbench import runner
+
+    monkeypatch.setattr(runner, "cpu_cores", lambda: list(range(16)))
+    # (runs, gpus, threads_per_run) -> workers, by the rule the README states.
+    cases = {(48, 0, None): 16, (3, 0, None): 3, (0, 0, None): 1, (48, 0, 4): 4, (48, 0, 5): 3,
+             (48, 0, 32): 1, (48, 4, None): 4, (2, 4, None): 2, (48, 4, 8): 4}  # fmt: skip
+    assert {case: runner.auto_workers(*case) for case in cases} == cases
+    # What each of them gets: the cores shared out on CPU, torch's default on GPUs.
+    assert [runner.worker_threads(w, 0, None) for w in (16, 3, 1)] == [1, 5, 16]
+    assert runner.worker_threads(3, 0, 2) == 2 and runner.worker_threads(4, 4, None) is None
 
 
 # A fresh process per run (1) with -m slow: its three worker starts cost about 10 s more.
@@ -334,7 +359,7 @@ def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_
     overrides = yaml.safe_load(config.read_text())
     overrides["overrides"].update({"model.norm": "none", "trainer.limit_train_batches": 8, "trainer.max_epochs": 3})
     config.write_text(yaml.safe_dump(overrides))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
     found = records(tmp_path / "out" / "div")
     ok, huge = found["ok"][0], found["huge"][0]
     assert ok["status"] == "finished" and ok["global_step"] == 24
@@ -357,8 +382,8 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
     spec["overrides"].update({"model.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
                               "model.channels_last": False, "trainer.limit_train_batches": 3, "model.norm_kwargs": {}})  # fmt: skip
     config.write_text(yaml.safe_dump(spec))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "alone"), "--pack", "false"])
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "packed"), "--pack", "true"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "alone"), "--pack", "false", "--workers", "1"])
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "packed"), "--pack", "true", "--workers", "1"])
     alone, packed = records(tmp_path / "alone" / "pack"), records(tmp_path / "packed" / "pack")
     assert sorted(alone) == sorted(packed) and len(alone) == 4
     for name in alone:
@@ -431,6 +456,41 @@ def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_pa
     assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "finished", "gn": "finished"}
     assert [a["resumed"] for a in found["bn"][0]["attempts"]] == [False, True]
     assert found["bn"][0]["global_step"] == 12 and len(found["bn"][0]["epochs"]) == 2
+
+
+# Slow (35 s: two sweeps, each starting two worker processes).
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_of_workers_and_the_next_run_of_it_resumes(fake_data, tmp_path):
+    # The default layout on 2+ cores: bn and gn train at once in two worker processes, brn waits.
+    # Ctrl-C reaches the sweep and both workers: both runs are recorded as interrupted, brn
+    # never starts, and the next sweep resumes the two and runs brn, each exactly once.
+    if len(cpu_cores()) < 2:
+        pytest.skip("one core: --workers auto runs one run at a time here (the test above)")
+    marker = tmp_path / "ctrl_c"
+    overrides = {**quick_overrides(fake_data), "trainer.limit_train_batches": 6, "checkpoint_every_n_steps": 4,
+                 "trainer.callbacks": [{"class_path": "killer.CtrlCAtStep",
+                                        "init_args": {"step": 9, "marker": str(marker), "runs": 2}}]}  # fmt: skip
+    config = tmp_path / "cc.yaml"
+    config.write_text(
+        yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn", "brn"]}})
+    )
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
+    # A session of its own, as a terminal's foreground job: the Ctrl-C reaches only the sweep.
+    run = {"env": _env(), "capture_output": True, "text": True, "timeout": 300, "start_new_session": True}
+    first = subprocess.run(cmd, check=False, **run)
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert "2 worker processes" in first.stderr
+    found = records(tmp_path / "out" / "cc")
+    assert {n: rs[0]["status"] for n, rs in found.items()} == {"bn": "interrupted", "gn": "interrupted"}
+
+    second = subprocess.run(cmd, check=False, **run)
+    assert second.returncode == 0, second.stderr[-2000:]
+    found = records(tmp_path / "out" / "cc")
+    assert sorted(found) == ["bn", "brn", "gn"]
+    for name, (record,) in found.items():
+        assert record["status"] == "finished" and record["global_step"] == 12, name
+        assert [e["epoch"] for e in record["epochs"]] == [0, 1], name
+        assert [a["resumed"] for a in record["attempts"]] == ([False] if name == "brn" else [False, True]), name
 
 
 # --------------------------------------------------------------------------- devices
