@@ -224,7 +224,7 @@ def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dic
         seconds = timed(cmd)
         finished = sum(read_record(f.parent).get("status") == "finished" for f in out.rglob("metrics.json"))
         how = ("" if workers == 1 else ", a fresh process per run" if runs_per_worker == 1
-               else ", each worker one process for the grid")  # fmt: skip
+               else ", each worker one process for the grid (the default)")  # fmt: skip
         rows.append({"layout": f"normbench sweep, {workers} worker(s) x {threads} thread(s){how}", "runs": finished,
                      "seconds": round(seconds, 1)})  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)

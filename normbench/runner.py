@@ -194,17 +194,40 @@ def run_ray(cells: list[Cell], sweep_dir: Path, cpus_per_run: float, gpus_per_ru
     tuner.fit()
 
 
-def auto_workers(runs: int, gpus: int, threads_per_run: int | None = None) -> int:
+def available_memory_gib() -> float:
+    """Memory this machine has free for new processes, in GiB (Linux's MemAvailable; inf where
+    it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+# What one CPU worker process may hold: torch, Lightning and normbench imported (about 0.5 GiB
+# resident) and a data set in memory (CIFAR-10's training images as uint8: 0.15 GiB).
+WORKER_GIB = 1.0
+
+
+def auto_workers(runs: int, gpus: int, threads_per_run: int | None = None, memory_gib: float | None = None) -> int:
     """How many workers ``--workers auto`` (the default) runs at once: one per GPU where there
     are GPUs; on CPU one per ``threads_per_run`` cores (one per core by default), since single-
     thread workers that each stay one process for the whole sweep are the fastest layout
     measured (README, Speed: the grid at 1.63x the study's loop against 1.37x for one process
-    of all cores' threads, on 2 cores); never more than there are ``runs``, and at least 1.
+    of all cores' threads, on 2 cores), and no more than one per ``WORKER_GIB`` of available
+    memory (``memory_gib``, default: read now); never more than there are ``runs``, at least 1.
 
     Each run's result does not depend on it: only its thread count does, which its record
     states (``hardware``).
     """
-    per_machine = gpus if gpus else len(cpu_cores()) // (threads_per_run or 1)
+    if gpus:
+        per_machine = gpus
+    else:
+        memory = available_memory_gib() if memory_gib is None else memory_gib
+        per_machine = min(len(cpu_cores()) // (threads_per_run or 1), int(memory // WORKER_GIB))
     return max(1, min(runs, per_machine))
 
 

@@ -311,10 +311,16 @@ def test_auto_workers_are_one_per_core_or_gpu_and_at_most_one_per_run(monkeypatc
     from normbench import runner
 
     monkeypatch.setattr(runner, "cpu_cores", lambda: list(range(16)))
-    # (runs, gpus, threads_per_run) -> workers, by the rule the README states.
-    cases = {(48, 0, None): 16, (3, 0, None): 3, (0, 0, None): 1, (48, 0, 4): 4, (48, 0, 5): 3,
-             (48, 0, 32): 1, (48, 4, None): 4, (2, 4, None): 2, (48, 4, 8): 4}  # fmt: skip
+    # (runs, gpus, threads_per_run, GiB of memory free) -> workers, by the rule the README states.
+    cases = {(48, 0, None, 64): 16, (3, 0, None, 64): 3, (0, 0, None, 64): 1, (48, 0, 4, 64): 4,
+             (48, 0, 5, 64): 3, (48, 0, 32, 64): 1, (48, 0, None, 6.5): 6, (48, 0, None, 0.3): 1,
+             (48, 4, None, 64): 4, (2, 4, None, 64): 2, (48, 4, 8, 0.3): 4}  # fmt: skip
     assert {case: runner.auto_workers(*case) for case in cases} == cases
+    # The memory this machine has free, from the kernel's own count.
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        (line,) = [x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:")]
+        assert abs(runner.available_memory_gib() - int(line.split()[1]) / 2**20) < 0.5
     # What each of them gets: the cores shared out on CPU, torch's default on GPUs.
     assert [runner.worker_threads(w, 0, None) for w in (16, 3, 1)] == [1, 5, 16]
     assert runner.worker_threads(3, 0, 2) == 2 and runner.worker_threads(4, 4, None) is None
