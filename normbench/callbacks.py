@@ -364,7 +364,8 @@ class NormDiagnostics(L.Callback):
         fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
         correct = torch.zeros((), device=device)
         seen = 0
-        with torch.no_grad():
+        # In the run's precision, as its validation steps run (bf16-mixed: under autocast).
+        with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
             for x, y in batches:
                 if self.eval_images is not None and seen >= self.eval_images:
                     break
@@ -415,7 +416,8 @@ class NormDiagnostics(L.Callback):
             x = b[0].to(device)
             return m(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
 
-        used = update_bn_stats(net, loader, batches, forward=forward)
+        with trainer.precision_plugin.forward_context():  # the norms' inputs as training saw them
+            used = update_bn_stats(net, loader, batches, forward=forward)
         net.eval()
         acc, seen = self._accuracy(net, pl_module, val)
         self.measured.update(precise_bn_train_images=min(used * batch_size, _images(loader)),

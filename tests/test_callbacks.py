@@ -174,9 +174,13 @@ class _Fixed(L.LightningDataModule):
         return DataLoader(TensorDataset(*self.val), batch_size=self.eval_batch_size)
 
 
-def _fit_with(diagnostics: NormDiagnostics, tmp_path, epochs: int = 1):
+def _fit_with(diagnostics: NormDiagnostics, tmp_path, epochs: int = 1, precision: str = "32-true", dtypes=None):
+    """A fit with ``diagnostics``; ``dtypes`` (a list) collects the dtype of the first conv's
+    output at every forward of the network or of a copy of it, diagnostics' own included."""
     torch.manual_seed(0)
     module = NormBenchModule(norm="bn", width=8, num_blocks=2, num_classes=3, in_channels=1)
+    if dtypes is not None:
+        module.net.conv1.register_forward_hook(lambda _, __, out: dtypes.append(out.dtype))
     g = torch.Generator().manual_seed(1)
     train = (torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g))
     val = (torch.randn(40, 1, 8, 8, generator=g) * 3, torch.randint(0, 3, (40,), generator=g))
@@ -184,23 +188,32 @@ def _fit_with(diagnostics: NormDiagnostics, tmp_path, epochs: int = 1):
     trainer = L.Trainer(
         max_epochs=epochs, logger=TensorBoardLogger(tmp_path, name="subset"), accelerator="cpu",
         callbacks=[diagnostics], num_sanity_val_steps=0, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False, enable_model_summary=False, precision=precision,
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
+    if dtypes is not None:
+        module.net.conv1._forward_hooks.clear()
     return trainer, module, dm
 
 
-def _accuracy(net, batches) -> float:
+def _accuracy(net, batches, bf16: bool = False) -> float:
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for x, y in batches:
             correct += (net(x).argmax(1) == y).sum().item()
             total += len(y)
     return correct / total
 
 
-def test_batch_statistics_accuracy_is_on_the_first_eval_images(tmp_path):
-    trainer, module, dm = _fit_with(NormDiagnostics(eval_images=10, precise_bn_images=0), tmp_path)
+# bf16-mixed: the diagnostics run in the run's precision, as its validation does (under
+# autocast), so that their accuracies compare with val/acc; every forward of the network, theirs
+# included, puts out bfloat16.
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_batch_statistics_accuracy_is_on_the_first_eval_images(precision, tmp_path):
+    bf16, dtypes = precision == "bf16-mixed", []
+    diagnostics = NormDiagnostics(eval_images=10, precise_bn_images=0)
+    trainer, module, dm = _fit_with(diagnostics, tmp_path, precision=precision, dtypes=dtypes)
+    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}, dtypes
     logged = trainer.callback_metrics["train_eval/val_acc_batch_stats"].item()
     # By hand: the network in training mode, each evaluation batch normalized by its own
     # statistics; 10 images in batches of 4 are the first 3 batches (12 images).
@@ -208,9 +221,9 @@ def test_batch_statistics_accuracy_is_on_the_first_eval_images(tmp_path):
     x, y = dm.val
     first = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
     every = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 40, 4)]
-    assert logged == pytest.approx(_accuracy(net, first), abs=1e-6)
-    assert _accuracy(net, first) != pytest.approx(_accuracy(net, every))  # the subset is not the whole set
-    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(_accuracy(module.net.eval(), every))
+    assert logged == pytest.approx(_accuracy(net, first, bf16), abs=1e-6)
+    assert _accuracy(net, first, bf16) != pytest.approx(_accuracy(net, every, bf16))  # the subset is not the whole set
+    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(_accuracy(module.net.eval(), every, bf16))
 
 
 def test_batch_statistics_accuracy_every_kth_validation(tmp_path):
@@ -221,8 +234,12 @@ def test_batch_statistics_accuracy_every_kth_validation(tmp_path):
     assert [e.step for e in acc.Scalars("train_eval/val_acc_batch_stats")] == [every[0], every[2]]
 
 
-def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(tmp_path):
-    trainer, module, dm = _fit_with(NormDiagnostics(eval_images=6, precise_bn_images=12), tmp_path)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(precision, tmp_path):
+    bf16, dtypes = precision == "bf16-mixed", []
+    diagnostics = NormDiagnostics(eval_images=6, precise_bn_images=12, batch_stats_eval=False)
+    trainer, module, dm = _fit_with(diagnostics, tmp_path, precision=precision, dtypes=dtypes)
+    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}, dtypes
     logged = trainer.callback_metrics["train_eval/val_acc_precise_bn"].item()
     # By hand: the population mean and unbiased variance of every norm's inputs over the first
     # 12 training images in training batches of 8 (2 batches: 16 images), then the first 6
@@ -233,7 +250,7 @@ def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(tmp_path):
     for i, m in enumerate(norms):
         m.register_forward_pre_hook(lambda _, a, i=i: seen[i].append(a[0].detach().double()))
     x = dm.train[0]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for j in range(0, 16, 8):
             net(x[j : j + 8])
     for i, m in enumerate(norms):
@@ -241,7 +258,7 @@ def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(tmp_path):
         m.running_mean.copy_(h.mean(1))
         m.running_var.copy_(h.var(1, unbiased=True))
     xv, yv = dm.val
-    assert logged == pytest.approx(_accuracy(net.eval(), [(xv[:4], yv[:4]), (xv[4:8], yv[4:8])]), abs=1e-6)
+    assert logged == pytest.approx(_accuracy(net.eval(), [(xv[:4], yv[:4]), (xv[4:8], yv[4:8])], bf16), abs=1e-6)
 
 
 def test_diagnostics_state_their_time_and_subset_in_the_run_record(fake_data, tmp_path):
