@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from normbench.cli import run_cli
 from normbench.grid import Cell, packs
@@ -338,15 +338,27 @@ def _worker_died(group: list[dict], err: BaseException) -> None:
             end_attempt(cell.run_dir)
 
 
+def layout(workers: int, gpus: int, threads_per_run: int | None) -> str:
+    """Where the runs go, in words: ``2 worker processes, 1 thread each, on 2 cores``."""
+    if workers <= 1:
+        threads = "torch's default threads" if threads_per_run is None else f"{threads_per_run} threads"
+        return f"one run after another in this process, {threads}"
+    threads = worker_threads(workers, gpus, threads_per_run)
+    where = f"on {gpus} GPUs" if gpus else f"on {len(cpu_cores())} cores"
+    each = "" if threads is None else f", {threads} thread{'s' * (threads != 1)} each"
+    return f"{workers} worker processes{each}, {where} (--workers 1: one after another here)"
+
+
 def run_local(
     cells: list[Cell],
-    workers: int,
+    workers: int | Literal["auto"],
     gpus: int,
     pack: bool = False,
     threads_per_run: int | None = None,
     runs_per_worker: int | None = None,
 ) -> None:
-    """Run the cells here: in this process one after another, or ``workers`` processes at once,
+    """Run the cells here: in this process one after another, or ``workers`` processes at once
+    (``auto``: as many as ``auto_workers`` gives for the one-device runs; the layout is printed),
     each the owner of one slot of the machine and given the next run (or pack) when its last one
     ends; with ``pack``, the runs that differ only in their seed train together as one pack.
 
@@ -369,6 +381,10 @@ def run_local(
     from tqdm import tqdm
 
     groups = packs(cells, pack)
+    if workers == "auto":
+        workers = auto_workers(sum(g[0].world_size <= 1 for g in groups), gpus, threads_per_run)
+    if cells:
+        print(f"sweep: {layout(workers, gpus, threads_per_run)}", file=sys.stderr)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
 
     def run_here(group: list[Cell]) -> None:

@@ -30,13 +30,12 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from normbench.grid import Cell, expand, packs, validate
+from normbench.grid import Cell, expand, validate
 from normbench.results import (
     DONE,
-    cpu_cores,
     write_json_atomic,
 )
-from normbench.runner import auto_workers, check_threads_per_run, run_local, run_ray, worker_threads
+from normbench.runner import check_threads_per_run, run_local, run_ray
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:
@@ -119,17 +118,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _layout(workers: int, gpus: int, threads_per_run: int | None) -> str:
-    """Where the runs go, in words: ``2 worker processes, 1 thread each, on 2 cores``."""
-    if workers <= 1:
-        threads = "torch's default threads" if threads_per_run is None else f"{threads_per_run} threads"
-        return f"one run after another in this process, {threads}"
-    threads = worker_threads(workers, gpus, threads_per_run)
-    where = f"on {gpus} GPUs" if gpus else f"on {len(cpu_cores())} cores"
-    each = "" if threads is None else f", {threads} thread{'s' * (threads != 1)} each"
-    return f"{workers} worker processes{each}, {where} (--workers 1: one after another here)"
-
-
 def sweep(args: list[str] | None = None) -> list[Cell]:
     """``normbench sweep``: expand the grid and run what is not done yet.
 
@@ -188,14 +176,8 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         import torch
 
         gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        workers = cfg.workers
-        if workers == "auto":
-            one_device = [g for g in packs(todo, pack) if g[0].world_size <= 1]
-            workers = auto_workers(len(one_device), gpus, cfg.threads_per_run)
-        if todo:
-            print(f"sweep {name}: {_layout(workers, gpus, cfg.threads_per_run)}", file=sys.stderr)
         run_local(
-            todo, workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run, runs_per_worker=cfg.runs_per_worker
+            todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run, runs_per_worker=cfg.runs_per_worker
         )
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
