@@ -199,11 +199,29 @@ def bench_overhead(cfg, data_dir: Path, work: Path) -> list[dict]:
     return rows
 
 
+# The grid's norms: the study's loop's --norm and the sweep variant of each.
+GRID_NORMS = {
+    "bn": {"loop": "batch", "sweep": {"model.norm": "bn"}},
+    "gn": {"loop": "group", "sweep": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 4}}},
+}
+
+
+def grid_layouts(cores: int) -> list[tuple[int, int, int | None]]:
+    """The sweep layouts the grid section times, as (workers, threads per run, runs per worker;
+    None: one process per worker for the whole grid): all cores' threads in one worker, then on
+    a machine of several cores one single-thread worker per core (the default), and the same
+    with a fresh process per run."""
+    if cores == 1:
+        return [(1, 1, None)]
+    return [(1, cores, None), (cores, 1, None), (cores, 1, 1)]
+
+
 def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dict]:
-    """The study grid by ``normbench sweep`` at two worker layouts, and by the study's loop."""
+    """The study grid by ``normbench sweep`` at each of ``grid_layouts``, and by the study's loop;
+    a row per layout, the loop's first, each with the runs that finished."""
     cores = len(cpu_cores())
     seeds = list(range(cfg.grid_seeds))
-    cells = [(n, bs, s) for n in ("batch", "group") for bs in cfg.grid_batch_sizes for s in seeds]
+    cells = [(GRID_NORMS[n]["loop"], bs, s) for n in GRID_NORMS for bs in cfg.grid_batch_sizes for s in seeds]
     start = time.perf_counter()
     for norm, bs, seed in cells:
         timed(seed_loop_cmd(script, data_dir, bs, cfg.grid_train_subset, cfg.grid_test_subset, norm, seed))
@@ -212,10 +230,9 @@ def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dic
     base = shipped_config(work, "bn", cfg.grid_batch_sizes[0])
     overrides = {"dataset": "mnist", "data.data_dir": str(data_dir), "data.train_subset": cfg.grid_train_subset,
                  "data.test_subset": cfg.grid_test_subset, "trainer.max_epochs": 1}  # fmt: skip
-    grid = {"norm": {"bn": {"model.norm": "bn"}, "gn": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 4}}},
-            "data.batch_size": cfg.grid_batch_sizes, "seed_everything": seeds}  # fmt: skip
-    layouts = [(1, cores, None), (cores, 1, None), (cores, 1, 1)] if cores > 1 else [(1, cores, None)]
-    for workers, threads, runs_per_worker in layouts:
+    grid = {"norm": {n: GRID_NORMS[n]["sweep"] for n in GRID_NORMS}, "data.batch_size": cfg.grid_batch_sizes,
+            "seed_everything": seeds}  # fmt: skip
+    for workers, threads, runs_per_worker in grid_layouts(cores):
         out = work / f"grid_{workers}x{threads}_{runs_per_worker}"
         cmd = [sys.executable, "-m", "normbench", "sweep", "--base", str(base), "--overrides", json.dumps(overrides),
                "--grid", json.dumps(grid), "--workers", str(workers), "--threads_per_run", str(threads),
@@ -226,7 +243,8 @@ def bench_grid(cfg, data_dir: Path, work: Path, script: Path | None) -> list[dic
         how = ("" if workers == 1 else ", a fresh process per run" if runs_per_worker == 1
                else ", each worker one process for the grid (the default)")  # fmt: skip
         rows.append({"layout": f"normbench sweep, {workers} worker(s) x {threads} thread(s){how}", "runs": finished,
-                     "seconds": round(seconds, 1)})  # fmt: skip
+                     "seconds": round(seconds, 1), "workers": workers, "threads": threads,
+                     "runs_per_worker": runs_per_worker})  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
     for r in rows:
         r["ratio"] = round(rows[0]["seconds"] / r["seconds"], 2)

@@ -12,6 +12,7 @@ import torch
 
 from normbench import baseline, bench
 from normbench.main import main
+from normbench.results import cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_LOOP = ROOT.parent / "shared" / "bench" / "seed_loop.py"
@@ -81,7 +82,15 @@ def test_bench_grid_overhead_and_compile_sections_run(fake_data, tmp_path, monke
                         "--train_subset", "64", "--test_subset", "32", "--overhead_batch_sizes", "[64]",
                         "--grid_batch_sizes", "[16]", "--grid_seeds", "1", "--grid_train_subset", "64",
                         "--grid_test_subset", "32"])  # fmt: skip
-    assert [r["runs"] for r in rows["grid"]] == [2, 2, 2]
+    # The loop's row, then one per layout the bench defines for this machine's cores, each with
+    # every run of the grid finished: norms x batch sizes x seeds.
+    layouts = bench.grid_layouts(len(cpu_cores()))
+    grid_runs = len(bench.GRID_NORMS) * 1 * 1
+    assert len(rows["grid"]) == 1 + len(layouts)
+    assert [(r["workers"], r["threads"], r["runs_per_worker"]) for r in rows["grid"][1:]] == layouts
+    assert [r["runs"] for r in rows["grid"]] == [grid_runs] * (1 + len(layouts))
+    assert all(r["seconds"] > 0 and r["ratio"] == round(rows["grid"][0]["seconds"] / r["seconds"], 2)
+               for r in rows["grid"])  # fmt: skip
     assert 0 < rows["overhead"][0]["share"] < 1
     assert rows["compile"][0]["compile_cold_s"] > 0
 

@@ -2,7 +2,10 @@
 what one process gives on the whole batch."""
 
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,22 +107,18 @@ def test_the_reduction_is_plain_all_reduce_not_the_deprecated_autograd_one(ranks
         assert not [w for w in ranks[r]["warnings"] if "torch.distributed" in w], ranks[r]["warnings"]
 
 
-def _backward_then_destroy(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        part = slice(0, SPLIT[0]) if rank == 0 else slice(SPLIT[0], None)
-        for name in ("bn", "brn"):
-            train(convert_sync_norms(build(name)), 0, part)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_backward_through_the_reduction_then_destroy_never_aborts(tmp_path):
-    # The old reduction aborted about 1 spawn in 20 on a 2-core CPU: 60 clean spawns in a row
-    # would happen to it with probability 0.95**60 < 5%.
-    for i in range(60):
-        mp.spawn(_backward_then_destroy, args=(2, str(tmp_path / f"init{i}")), nprocs=2, join=True)
+    # The deprecated reduction once aborted about one process in ten at exit after a backward
+    # through it and destroy_process_group: 30 clean rounds (60 process exits) in a row would have
+    # happened to it with probability 0.9**60 < 0.2%. Under torch 2.14 it no longer aborts (0 in 30
+    # spawned rounds, 0 in 60 of these), so the test above, that nothing calls it, is what keeps it
+    # out; this one checks that our reduction's ranks exit cleanly through Python's whole shutdown.
+    script = Path(__file__).with_name("sync_forks.py")
+    done = subprocess.run([sys.executable, str(script), "30", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert done.stdout.strip() == "30 rounds, 0 rank exits failed"
 
 
 def _mixed():
