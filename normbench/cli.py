@@ -25,6 +25,7 @@ from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry, MPS
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.trainer.connectors.accelerator_connector import _select_auto_accelerator
 
+from normbench.budget import Budget, apply_budget
 from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
 from normbench.errors import CheckpointMismatchError, check_config_files, first_line, one_line, reported
 from normbench.experiments import experiment_name
@@ -236,6 +237,7 @@ class NormBenchCLI(LightningCLI):
             help="Also refresh checkpoints/last.ckpt every this many training steps, so an interrupted "
             "run resumes mid-epoch (0: only at the end of each epoch)",
         )
+        parser.add_class_arguments(Budget, "budget", help="What a batch-size study holds fixed (normbench.budget)")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
 
@@ -253,6 +255,7 @@ class NormBenchCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        apply_budget(config, config.data.init_args.batch_size * world_size(trainer))
         if trainer.max_epochs == -1 and trainer.max_steps in (None, -1) and trainer.max_time is None:
             raise ValueError(
                 "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "

@@ -218,6 +218,7 @@ def fit_pack(cells: list[Any]) -> None:
     diverged = module.first_nonfinite.tolist()
     for k, run_dir in enumerate(run_dirs):
         fields: dict[str, Any] = {"global_step": trainer.global_step, "hardware": hardware(module.device),
+                                  "lr": trainer.optimizers[0].param_groups[0]["lr"],
                                   "wall_time_s": round(time.time() - start, 3),
                                   **summary(module.epochs[k])}  # fmt: skip
         if diverged[k] >= 0:

@@ -227,6 +227,8 @@ class RunRecorder(L.Callback):
             evals=self._evals,
             train_loss_steps=self._losses,
             global_step=trainer.global_step,
+            # The budget the run took: its optimizer steps (global_step) and learning rate.
+            lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             seed=_seed(),
             wall_time_s=round(time.time() - self._start, 3) if self._start else 0.0,
             **fields,

@@ -43,6 +43,7 @@ SCHEMA: dict[str, str] = {
     "layout": "devices, num_nodes, world_size, per-device and global batch, images per norm statistic",
     "seed": "seed_everything",
     "global_step": "optimizer steps done",
+    "lr": "the learning rate the optimizer used (its first parameter group's, at the end)",
     "wall_time_s": "wall time of the run, all attempts together",
     "epochs": "one row per training epoch: its train/ and val/ metrics",
     "evals": "one row per validation with its step",

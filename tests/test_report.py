@@ -7,15 +7,17 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from normbench.data import DATAMODULES
 from normbench.main import main
-from normbench.report import CLAIMS, find_runs
+from normbench.report import find_runs
+from normbench.report.verdicts import CLAIMS, judge
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
-           activation="relu", blocks=4, world=None, precision=None, **extra) -> None:  # fmt: skip
+           activation="relu", blocks=4, world=None, precision=None, budget=None, **extra) -> None:  # fmt: skip
     """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]; ``world``: the
     processes of a run with a layout (``bs`` per device), None for a record from before layouts."""
     curve = curve if curve is not None else ([best] if best is not None else [])
@@ -29,7 +31,11 @@ def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, cu
     }  # fmt: skip
     if precision is not None:
         config["trainer"] = {"precision": precision}
-    rec = {"status": status, "config": config, "epochs": [{"epoch": i, "val/acc": a} for i, a in enumerate(curve)]}
+    if budget is not None:
+        config["budget"] = budget
+    # The budget as the study's protocol takes it: one epoch of 5,000 images, Adam 1e-3.
+    rec = {"status": status, "config": config, "epochs": [{"epoch": i, "val/acc": a} for i, a in enumerate(curve)],
+           "global_step": 5000 // (bs * (world or 1)), "lr": 1e-3}  # fmt: skip
     if status == "finished":
         rec.update(val_acc_best=max(curve), val_acc_final=curve[-1])
     if world is not None:
@@ -49,9 +55,9 @@ def test_runs_on_several_devices_are_rows_of_their_global_batch_and_layout(tmp_p
     record(tmp_path, norm="gn", bs=2, seed=0, best=0.40)
     main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "| 2 | 55.00 ± 7.07 (n=2) | 40.00 (n=1) |" in text
-    assert "| 8 | 70.00 (n=1) | – |" in text
-    assert "| 8 (4x2) | 90.00 (n=1) | – |" in text
+    assert "| 2 | 2500 | 0.001 | 55.00 ± 7.07 (n=2) | 40.00 (n=1) |" in text
+    assert "| 8 | 625 | 0.001 | 70.00 (n=1) | – |" in text
+    assert "| 8 (4x2) | 625 | 0.001 | 90.00 (n=1) | – |" in text
 
 
 def test_tables_to_the_digit(tmp_path):
@@ -65,10 +71,11 @@ def test_tables_to_the_digit(tmp_path):
     record(tmp_path, norm="gn", bs=128, seed=1, status="interrupted")  # to be resumed: not a failure
     main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "| batch size | bn | gn |" in text
+    assert "| batch size | steps | lr | bn | gn |" in text
     # mean and sample std: bn (50, 60, 70) -> 60 +- 10; gn (80, 82) -> 81 +- 1.41421...
-    assert "| 2 | 60.00 ± 10.00 (n=3) | 81.00 ± 1.41 (n=2, 1 failed) |" in text
-    assert "| 128 | 1 diverged | 90.12 (n=1, 1 unfinished) |" in text  # a diverged run is never shown as 0%
+    assert "| 2 | 2500 | 0.001 | 60.00 ± 10.00 (n=3) | 81.00 ± 1.41 (n=2, 1 failed) |" in text
+    # Steps and lr of the finished runs only.
+    assert "| 128 | 39 | 0.001 | 1 diverged | 90.12 (n=1, 1 unfinished) |" in text  # a diverged run is never shown as 0%
     assert "from 9 run records (1 diverged, 1 failed, 6 finished, 1 interrupted)" in text
     rows = {
         (r["norm"], r["batch_size"]): r
@@ -86,7 +93,7 @@ def test_tables_to_the_digit(tmp_path):
 def study(root: Path, gn_spread=1.0, brn_gain_large=0.0, sigmoid_slope=-2.0) -> None:
     """Synthetic runs of both studies, 3 seeds each (+-0.5 points around the mean)."""
     sizes = [2, 4, 8, 16, 32, 64, 128]
-    bn = {2: 50.0, 4: 70.0, 8: 78.0, 16: 79.5, 32: 80.0, 64: 80.5, 128: 80.0}
+    bn = {2: 50.0, 4: 70.0, 8: 79.5, 16: 79.5, 32: 80.0, 64: 80.5, 128: 80.0}
     for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
         for i, bs in enumerate(sizes):
             gn = 80.0 + gn_spread * i / (len(sizes) - 1)
@@ -116,33 +123,77 @@ def study(root: Path, gn_spread=1.0, brn_gain_large=0.0, sigmoid_slope=-2.0) -> 
 
 def verdicts(root: Path) -> dict[str, tuple[str, str]]:
     runs = find_runs([root])
-    return {claim.__name__: (v.verdict, v.evidence) for claim in CLAIMS for v in [claim(runs)]}
+    return {claim.__name__: (v.verdict, v.evidence) for claim, v in zip(CLAIMS, judge(runs), strict=True)}
+
+
+def _slope(points: dict[float, float]) -> float:
+    return float(np.polyfit(list(points), list(points.values()), 1)[0])
 
 
 def test_verdicts_when_the_studies_hold(tmp_path):
     study(tmp_path)
     v = verdicts(tmp_path)
     assert all(verdict == "supported" for verdict, _ in v.values()), v
-    assert "cifar10: 80.00 to 81.00 over batch sizes 2–128, a spread of 1.00 points" in v["gn_stable"][1]
-    # BN - GN per batch size: 50 - 80 = -30 at 2, ..., within 3 points from batch size 8 on.
-    assert "from batch size 8" in v["bn_needs_batch"][1] and "bs 2: -30.00" in v["bn_needs_batch"][1]
-    assert "largest |BN − GN| at batch sizes ≥ 8 is 2.33 points" in v["bn_close_to_gn"][1]
+    gn_means = {b: 80.0 + i / 6 for i, b in enumerate((2, 4, 8, 16, 32, 64, 128))}
+    assert "cifar10: 80.00 (bs 2) to 81.00 (bs 128) over batch sizes 2–128" in v["gn_stable"][1]
+    assert "TOST" in v["gn_stable"][1] and "intersection-union test over the 21 pairs" in v["gn_stable"][1]
+    # The interaction: BN's slope on log2(batch size) minus GN's (equal seeds in every cell, so
+    # the slope over runs is the slope over the cells' means).
+    bn = {2: 50.0, 4: 70.0, 8: 79.5, 16: 79.5, 32: 80.0, 64: 80.5, 128: 80.0}
+    by_hand = _slope({np.log2(b): m for b, m in bn.items()}) - _slope({np.log2(b): m for b, m in gn_means.items()})
+    assert f"BN − GN per doubling of the batch size {by_hand:+.2f} points (95% CI" in v["bn_needs_batch"][1]
+    assert "OLS interaction" in v["bn_needs_batch"][1] and "bs 2: -30.00" in v["bn_needs_batch"][1]
+    # A fixed number of epochs: batch size 2 took 2,500 steps, 128 took 39.
+    assert "optimizer steps differ 64-fold across these cells (39 to 2500)" in v["bn_needs_batch"][1]
+    assert "at batch sizes 8, 16, 32, 64, 128" in v["bn_close_to_gn"][1] and "TOST" in v["bn_close_to_gn"][1]
     assert "hard task = cifar100" in v["brn_small_hard"][1] and "cifar100 bs 2: +5.00" in v["brn_small_hard"][1]
     assert "slower in 6 of 6" in v["bnrs_slower"][1]
-    assert "+1.00 (relu), -2.00 (sigmoid)" in v["depth_activation"][1]
+    relu = _slope({np.log2(b): 70 + b for b in (1, 2, 4, 8)})
+    sigmoid = _slope({np.log2(b): 70 - 2 * b for b in (1, 2, 4, 8)})
+    assert f"relu {relu:+.2f} points" in v["depth_activation"][1]
+    assert f"sigmoid {sigmoid:+.2f} points" in v["depth_activation"][1]
+    assert all("Holm-adjusted over the report's 5 tests" in e for k, (_, e) in v.items() if k != "bnrs_slower")
 
 
 def test_verdicts_when_the_studies_fail(tmp_path):
     study(tmp_path, gn_spread=6.0, brn_gain_large=4.0, sigmoid_slope=0.5)
     v = verdicts(tmp_path)
-    assert v["gn_stable"][0] == "not supported" and "a spread of 6.00 points" in v["gn_stable"][1]
+    assert v["gn_stable"][0] == "not supported" and "80.00 (bs 2) to 86.00 (bs 128)" in v["gn_stable"][1]
     assert v["brn_small_hard"][0] == "not supported" and "mnist bs 128: +4.00" in v["brn_small_hard"][1]
     assert v["depth_activation"][0] == "not supported"
+
+
+def test_no_significant_difference_is_not_equivalence(tmp_path):
+    # GN spread 2 points over batch sizes (within the margin) but so noisy that its TOST cannot
+    # show it: "stays stable" is not supported, although no difference is significant either.
+    for seed, jitter in enumerate((-4.0, 0.0, 4.0)):
+        for i, bs in enumerate((2, 16, 128)):
+            record(tmp_path, norm="gn", bs=bs, seed=seed, best=(80.0 + i + jitter) / 100)
+    verdict, evidence = verdicts(tmp_path)["gn_stable"]
+    assert verdict == "not supported", evidence
+    assert "TOST" in evidence
 
 
 def test_verdicts_without_data_say_so(tmp_path):
     record(tmp_path, norm="bn", bs=2, best=0.5)
     assert {verdict for verdict, _ in verdicts(tmp_path).values()} == {"not enough data"}
+
+
+def test_the_report_states_the_budget_its_runs_held_and_never_mixes_two(tmp_path, capsys):
+    held = {"protocol": "steps", "steps": 300, "evaluations": 3}
+    for bs in (2, 128):
+        record(tmp_path / "steps", norm="bn", bs=bs, best=0.7, budget=held, global_step=300)
+    main(["report", str(tmp_path / "steps"), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert ("Budget held (`budget.protocol: steps`): the same optimizer steps at every batch size (300 steps, 3 "
+            "evaluations evenly spaced); the finished runs took 300 optimizer steps at learning rate 0.001") in text
+    assert "| 2 | 300 | 0.001 | 70.00 (n=1) |" in text
+    record(tmp_path / "study", norm="bn", bs=2, best=0.7)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "steps"), str(tmp_path / "study"), "--out", str(tmp_path / "rep2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "several budgets (steps, study)" in err[0] and "report each sweep on its own" in err[0]
 
 
 def test_report_refuses_an_empty_folder(tmp_path):
@@ -282,8 +333,8 @@ def test_cells_that_did_not_learn_are_marked_and_make_comparing_verdicts_inconcl
             record(tmp_path, norm="gn", bs=bs, seed=seed, best=gn + jitter)
     main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "| 128 | 12.00 ± 1.00 (n=3, not learned) | 14.00 ± 1.00 (n=3, not learned) |" in text
-    assert "| 2 | 50.00 ± 1.00 (n=3) |" in text
+    assert "| 128 | 39 | 0.001 | 12.00 ± 1.00 (n=3, not learned) | 14.00 ± 1.00 (n=3, not learned) |" in text
+    assert "| 2 | 2500 | 0.001 | 50.00 ± 1.00 (n=3) |" in text
     v = verdicts(tmp_path)
     for claim in ("gn_stable", "bn_needs_batch", "bn_close_to_gn"):
         assert v[claim][0] == "inconclusive", (claim, v[claim])
@@ -388,8 +439,8 @@ def test_runs_in_bf16_are_their_own_condition_and_compared_with_fp32_by_welch(tm
     main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
     # Never averaged with fp32: a column of its own in the accuracy table ...
-    assert "| batch size | bn | bn bf16-mixed | gn |" in text
-    assert f"| 2 | {100 * statistics.fmean(fp32):.2f} ± {100 * statistics.stdev(fp32):.2f} (n=3) |" in text
+    assert "| batch size | steps | lr | bn | bn bf16-mixed | gn |" in text
+    assert f"| 2 | 2500 | 0.001 | {100 * statistics.fmean(fp32):.2f} ± {100 * statistics.stdev(fp32):.2f} (n=3) |" in text
     # ... and a row of the precision table: the difference and Welch's test, by hand.
     a, b = [100 * v for v in bf16], [100 * v for v in fp32]
     va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3

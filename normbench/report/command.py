@@ -22,11 +22,12 @@ from normbench.report.tables import (
     LEARNED,
     aggregate,
     batch_size_tables,
+    budgets,
     depth_tables,
     markdown_table,
     precision_tables,
 )
-from normbench.report.verdicts import CLAIMS
+from normbench.report.verdicts import judge
 from normbench.report.why import gradient_sections, why_sections
 from normbench.results import RECORD
 
@@ -43,10 +44,48 @@ PRECISION_INTRO = (
     "std over seeds (n), and the difference of the means with Welch's t-test over seeds. In every other table "
     "and verdict a run in another precision is a condition of its own (`bn bf16-mixed`), never averaged with fp32."
 )
+VERDICT_INTRO = (
+    "Each claim is tested as it is stated (normbench.report.verdicts): a claim about BN against GN across batch "
+    "sizes by the norm x log2(batch size) interaction of an OLS fit; \"stays stable\" and \"within 3 points\" "
+    "by equivalence tests (TOST) against a 3-point margin, never by a difference that is not significant. The "
+    "report's p-values are corrected together for multiplicity (Holm); a claim is supported when its estimate "
+    "points its way and its adjusted p < 0.05. Where the optimizer steps of the cells compared differ by more "
+    "than 2x, the numbers say so: there the budget moved with the batch size."
+)
 GRADIENT_INTRO = (
     "The mean absolute gradient of each block's conv weight over the last epoch's training steps "
     "(NormDiagnostics, every every_n_steps steps), mean ± std over seeds (n), against the network's depth."
 )
+
+
+def _figures(values: list) -> str:
+    known = sorted({v for v in values if v is not None})
+    if not known:
+        return "not recorded"
+    return f"{known[0]:g}" if len(known) == 1 else f"{known[0]:g} to {known[-1]:g}"
+
+
+def budget_lines(runs: list[Run]) -> list[str]:
+    """What budget the runs held (``normbench.budget``), with the steps and learning rates
+    their records say they took."""
+    protocols = sorted({r.protocol for r in runs})
+    if len(protocols) > 1:
+        raise ValueError(
+            f"the records hold runs of several budgets ({', '.join(protocols)}); a report compares runs of one "
+            "budget: report each sweep on its own"
+        )
+    done = [r for r in runs if r.ok]
+    steps, lrs = _figures([r.steps for r in done]), _figures([r.lr for r in done])
+    budget = runs[0].budget if runs else {}
+    held = {
+        "study": "the study's protocol, the config's epochs and learning rate at every batch size",
+        "steps": f"the same optimizer steps at every batch size ({budget.get('steps')} steps, "
+                 f"{budget.get('evaluations')} evaluations evenly spaced)",
+        "scaled_lr": f"the config's epochs with the learning rate scaled by the {budget.get('rule')} rule from batch "
+                     f"size {budget.get('reference_batch_size')} (lr {budget.get('reference_lr')} there)",
+    }.get(protocols[0] if protocols else "study", protocols[0] if protocols else "study")  # fmt: skip
+    return [f"Budget held (`budget.protocol: {protocols[0] if protocols else 'study'}`): {held}; the finished runs "
+            f"took {steps} optimizer steps at learning rate {lrs}. The tables give each cell's steps and lr."]
 
 
 def _sweep_lines(paths: list[str]) -> list[str]:
@@ -95,15 +134,18 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
             f"total training wall time {sum(r.wall_time_s or 0 for r in runs) / 60:.1f} min."
         ),
         "",
+        *budget_lines(runs),
         *_sweep_lines(inputs),
     ]
     with open(out / "best_accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*CONTEXT, "batch_size", "norm", "n", "mean", "std", "failed", "diverged", "unfinished",
-                         "learned"])  # fmt: skip
-        for key, s in sorted(aggregate(runs, (*CONTEXT, "batch_size", "norm")).items(), key=lambda kv: str(kv[0])):
+        keys = (*CONTEXT, "batch_size", "norm")
+        writer.writerow([*keys, "n", "mean", "std", "failed", "diverged", "unfinished", "learned", "steps", "lr"])
+        budget = budgets(runs, keys)
+        for key, s in sorted(aggregate(runs, keys).items(), key=lambda kv: str(kv[0])):
             learned = "" if s.learned is None else str(s.learned).lower()
-            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished, learned])
+            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished, learned,
+                             *budget[key]])  # fmt: skip
     tables = batch_size_tables(runs)
     lines += ["", "## Best accuracy by batch size and norm"] if tables else []
     for ctx, header, rows in tables:
@@ -112,8 +154,9 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         lines += ["", "## Depth and activation", "", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, batch size {ctx[3]}", ""]
         lines.append(markdown_table(header, rows))
     lines += ["", "## The studies' claims, checked against these runs", ""]
-    lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence] for v in
-                                                                (c(runs) for c in CLAIMS)])]  # fmt: skip
+    lines += [VERDICT_INTRO, ""]
+    lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence]
+                                                                for v in judge(runs)])]  # fmt: skip
     precision = precision_tables(runs)
     if precision:
         lines += ["", "## Precision: the same runs against fp32", "", PRECISION_INTRO]

@@ -102,6 +102,12 @@ class Run:
     grads: list[float] = field(default_factory=list)  # mean |gradient| per block, first to last
     precision: str = FP32  # trainer.precision, as Lightning names it
     norm_name: str = ""
+    # The budget the run held and took (normbench.budget): its protocol as configured, and the
+    # optimizer steps and learning rate its record says it trained with.
+    protocol: str = "study"
+    budget: dict = field(default_factory=dict)
+    steps: int | None = None
+    lr: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -195,7 +201,17 @@ def load_run(path: Path) -> Run:
         mean_gap=last_layer.get("mean_gap"),
         std_ratio=last_layer.get("std_ratio"),
         grads=list(end.get("grad_per_block", [])),
+        protocol=(config.get("budget") or {}).get("protocol") or "study",
+        budget=dict(config.get("budget") or {}),
+        steps=record.get("global_step"),
+        lr=record.get("lr", _config_lr(model)),
     )
+
+
+def _config_lr(model: dict) -> float | None:
+    """The optimizer's lr in a run's config, for records written before runs recorded it."""
+    optimizer = model.get("optimizer")
+    return (optimizer.get("init_args") or {}).get("lr") if isinstance(optimizer, dict) else None
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Run]:

@@ -8,9 +8,11 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from scipy import stats as scipy_stats
 
+from normbench.report.inference import p_text
 from normbench.report.records import CONTEXT, FP32, Run
 from normbench.results import DIVERGED, UNFINISHED
 
@@ -80,6 +82,29 @@ def aggregate(runs: list[Run], keys: tuple[str, ...], metric: str = "best") -> d
     return dict(groups)
 
 
+def _span(values: set) -> str:
+    """One figure when all agree, else ``min–max``; ``–`` when none is recorded."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return "–"
+    fmt = (lambda v: f"{v:g}") if isinstance(known[0], float) else str
+    return fmt(known[0]) if known[0] == known[-1] else f"{fmt(known[0])}–{fmt(known[-1])}"
+
+
+def budgets(runs: list[Run], keys: tuple[str, ...]) -> dict[tuple, tuple[str, str]]:
+    """Group runs by ``keys``: the optimizer steps and the learning rate their finished runs
+    took, each as one figure or a ``min–max`` span (``budget`` columns beside every accuracy)."""
+    steps: dict[tuple, set] = defaultdict(set)
+    lrs: dict[tuple, set] = defaultdict(set)
+    for r in runs:
+        key = tuple(getattr(r, k) for k in keys)
+        steps[key]
+        if r.ok:
+            steps[key].add(r.steps)
+            lrs[key].add(r.lr)
+    return {k: (_span(steps[k]), _span(lrs[k])) for k in steps}
+
+
 def sorted_values(values: Iterable) -> list:
     """Values of one key in order: numbers by value, None last, strings by name."""
     return sorted(values, key=lambda v: (v is None, v if not isinstance(v, str) else 0, str(v)))
@@ -88,6 +113,7 @@ def sorted_values(values: Iterable) -> list:
 def batch_size_tables(runs: list[Run]) -> list[tuple[tuple, list[str], list[list[str]]]]:
     """Per context (dataset, net, activation, depth): rows batch size, columns norm."""
     stats = aggregate(runs, (*CONTEXT, "batch_size", "norm"))
+    budget = budgets(runs, (*CONTEXT, "batch_size"))
     tables = []
     for ctx in sorted_values({k[:4] for k in stats}):
         sub = {k[4:]: v for k, v in stats.items() if k[:4] == ctx}
@@ -95,22 +121,26 @@ def batch_size_tables(runs: list[Run]) -> list[tuple[tuple, list[str], list[list
         sizes = sorted_values({b for b, _ in sub})
         if len(norms) < 2 and len(sizes) < 2:
             continue
-        rows = [[str(b)] + [sub[(b, n)].cell() if (b, n) in sub else "–" for n in norms] for b in sizes]
-        tables.append((ctx, ["batch size", *norms], rows))
+        rows = [[str(b), *budget[(*ctx, b)]] + [sub[(b, n)].cell() if (b, n) in sub else "–" for n in norms]
+                for b in sizes]  # fmt: skip
+        tables.append((ctx, ["batch size", "steps", "lr", *norms], rows))
     return tables
 
 
 def depth_tables(runs: list[Run]) -> list[tuple[tuple, list[str], list[list[str]]]]:
     """Per (dataset, net, norm, batch size) where depth varies: rows blocks, columns activation."""
-    stats = aggregate(runs, ("dataset", "net", "norm", "batch_size", "num_blocks", "activation"))
+    keys = ("dataset", "net", "norm", "batch_size", "num_blocks")
+    stats = aggregate(runs, (*keys, "activation"))
+    budget = budgets(runs, keys)
     tables = []
     for ctx in sorted_values({k[:4] for k in stats}):
         sub = {k[4:]: v for k, v in stats.items() if k[:4] == ctx}
         depths, acts = sorted_values({d for d, _ in sub}), sorted_values({a for _, a in sub})
         if len(depths) < 2:
             continue
-        rows = [[str(d)] + [sub[(d, a)].cell() if (d, a) in sub else "–" for a in acts] for d in depths]
-        tables.append((ctx, ["blocks", *acts], rows))
+        rows = [[str(d), *budget[(*ctx, d)]] + [sub[(d, a)].cell() if (d, a) in sub else "–" for a in acts]
+                for d in depths]  # fmt: skip
+        tables.append((ctx, ["blocks", "steps", "lr", *acts], rows))
     return tables
 
 
@@ -148,14 +178,19 @@ class Comparison:
         """The test's result (``statistic``, ``pvalue``): Welch's t-test of the two sides."""
         return scipy_stats.ttest_ind(self.a.values, self.b.values, equal_var=False)
 
+    @cached_property
+    def _result(self):
+        """The test, run once per comparison (None when it is not testable)."""
+        return self._test() if self.testable else None
+
     @property
     def p(self) -> float | None:
         """The two-sided p-value of the test; None with fewer than 2 runs a side or no spread."""
-        return float(self._test().pvalue) if self.testable else None
+        return None if self._result is None else float(self._result.pvalue)
 
     @property
     def t(self) -> float | None:
-        return float(self._test().statistic) if self.testable else None
+        return None if self._result is None else float(self._result.statistic)
 
     @property
     def hedges_g(self) -> float | None:
@@ -173,12 +208,8 @@ class Comparison:
         head = f"{self.difference:+.2f} points"
         if not self.testable:
             return f"{head} (n = {self.a.n} and {self.b.n}: too few runs or no spread for a test)"
-        return (f"{head}, Welch's t-test t = {self.t:.2f}, p = {_p(self.p)}, n = {self.a.n} and {self.b.n}, "
+        return (f"{head}, Welch's t-test t = {self.t:.2f}, p = {p_text(self.p)}, n = {self.a.n} and {self.b.n}, "
                 f"Hedges' g = {self.hedges_g:.2f}")  # fmt: skip
-
-
-def _p(p: float) -> str:
-    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
 class PairedComparison(Comparison):
@@ -208,7 +239,7 @@ class PairedComparison(Comparison):
         head = f"{self.difference:+.2f} points"
         if not self.testable:
             return f"{head} (n = {self.a.n}: too few runs or no spread for a test)"
-        test = f"paired t-test t = {self.t:.2f}, p = {_p(self.p)}, n = {self.a.n}"
+        test = f"paired t-test t = {self.t:.2f}, p = {p_text(self.p)}, n = {self.a.n}"
         return f"{head}, {test}, Cohen's d_z = {self.hedges_g:.2f}"
 
 

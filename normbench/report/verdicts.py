@@ -1,34 +1,82 @@
-"""The studies' claims, each checked against the runs with the statistics behind its verdict.
+"""The studies' claims, each tested as it is stated, with the statistics behind its verdict.
 
 A verdict is ``supported``, ``not supported``, ``inconclusive`` (a condition it compares did not
-learn: its runs' mean stayed below LEARNED x chance) or ``not enough data``. Its evidence names
-n, the means, the test (Welch's t-test over seeds, ``scipy.stats``) with its p-value, and the
-effect size (the difference in points and Hedges' g). Differences count when they are larger
-than the claim's margin (CLOSE, BEATS) and significant at ALPHA.
+learn: its runs' mean stayed below LEARNED x chance) or ``not enough data``. Each claim's test
+(``normbench.report.inference``) is the one its words call for:
+
+- "BN needs a large batch" is about BN relative to GN: the norm x log2(batch size) interaction
+  of an OLS fit over every bn and gn run (the BN − GN gap per doubling of the batch).
+- "GN stays stable" and "within 3 points" are equivalence claims: two one-sided tests against
+  the CLOSE margin (TOST), over every pair they cover (an intersection-union test: the claim's p
+  is the largest). A difference that is merely not significant never supports them.
+- "BRN beats BN" is a Welch t-test; "sigmoid loses / ReLU gains with depth" is the OLS slope of
+  accuracy on log2(blocks) for each activation.
+
+``judge`` runs every claim and corrects their p-values together for multiplicity (Holm); a
+claim is supported when its estimate points the way it says and its Holm-adjusted p < ALPHA.
+Evidence gives n, the estimate, its interval and p, and says when the optimizer steps of the
+cells compared differ by more than STEPS_APART-fold: then the budget moved with the batch.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from normbench.report.inference import equivalence, holm, interaction, p_text, slope
 from normbench.report.records import Run
 from normbench.report.tables import Comparison, Stat, aggregate, sorted_values
 
-# Points of accuracy within which two norms "perform alike": the studies' "within 3 points".
+# Points of accuracy within which two conditions "perform alike": the studies' "within 3 points".
 CLOSE = 3.0
 # How much BRN must gain over BN, in points, to count as beating it.
 BEATS = 1.0
-# The level at which a difference between two conditions counts as real.
+# The level at which a test's (Holm-adjusted) p counts.
 ALPHA = 0.05
+# Cells whose optimizer steps differ by more than this factor compare budgets as well as norms.
+STEPS_APART = 2.0
 
 
 @dataclass
 class Verdict:
+    """A claim's verdict; ``p``: its test's p-value (None when no test decides it), ``holds``:
+    whether the estimate points the way the claim says, ``p_holm``: ``p`` adjusted by ``judge``."""
+
     claim: str
     verdict: str  # "supported", "not supported", "inconclusive" or "not enough data"
     evidence: str
+    p: float | None = None
+    holds: bool | None = None
+    p_holm: float | None = None
+
+
+def _tested(claim: str, evidence: str, p: float, holds: bool) -> Verdict:
+    """A verdict decided by its own p alone; ``judge`` decides it again after Holm."""
+    return Verdict(claim, "supported" if holds and p < ALPHA else "not supported", evidence, p, holds)
+
+
+def judge(runs: list[Run]) -> list[Verdict]:
+    """Every claim's verdict, the tested ones decided on their Holm-adjusted p-values."""
+    found = [claim(runs) for claim in CLAIMS]
+    tested = [i for i, v in enumerate(found) if v.p is not None]
+    for i, adjusted in zip(tested, holm([found[i].p for i in tested]), strict=True):
+        v = found[i]
+        note = f"Holm-adjusted over the report's {len(tested)} tests: p = {p_text(adjusted)}"
+        found[i] = replace(v, verdict="supported" if v.holds and adjusted < ALPHA else "not supported",
+                           evidence=f"{v.evidence}; {note}", p_holm=adjusted)  # fmt: skip
+    return found
+
+
+def budget_note(runs: list[Run]) -> str:
+    """``; optimizer steps differ 64-fold ...`` when the finished runs' steps differ by more
+    than STEPS_APART-fold, else an empty string."""
+    steps = [r.steps for r in runs if r.ok and r.steps]
+    if not steps or max(steps) <= STEPS_APART * min(steps):
+        return ""
+    return (f"; optimizer steps differ {max(steps) / min(steps):.0f}-fold across these cells ({min(steps)} to "
+            f"{max(steps)}): the budget moved with the batch size, not only the norm's batch")  # fmt: skip
 
 
 def _stats(runs: list[Run], **fixed) -> dict[tuple, Stat]:
@@ -57,84 +105,94 @@ def _main_runs(runs: list[Run]) -> list[Run]:
     return [r for r in runs if (r.net, r.activation, r.num_blocks) in STUDY_NETS]
 
 
+def _cells(runs: list[Run], norm: str, dataset: str, stats: dict[tuple, Stat]) -> list[Run]:
+    """The main runs of ``norm`` on ``dataset`` at the batch sizes of ``stats``."""
+    sizes = {b for d, b in stats if d == dataset}
+    return [r for r in _main_runs(runs) if r.norm == norm and r.dataset == dataset and r.batch_size in sizes]
+
+
 def gn_stable(runs: list[Run]) -> Verdict:
-    claim = "GroupNorm stays stable across batch sizes"
+    claim = f"GroupNorm stays stable across batch sizes (every two within {CLOSE:g} points)"
     gn = _stats(_main_runs(runs), norm="gn")
     if _not_learned(gn):
         return _inconclusive(claim, _not_learned(gn), "gn")
-    parts, ok = [], []
+    parts, ps, used = [], [], []
     for ds in sorted_values({d for d, _ in gn}):
         accs = {b: s for (d, b), s in gn.items() if d == ds}
-        if len(accs) >= 3:
-            best, worst = max(accs, key=lambda b: accs[b].mean), min(accs, key=lambda b: accs[b].mean)
-            spread = accs[best].mean - accs[worst].mean
-            ok.append(spread <= CLOSE)
-            parts.append(f"{ds}: {accs[worst].mean:.2f} to {accs[best].mean:.2f} over batch sizes "
-                         f"{min(accs)}–{max(accs)}, a spread of {spread:.2f} points (bs {best} − bs {worst}: "
-                         f"{Comparison(accs[best], accs[worst]).text()})")  # fmt: skip
-    if not ok:
-        return Verdict(claim, "not enough data", "needs gn at 3 or more batch sizes")
-    return Verdict(claim, "supported" if all(ok) else "not supported", f"{'; '.join(parts)} (stable: within {CLOSE:g})")
-
-
-def _bn_threshold(runs: list[Run]) -> dict[str, tuple[int | None, dict[int, Comparison]]]:
-    """Per dataset: the smallest batch size from which BN stays within CLOSE points of GN,
-    and BN against GN at every batch size."""
-    main = _main_runs(runs)
-    bn, gn = _stats(main, norm="bn"), _stats(main, norm="gn")
-    out = {}
-    for ds in sorted_values({d for d, _ in bn}):
-        gaps = {b: Comparison(bn[(d, b)], gn[(d, b)]) for (d, b) in bn if d == ds and (d, b) in gn}
-        if len(gaps) < 2:
+        if len(accs) < 3:
             continue
-        sizes = sorted(gaps)
-        good = [b for i, b in enumerate(sizes) if all(abs(gaps[c].difference) <= CLOSE for c in sizes[i:])]
-        out[ds] = (good[0] if good else None, gaps)
-    return out
+        sizes = sorted(accs)
+        tests = {(a, b): equivalence(accs[b].values, accs[a].values, CLOSE) for i, a in enumerate(sizes)
+                 for b in sizes[i + 1:]}  # fmt: skip
+        if any(t is None for t in tests.values()):
+            return Verdict(claim, "not enough data", f"{ds}: needs 2 or more gn runs with a spread at every batch size")
+        (a, b), worst = max(tests.items(), key=lambda kv: kv[1].p)
+        lo, hi = min(accs, key=lambda k: accs[k].mean), max(accs, key=lambda k: accs[k].mean)
+        ps.append(worst.p)
+        used += _cells(runs, "gn", ds, gn)
+        parts.append(f"{ds}: {accs[lo].mean:.2f} (bs {lo}) to {accs[hi].mean:.2f} (bs {hi}) over batch sizes "
+                     f"{sizes[0]}–{sizes[-1]}; the least equivalent pair, bs {b} − bs {a}: {worst.text()}; "
+                     f"intersection-union test over the {len(tests)} pairs: p = {p_text(worst.p)}")  # fmt: skip
+    if not ps:
+        return Verdict(claim, "not enough data", "needs gn at 3 or more batch sizes")
+    return _tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
 
 
-def _bn_gn_not_learned(runs: list[Run]) -> list[str]:
+def _bn_gn(runs: list[Run]) -> tuple[dict[tuple, Stat], dict[tuple, Stat]]:
+    """BN's and GN's stats at the (dataset, batch size) cells both have."""
     main = _main_runs(runs)
     bn, gn = _stats(main, norm="bn"), _stats(main, norm="gn")
     common = {k for k in bn if k in gn}
-    return _not_learned({k: bn[k] for k in common}, {k: gn[k] for k in common})
+    return {k: bn[k] for k in common}, {k: gn[k] for k in common}
+
+
+def _gaps(bn: dict[tuple, Stat], gn: dict[tuple, Stat], ds: str) -> str:
+    return ", ".join(f"bs {b}: {bn[(d, b)].mean - gn[(d, b)].mean:+.2f}" for d, b in sorted(bn) if d == ds)
 
 
 def bn_needs_batch(runs: list[Run]) -> Verdict:
-    claim = "BN needs a large enough batch size to perform well"
-    found = _bn_threshold(runs)
-    if not found:
+    claim = "BN needs a large enough batch size to perform well (BN − GN grows with the batch size)"
+    bn, gn = _bn_gn(runs)
+    datasets = [d for d in sorted_values({d for d, _ in bn}) if len({b for e, b in bn if e == d}) >= 2]
+    if not datasets:
         return Verdict(claim, "not enough data", "needs bn and gn at 2 or more common batch sizes")
-    if _bn_gn_not_learned(runs):
-        return _inconclusive(claim, _bn_gn_not_learned(runs))
-    parts, holds = [], []
-    for ds, (n, gaps) in found.items():
-        listing = ", ".join(f"bs {b}: {g.difference:+.2f}" for b, g in sorted(gaps.items()))
-        where = f"from batch size {n}" if n is not None else "at no batch size"
-        smallest = min(gaps)
-        # Behind GN at the smallest batch by more than CLOSE, and significantly so.
-        behind = gaps[smallest].difference < -CLOSE and gaps[smallest].significant(ALPHA)
-        holds.append(n is not None and n > smallest and behind)
-        parts.append(f"{ds}: BN is within {CLOSE:g} points of GN {where} (BN − GN: {listing}; at bs {smallest}: "
-                     f"{gaps[smallest].text()})")  # fmt: skip
-    return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts))
+    if _not_learned(bn, gn):
+        return _inconclusive(claim, _not_learned(bn, gn))
+    parts, ps, holds, used = [], [], [], []
+    for ds in datasets:
+        log2 = lambda stats: {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds}  # noqa: E731
+        fit = interaction(log2(bn), log2(gn))
+        if fit is None:
+            return Verdict(claim, "not enough data", f"{ds}: too few bn and gn runs for the interaction's fit")
+        ps.append(fit.p)
+        holds.append(fit.estimate > 0)
+        used += _cells(runs, "bn", ds, bn) + _cells(runs, "gn", ds, gn)
+        parts.append(f"{ds}: BN − GN per doubling of the batch size {fit.text('points')} (BN − GN: {_gaps(bn, gn, ds)})")
+    return _tested(claim, "; ".join(parts) + budget_note(used), max(ps), all(holds))
 
 
 def bn_close_to_gn(runs: list[Run]) -> Verdict:
-    claim = f"Where BN performs well, it is within {CLOSE:g} points of GN"
-    found = {ds: v for ds, v in _bn_threshold(runs).items() if v[0] is not None}
-    if not found:
-        return Verdict(claim, "not enough data", "BN performs well at no batch size with a GN counterpart")
-    if _bn_gn_not_learned(runs):
-        return _inconclusive(claim, _bn_gn_not_learned(runs))
-    parts, holds = [], []
-    for ds, (n, gaps) in found.items():
-        big = {b: g for b, g in gaps.items() if b >= n}
-        widest = max(big, key=lambda b: abs(big[b].difference))
-        holds.append(abs(big[widest].difference) <= CLOSE)
-        parts.append(f"{ds}: largest |BN − GN| at batch sizes ≥ {n} is {abs(big[widest].difference):.2f} points "
-                     f"(bs {widest}: {big[widest].text()})")  # fmt: skip
-    return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts))
+    claim = f"Where BN performs well (within {CLOSE:g} points of its best), it is within {CLOSE:g} points of GN"
+    bn, gn = _bn_gn(runs)
+    datasets = sorted_values({d for d, _ in bn})
+    if not datasets:
+        return Verdict(claim, "not enough data", "needs bn and gn at a common batch size")
+    if _not_learned(bn, gn):
+        return _inconclusive(claim, _not_learned(bn, gn))
+    parts, ps, used = [], [], []
+    for ds in datasets:
+        best = max(s.mean for (d, _), s in bn.items() if d == ds)
+        good = sorted(b for (d, b), s in bn.items() if d == ds and s.mean >= best - CLOSE)
+        tests = {b: equivalence(bn[(ds, b)].values, gn[(ds, b)].values, CLOSE) for b in good}
+        if any(t is None for t in tests.values()):
+            return Verdict(claim, "not enough data", f"{ds}: needs 2 or more runs with a spread in each cell")
+        b, worst = max(tests.items(), key=lambda kv: kv[1].p)
+        ps.append(worst.p)
+        used += [r for r in _cells(runs, "bn", ds, bn) + _cells(runs, "gn", ds, gn) if r.batch_size in good]
+        parts.append(f"{ds}: BN within {CLOSE:g} of its best at batch sizes {', '.join(map(str, good))}; the least "
+                     f"equivalent, bs {b}, BN − GN: {worst.text()}; intersection-union test over {len(tests)}: "
+                     f"p = {p_text(worst.p)}")  # fmt: skip
+    return _tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
 
 
 def brn_small_hard(runs: list[Run]) -> Verdict:
@@ -150,15 +208,17 @@ def brn_small_hard(runs: list[Run]) -> Verdict:
         return _inconclusive(claim, missed)
     hard = min(datasets, key=lambda d: statistics.fmean(bn[(d, b)].mean for (e, b) in diffs if e == d))
     smallest = min(b for d, b in diffs if d == hard)
-    beats = {k: c.difference > BEATS and c.significant(ALPHA) for k, c in diffs.items()}
-    holds = beats[(hard, smallest)] and not any(v for k, v in beats.items() if k != (hard, smallest))
+    key = diffs[(hard, smallest)]
+    if key.p is None:
+        return Verdict(claim, "not enough data", f"{hard} bs {smallest}: {key.text()}")
+    # "Only": nowhere else does BRN gain more than BEATS at p < ALPHA (unadjusted: the stricter side).
+    elsewhere = [k for k, c in diffs.items() if k != (hard, smallest) and c.difference > BEATS and c.significant(ALPHA)]
     listing = "; ".join(f"{d} bs {b}: {diffs[(d, b)].difference:+.2f}" for d, b in sorted(diffs))
-    return Verdict(
-        claim,
-        "supported" if holds else "not supported",
-        f"hard task = {hard} (lowest BN accuracy); BRN − BN: {listing} (beats: > {BEATS:g} point and p < {ALPHA:g}; "
-        f"{hard} bs {smallest}: {diffs[(hard, smallest)].text()})",
-    )
+    also = f"; BRN also beats BN at {', '.join(f'{d} bs {b}' for d, b in elsewhere)}" if elsewhere else ""
+    evidence = (f"hard task = {hard} (lowest BN accuracy); BRN − BN: {listing} (beats: > {BEATS:g} point and "
+                f"p < {ALPHA:g}; {hard} bs {smallest}: {key.text()}){also}")  # fmt: skip
+    cells = [r for r in main if (r.dataset, r.batch_size) in diffs and r.norm in ("bn", "brn")]
+    return _tested(claim, evidence + budget_note(cells), key.p, key.difference > BEATS and not elsewhere)
 
 
 def _first_reaching(xs: list[int], curve: list[float], target: float) -> int | None:
@@ -192,12 +252,6 @@ def bnrs_slower(runs: list[Run]) -> Verdict:
     return Verdict(claim, verdict, f"slower in {sum(slower)} of {len(slower)}: " + "; ".join(parts))
 
 
-def _slope(points: dict[int, float]) -> float:
-    xs, ys = list(points), list(points.values())
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
-
 def depth_activation(runs: list[Run]) -> Verdict:
     # Deep sigmoid networks that stop learning are what this claim is about: sigmoid cells below
     # 3x chance that are deeper than every sigmoid cell that learned feed it, and the evidence
@@ -206,7 +260,7 @@ def depth_activation(runs: list[Run]) -> Verdict:
     # inconclusive.
     claim = "Sigmoid networks lose accuracy as blocks are added, while ReLU networks gain"
     stats = aggregate(runs, ("dataset", "norm", "batch_size", "activation", "num_blocks"))
-    parts, holds, unclear = [], [], []
+    parts, ps, holds, unclear, used = [], [], [], [], []
     for ctx in sorted_values({k[:3] for k in stats}):
         cells: dict[str, dict[int, Stat]] = defaultdict(dict)
         for k, s in stats.items():
@@ -225,13 +279,19 @@ def depth_activation(runs: list[Run]) -> Verdict:
             unclear.append(f"{where}: {', '.join(other_lost)} did not learn (below 3x chance), so depth had nothing "
                            "to take away there")  # fmt: skip
             continue
-        slopes = {a: _slope({d: s.mean for d, s in cells[a].items()}) for a in ("relu", "sigmoid")}
-        holds.append(slopes["sigmoid"] < 0 < slopes["relu"])
-        text = [f"{where}: accuracy per added block {slopes['relu']:+.2f} (relu), {slopes['sigmoid']:+.2f} (sigmoid)"]
+        fits = {a: slope({math.log2(d): s.values for d, s in cells[a].items()}, "OLS slope on log2(blocks)")
+                for a in ("relu", "sigmoid")}  # fmt: skip
+        if any(f is None for f in fits.values()):
+            unclear.append(f"{where}: too few runs for a slope")
+            continue
+        holds.append(fits["sigmoid"].estimate < 0 < fits["relu"].estimate)
+        ps.append(max(f.p for f in fits.values()))
+        used += [r for r in runs if (r.dataset, r.norm, r.batch_size) == ctx and r.activation in fits]
+        text = [f"{where}: accuracy per doubling of the blocks, relu {fits['relu'].text('points')}; sigmoid "
+                f"{fits['sigmoid'].text('points')}"]  # fmt: skip
         for act in ("relu", "sigmoid"):
             shallow, deep = min(cells[act]), max(cells[act])
-            change = Comparison(cells[act][deep], cells[act][shallow])
-            text.append(f"{act} {deep} − {shallow} blocks: {change.text()}")
+            text.append(f"{act} {deep} − {shallow} blocks: {Comparison(cells[act][deep], cells[act][shallow]).text()}")
         if deep_lost:
             lost = ", ".join(f"sigmoid {d} blocks ({cells['sigmoid'][d].mean:.2f}%)" for d in deep_lost)
             text.append(f"did not learn (below 3x chance, what the claim predicts of deep sigmoid networks): {lost}")
@@ -240,7 +300,8 @@ def depth_activation(runs: list[Run]) -> Verdict:
         if unclear:
             return Verdict(claim, "inconclusive", "; ".join(unclear))
         return Verdict(claim, "not enough data", "needs relu and sigmoid at two or more depths")
-    return Verdict(claim, "supported" if all(holds) else "not supported", "; ".join(parts + unclear))
+    evidence = "; ".join(parts + unclear) + budget_note(used)
+    return _tested(claim, evidence + "; both slopes tested: p is the larger", max(ps), all(holds))
 
 
 CLAIMS = (gn_stable, bn_needs_batch, bn_close_to_gn, brn_small_hard, bnrs_slower, depth_activation)

@@ -1,0 +1,133 @@
+"""The tests behind the verdicts, each one a library's (statsmodels, scipy), never hand-rolled:
+
+- ``interaction``: does the gap between two conditions change with a factor (log2 of the batch
+  size)? Ordinary least squares ``y = b0 + b1 g + b2 x + b3 g x`` over every run
+  (``statsmodels.api.OLS``); the estimate is b3, the change of the a − b gap per unit of x
+  (per doubling of the batch), with its 95% interval and two-sided p.
+- ``slope``: does one condition's accuracy change with a factor? OLS ``y = b0 + b1 x``.
+- ``equivalence``: are two conditions within ``margin`` points of each other? Two one-sided
+  Welch t-tests against -margin and +margin (TOST, ``statsmodels.stats.weightstats.ttost_ind``);
+  p < alpha shows equivalence, and "not significantly different" never does. The interval given
+  is the 90% one, whose lying inside (-margin, margin) is the same decision at alpha = 0.05.
+- ``holm``: p-values of one report adjusted for multiplicity (Holm's step-down,
+  ``statsmodels.stats.multitest.multipletests``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import statsmodels.api as sm
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.weightstats import CompareMeans, DescrStatsW, ttost_ind
+
+
+def p_text(p: float) -> str:
+    """A p-value as the reports write it: 3 decimals, or 2 significant digits below 0.001."""
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One coefficient of an OLS fit: its estimate, 95% interval, two-sided p and the runs used."""
+
+    test: str
+    estimate: float
+    low: float
+    high: float
+    p: float
+    n: int
+
+    def text(self, unit: str) -> str:
+        return (f"{self.estimate:+.2f} {unit} (95% CI {self.low:+.2f} to {self.high:+.2f}), {self.test}, "
+                f"p = {p_text(self.p)}, n = {self.n} runs")  # fmt: skip
+
+
+def _ols(y: list[float], columns: list[list[float]], index: int, test: str) -> Fit | None:
+    """Coefficient ``index`` of OLS of ``y`` on an intercept and ``columns``; None when the fit
+    has no residual degree of freedom or a column is constant."""
+    design = np.column_stack([np.ones(len(y)), *columns])
+    if len(y) <= design.shape[1] or np.linalg.matrix_rank(design) < design.shape[1]:
+        return None
+    fit = sm.OLS(np.asarray(y, dtype=float), design).fit()
+    low, high = fit.conf_int(alpha=0.05)[index]
+    if not math.isfinite(float(fit.bse[index])) or float(fit.bse[index]) == 0:
+        return None
+    return Fit(test, float(fit.params[index]), float(low), float(high), float(fit.pvalues[index]), len(y))
+
+
+def interaction(a: dict[float, list[float]], b: dict[float, list[float]]) -> Fit | None:
+    """The change of the a − b gap per unit of x: OLS over every run of both conditions.
+
+    Args:
+        a: x -> the values of condition a's runs at x.
+        b: x -> the values of condition b's runs at x.
+    """
+    y, g, x = [], [], []
+    for flag, side in ((1.0, a), (0.0, b)):
+        for xv, values in side.items():
+            for v in values:
+                y.append(v)
+                g.append(flag)
+                x.append(float(xv))
+    gx = [gi * xi for gi, xi in zip(g, x)]
+    return _ols(y, [g, x, gx], 3, "OLS interaction (norm x log2 batch size)")
+
+
+def slope(points: dict[float, list[float]], test: str = "OLS slope") -> Fit | None:
+    """The change of the values per unit of x: OLS over every run.
+
+    Args:
+        points: x -> the values of the runs at x.
+        test: the test's name as the evidence states it.
+    """
+    y = [v for values in points.values() for v in values]
+    x = [float(xv) for xv, values in points.items() for _ in values]
+    return _ols(y, [x], 1, test)
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """TOST of a − b against (-margin, margin): the difference of the means, its 90% interval
+    (Welch), the TOST p (the larger one-sided p) and each side's n."""
+
+    difference: float
+    low: float
+    high: float
+    p: float
+    margin: float
+    n_a: int
+    n_b: int
+
+    @property
+    def equivalent(self) -> bool:
+        return self.p < 0.05
+
+    def text(self) -> str:
+        return (f"{self.difference:+.2f} points (90% CI {self.low:+.2f} to {self.high:+.2f}), TOST (two one-sided "
+                f"Welch t-tests) against ±{self.margin:g}: p = {p_text(self.p)}, n = {self.n_a} and {self.n_b}")  # fmt: skip
+
+
+def equivalence(a: list[float], b: list[float], margin: float) -> Equivalence | None:
+    """TOST of a − b within (-margin, margin); None with fewer than 2 runs a side or no spread.
+
+    Args:
+        a: one condition's values.
+        b: the other's.
+        margin: the equivalence margin, in the values' unit.
+    """
+    if len(a) < 2 or len(b) < 2 or (np.std(a) + np.std(b)) == 0:
+        return None
+    p, _, _ = ttost_ind(np.asarray(a, float), np.asarray(b, float), -margin, margin, usevar="unequal")
+    compare = CompareMeans(DescrStatsW(np.asarray(a, float)), DescrStatsW(np.asarray(b, float)))
+    low, high = compare.tconfint_diff(alpha=0.10, usevar="unequal")
+    return Equivalence(float(np.mean(a) - np.mean(b)), float(low), float(high), float(p), margin, len(a), len(b))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values, in the order given."""
+    if not p_values:
+        return []
+    return [float(p) for p in multipletests(p_values, method="holm")[1]]

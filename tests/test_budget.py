@@ -1,0 +1,78 @@
+"""The budget a run holds (normbench.budget): the optimizer steps and learning rate a tiny run
+actually took, read back from its record and its optimizer, for each protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from quick_configs import mnist_config
+
+from normbench.budget import scaled_lr
+from normbench.main import main
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
+
+
+def _fit(fake_data, root, batch_size, *budget):
+    main(["fit", "--config", mnist_config("bn", batch_size), "--data.data_dir", str(fake_data),
+          "--data.download", "false", "--data.num_workers", "0", "--trainer.default_root_dir", str(root),
+          "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]",
+          "--name", "run", "--version", "0", *QUIET, *budget])  # fmt: skip
+    run = root / "lightning_logs" / "run" / "version_0"
+    return json.loads((run / "metrics.json").read_text()), yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_the_study_protocol_takes_the_configs_epochs_and_lr(fake_data, tmp_path):
+    record, config = _fit(fake_data, tmp_path, 16)
+    # 128 fake training images, one epoch of batches of 16.
+    assert record["global_step"] == math.ceil(128 / 16) and record["lr"] == pytest.approx(1e-3)
+    assert config["budget"]["protocol"] == "study"
+
+
+@pytest.mark.parametrize("batch_size", [4, 32])
+def test_held_steps_take_the_same_optimizer_steps_at_any_batch_and_evaluate_evenly(fake_data, tmp_path, batch_size):
+    record, config = _fit(fake_data, tmp_path, batch_size, "--budget.protocol", "steps", "--budget.steps", "12",
+                          "--budget.evaluations", "3")  # fmt: skip
+    assert record["status"] == "finished" and record["global_step"] == 12
+    # Evaluated after steps 4, 8 and 12, across epoch ends (batch 32: 4 steps an epoch).
+    assert [e["step"] for e in record["evals"]] == [4, 8, 12]
+    assert config["trainer"]["max_steps"] == 12 and record["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("rule, batch_size", [("sqrt", 64), ("linear", 4)])
+def test_scaled_lr_is_what_the_optimizer_used(fake_data, tmp_path, rule, batch_size):
+    record, config = _fit(fake_data, tmp_path, batch_size, "--budget.protocol", "scaled_lr",
+                          "--budget.reference_batch_size", "16", "--budget.rule", rule)  # fmt: skip
+    expected = 1e-3 * (batch_size / 16 if rule == "linear" else math.sqrt(batch_size / 16))
+    assert record["lr"] == pytest.approx(expected, rel=1e-12)
+    assert config["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(expected, rel=1e-12)
+    # The saved config scales from the reference figure: run again, it trains at the same lr.
+    assert config["budget"]["reference_lr"] == pytest.approx(1e-3)
+    assert record["global_step"] == math.ceil(128 / batch_size)
+
+
+def test_scaled_lr_by_hand():
+    assert scaled_lr(1e-3, 128, 2, "sqrt") == pytest.approx(8e-3)
+    assert scaled_lr(0.1, 1024, 256, "linear") == pytest.approx(0.4)  # Goyal et al. 2017's rule
+    assert scaled_lr(1e-3, 16, 16, "sqrt") == 1e-3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget.protocol", "steps"], "budget.protocol=steps needs budget.steps"),
+        (["--budget.protocol", "steps", "--budget.steps", "10", "--budget.evaluations", "3"],
+         "budget.evaluations=3 does not divide budget.steps=10; give one of 1, 2, 5, 10"),
+        (["--budget.protocol", "scaled_lr"], "needs budget.reference_batch_size"),
+    ],
+)  # fmt: skip
+def test_a_budget_missing_its_figures_is_one_line(fake_data, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(fake_data, tmp_path, 16, *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -1,0 +1,105 @@
+"""The verdicts' tests (normbench.report.inference) against the same statistics computed by hand
+from their textbook formulas on fixed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from normbench.report.inference import equivalence, holm, interaction, slope
+
+# Two conditions' accuracies at log2 batch sizes 1, 4 and 7, three runs each (fixed numbers).
+A = {1.0: [60.1, 62.3, 61.0], 4.0: [70.2, 71.5, 69.9], 7.0: [74.0, 72.8, 75.1]}
+B = {1.0: [66.0, 65.2, 67.1], 4.0: [67.5, 66.1, 68.0], 7.0: [66.3, 67.9, 65.8]}
+
+
+def _by_hand_slope(points):
+    x = np.array([k for k, v in points.items() for _ in v])
+    y = np.array([u for v in points.values() for u in v])
+    sxx = ((x - x.mean()) ** 2).sum()
+    b1 = ((x - x.mean()) * (y - y.mean())).sum() / sxx
+    ssr = ((y - (y.mean() + b1 * (x - x.mean()))) ** 2).sum()
+    return b1, ssr, sxx, len(y)
+
+
+def test_interaction_is_the_difference_of_the_two_slopes_with_the_pooled_residual_variance():
+    ba, ssr_a, sxx_a, na = _by_hand_slope(A)
+    bb, ssr_b, sxx_b, nb = _by_hand_slope(B)
+    df = na + nb - 4
+    se = math.sqrt((ssr_a + ssr_b) / df * (1 / sxx_a + 1 / sxx_b))
+    t = (ba - bb) / se
+    fit = interaction(A, B)
+    assert fit.n == 18
+    assert fit.estimate == pytest.approx(ba - bb, rel=1e-10)
+    assert fit.p == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-8)
+    half = stats.t.ppf(0.975, df) * se
+    assert (fit.low, fit.high) == pytest.approx((ba - bb - half, ba - bb + half), rel=1e-8)
+    # Swapping the conditions flips the sign and keeps p.
+    swapped = interaction(B, A)
+    assert swapped.estimate == pytest.approx(-fit.estimate) and swapped.p == pytest.approx(fit.p)
+
+
+def test_slope_matches_scipys_linregress():
+    x = [k for k, v in A.items() for _ in v]
+    y = [u for v in A.values() for u in v]
+    ref = stats.linregress(x, y)
+    fit = slope(A)
+    assert fit.estimate == pytest.approx(ref.slope) and fit.p == pytest.approx(ref.pvalue)
+    half = stats.t.ppf(0.975, len(y) - 2) * ref.stderr
+    assert (fit.low, fit.high) == pytest.approx((ref.slope - half, ref.slope + half))
+
+
+def test_too_few_runs_or_one_batch_size_give_no_fit():
+    assert interaction({1.0: [60.0]}, {1.0: [61.0]}) is None
+    assert interaction({1.0: [60.0, 61.0, 62.0]}, {1.0: [61.0, 63.0]}) is None  # x does not vary
+    assert slope({2.0: [1.0, 2.0]}) is None
+
+
+def _welch_tost(a, b, margin):
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    d = a.mean() - b.mean()
+    p_low = stats.t.sf((d + margin) / se, df)  # H0: d <= -margin
+    p_up = stats.t.cdf((d - margin) / se, df)  # H0: d >= +margin
+    half = stats.t.ppf(0.95, df) * se
+    return d, max(p_low, p_up), d - half, d + half
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([70.1, 70.9, 71.4, 70.2], [70.6, 71.1, 70.0]),  # close and tight: equivalent
+        ([70.1, 74.9, 66.4], [70.6, 71.1, 70.0]),  # close means, wide spread: not shown
+        ([76.0, 76.5, 75.8], [70.6, 71.1, 70.0]),  # 5.5 points apart: not equivalent
+    ],
+)
+def test_equivalence_is_two_one_sided_welch_tests(a, b):
+    d, p, low, high = _welch_tost(a, b, 3.0)
+    eq = equivalence(a, b, 3.0)
+    assert eq.difference == pytest.approx(d) and eq.p == pytest.approx(p, rel=1e-8)
+    assert (eq.low, eq.high) == pytest.approx((low, high), rel=1e-8)
+    # TOST at 5% says equivalent exactly when the 90% interval lies inside the margin.
+    assert eq.equivalent == (-3.0 < low and high < 3.0)
+    assert (eq.n_a, eq.n_b) == (len(a), len(b))
+
+
+def test_equivalence_decisions_on_the_fixed_numbers():
+    assert equivalence([70.1, 70.9, 71.4, 70.2], [70.6, 71.1, 70.0], 3.0).equivalent
+    # Not significantly different (Welch p > 0.05) and yet not shown equivalent.
+    wide = ([70.1, 74.9, 66.4], [70.6, 71.1, 70.0])
+    assert stats.ttest_ind(*wide, equal_var=False).pvalue > 0.05 and not equivalence(*wide, 3.0).equivalent
+    assert equivalence([1.0], [1.0, 2.0], 3.0) is None
+
+
+def test_holm_by_hand():
+    # Sorted 0.01, 0.03, 0.04, 0.20 times 4, 3, 2, 1: 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.20.
+    assert holm([0.01, 0.04, 0.03, 0.20]) == pytest.approx([0.04, 0.09, 0.09, 0.20])
+    assert holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])
+    # 0.5 x 2 = 1.0, then 0.9 x 1 = 0.9 raised to 1.0 to keep the order of the adjusted values.
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
