@@ -451,3 +451,42 @@ def test_runs_in_bf16_are_their_own_condition_and_compared_with_fp32_by_welch(tm
     assert f"{statistics.fmean(a) - statistics.fmean(b):+.2f} points, Welch's t-test t = {t:.2f}, p = {p:.3f}" in row
     assert "| batch size | norm | 32-true (%) | bf16-mixed (%) | bf16-mixed − 32-true |" in text
     assert not any(line.startswith("| 2 | gn |") for line in text.splitlines())  # gn ran in fp32 only
+
+
+STUDY2_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "study2" / "README.md"
+
+
+def test_the_overlay_holds_the_studys_whole_table(tmp_path, monkeypatch):
+    from normbench.report import figures
+
+    # The study's 7-row table as its reference page prints it, against the figure's numbers.
+    if not STUDY2_REFERENCE.is_file():
+        pytest.skip(f"the study's reference page is not at {STUDY2_REFERENCE}")
+    rows = [line.split("|")[1:4] for line in STUDY2_REFERENCE.read_text().splitlines()
+            if line.startswith("| ") and "±" in line]  # fmt: skip
+    table = {"bn": {}, "gn": {}}
+    for bs, bn, gn in rows:
+        for norm, cell in (("bn", bn), ("gn", gn)):
+            mean, std = (float(x) for x in cell.split("±"))
+            table[norm][int(bs)] = (mean, std)
+    assert figures.STUDY2_CIFAR10 == table and sorted(table["bn"]) == [2, 4, 8, 16, 32, 64, 128]
+    # And the figure draws every one of them: 7 points a norm on the study's axis.
+    import matplotlib.axes
+
+    drawn = []
+
+    original = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("label", ""), list(x), list(y)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    for seed in range(2):
+        for bs in (2, 128):
+            record(tmp_path, norm="bn", bs=bs, seed=seed, best=0.7 + 0.01 * seed)
+            record(tmp_path, norm="gn", bs=bs, seed=seed, best=0.6 + 0.01 * seed)
+    assert figures.study2_figure(find_runs([tmp_path]), tmp_path) == "study2_beside_the_study.png"
+    theirs = {label.split(",")[0]: (x, y) for label, x, y in drawn if "the study" in label}
+    for norm in ("bn", "gn"):
+        assert theirs[norm] == ([2, 4, 8, 16, 32, 64, 128], [m for _, (m, _) in sorted(table[norm].items())])
