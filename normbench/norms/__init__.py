@@ -6,8 +6,10 @@ turns on cross-process statistics for a whole model; ``update_bn_stats`` is Prec
 
 from normbench.norms.batch_norm import BatchNorm, BatchNormRS
 from normbench.norms.batch_renorm import BatchRenorm
+from normbench.norms.dynamic_tanh import DynamicTanh
 from normbench.norms.evonorm import EvoNormB0, EvoNormS0
 from normbench.norms.filter_response_norm import FilterResponseNorm
+from normbench.norms.frozen_batch_norm import FrozenBatchNorm
 from normbench.norms.ghost_batch_norm import GhostBatchNorm
 from normbench.norms.group_norm import GroupNorm
 from normbench.norms.identity import NoNorm
@@ -15,6 +17,7 @@ from normbench.norms.instance_norm import InstanceNorm
 from normbench.norms.layer_norm import LayerNorm
 from normbench.norms.precise_bn import tracks_running_stats, update_bn_stats
 from normbench.norms.registry import NORMS, NormName, create_norm
+from normbench.norms.rms_norm import RmsNorm2d
 from normbench.norms.stats import RunningStatsNorm
 from normbench.norms.sync import convert_sync_norms, local_norms
 from normbench.norms.weight_standardization import WSConv2d
@@ -24,15 +27,18 @@ __all__ = [
     "BatchNorm",
     "BatchNormRS",
     "BatchRenorm",
+    "DynamicTanh",
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNorm",
+    "FrozenBatchNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
     "NoNorm",
     "NormName",
+    "RmsNorm2d",
     "RunningStatsNorm",
     "WSConv2d",
     "convert_sync_norms",

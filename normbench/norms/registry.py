@@ -17,13 +17,16 @@ from torch import nn
 
 from normbench.norms.batch_norm import BatchNorm, BatchNormRS
 from normbench.norms.batch_renorm import BatchRenorm
+from normbench.norms.dynamic_tanh import DynamicTanh
 from normbench.norms.evonorm import EvoNormB0, EvoNormS0
 from normbench.norms.filter_response_norm import FilterResponseNorm
+from normbench.norms.frozen_batch_norm import FrozenBatchNorm
 from normbench.norms.ghost_batch_norm import GhostBatchNorm
 from normbench.norms.group_norm import GroupNorm
 from normbench.norms.identity import NoNorm
 from normbench.norms.instance_norm import InstanceNorm
 from normbench.norms.layer_norm import LayerNorm
+from normbench.norms.rms_norm import RmsNorm2d
 
 NORMS: dict[str, Callable[..., nn.Module]] = {
     "bn": BatchNorm,
@@ -36,12 +39,18 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
     "frn": FilterResponseNorm,
     "evonorm_b0": EvoNormB0,
     "evonorm_s0": EvoNormS0,
+    "dyt": DynamicTanh,
+    "rmsnorm": RmsNorm2d,
+    "frozen_bn": FrozenBatchNorm,
     "none": NoNorm,
 }
 
 # The registry's names as a closed type, so that a config naming an unknown norm fails at
 # parse time. A test keeps it equal to NORMS.
-NormName = Literal["bn", "bnrs", "brn", "ghost_bn", "gn", "ln", "in", "frn", "evonorm_b0", "evonorm_s0", "none"]
+NormName = Literal[
+    "bn", "bnrs", "brn", "ghost_bn", "gn", "ln", "in", "frn", "evonorm_b0", "evonorm_s0", "dyt", "rmsnorm", "frozen_bn",
+    "none",
+]  # fmt: skip
 assert set(get_args(NormName)) == set(NORMS)
 
 
