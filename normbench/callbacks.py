@@ -435,8 +435,11 @@ def _images(loader) -> int:
 
 
 def norm_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-    """Images one batch statistic of the norms covered in training: the per-device batch, or
-    the global batch when the norms reduce their statistics over all devices (sync_norms)."""
+    """Images one batch statistic of the norms covered in training: the module's norm batch
+    when it sets one, else the per-device batch, or the global batch when the norms reduce their
+    statistics over all devices (sync_norms)."""
+    if getattr(pl_module, "norm_batch", None):
+        return int(pl_module.norm_batch)
     per_device = int(getattr(trainer.datamodule, "batch_size", 0) or 1)
     synced = bool(getattr(pl_module, "sync_norms", False)) and trainer.world_size > 1
     return per_device * trainer.world_size if synced else per_device

@@ -30,6 +30,7 @@ from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
 from normbench.errors import CheckpointMismatchError, check_config_files, first_line, one_line, reported
 from normbench.experiments import experiment_name
 from normbench.module import ARCHITECTURE, NormBenchModule
+from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -256,6 +257,8 @@ class NormBenchCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         apply_budget(config, config.data.init_args.batch_size * world_size(trainer))
+        check_norm_batch(config.model.norm, config.model.get("norm_batch"), config.data.init_args.batch_size,
+                         world_size(trainer))  # fmt: skip
         if trainer.max_epochs == -1 and trainer.max_steps in (None, -1) and trainer.max_time is None:
             raise ValueError(
                 "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "

@@ -45,11 +45,13 @@ class InMemoryLoader(DeviceLoader):
     RandomHorizontalFlip do to the image) and normalized, all batched on the device. Each epoch
     shuffles with a permutation drawn from a generator seeded by (seed, epoch), so the same seed
     gives the same order, also after a restart; Lightning passes the epoch through
-    ``sampler.set_epoch``. Under several processes each rank takes every world_size-th index of
-    the permutation. A training loader (``shuffle``) pads the permutation to equal length as
-    DistributedSampler does, so that every rank takes the same number of steps; an evaluation
-    loader does not, so that every image counts exactly once and the metrics (sums over the
-    ranks) are those of one device on the same images.
+    ``sampler.set_epoch``. Under several processes a training loader (``shuffle``) pads the
+    permutation to equal length as DistributedSampler does, so that every rank takes the same
+    number of steps, and each rank takes its consecutive part of every global batch (rank r the
+    r-th B of each B x world_size), so that a step on N devices holds the images, in the order,
+    of one device's step on the global batch; an evaluation loader takes every world_size-th
+    image and does not pad, so that every image counts exactly once and the metrics (sums over
+    the ranks) are those of one device on the same images.
 
     The loader is stateful in Lightning's sense (``state_dict``/``load_state_dict``): a
     checkpoint taken in the middle of an epoch holds the epoch and the number of batches handed
@@ -133,11 +135,26 @@ class InMemoryLoader(DeviceLoader):
             else torch.arange(n, device=device)
         )
         if self.world_size > 1:
-            if self.shuffle:
-                total = -(-n // self.world_size) * self.world_size
-                perm = torch.cat([perm, perm[: total - n]])
-            perm = perm[self.rank :: self.world_size]
+            if not self.shuffle:
+                return perm[self.rank :: self.world_size]
+            total = -(-n // self.world_size) * self.world_size
+            perm = torch.cat([perm, perm[: total - n]])
+            return perm[self._global_batch_share(total).to(device)]
         return perm
+
+    def _global_batch_share(self, total: int) -> torch.Tensor:
+        """This rank's positions in an epoch's padded order of ``total`` samples: of each global
+        batch (``batch_size`` x ``world_size`` consecutive positions, the last one shorter), the
+        rank-th of ``world_size`` equal consecutive parts. So the images of rank r's step are
+        those one device's step on the global batch holds at r * B ... (r + 1) * B - 1, and a
+        norm that normalizes over groups inside each device's batch (``model.norm_batch``) groups
+        the same images as on one device."""
+        step = self.batch_size * self.world_size
+        share = []
+        for start in range(0, total, step):
+            part = (min(start + step, total) - start) // self.world_size
+            share.append(torch.arange(start + self.rank * part, start + (self.rank + 1) * part))
+        return torch.cat(share)
 
     def _per_rank(self) -> int:
         n = len(self.targets)

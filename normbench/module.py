@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.errors import CheckpointMismatchError
 from normbench.nets import NETS, ActivationName, NetName
-from normbench.norms import NormName, convert_sync_norms, create_norm
+from normbench.norms import NormName, check_norm_batch, convert_sync_norms, create_norm, norm_batch_factory
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
 ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
@@ -116,6 +116,10 @@ class NormBenchModule(L.LightningModule):
             step whose loss was NaN or inf; a run that diverged stops there and is recorded as
             ``diverged`` with that exact step. None: every step on CPU, where reading is free,
             every 20 on accelerators, where each read waits for the device.
+        norm_batch: images each norm layer normalizes over in training, apart from the SGD
+            batch (``normbench.norms.norm_batch_factory``: bn, and bnrs and brn on one device;
+            it must divide ``data.batch_size``). None: the whole per-device batch (or the
+            global one with ``sync_norms`` on several devices).
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class NormBenchModule(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         check_finite_every_n_steps: int | None = None,
+        norm_batch: int | None = None,
     ) -> None:
         super().__init__()
         if check_finite_every_n_steps is not None and check_finite_every_n_steps < 1:
@@ -149,6 +154,10 @@ class NormBenchModule(L.LightningModule):
         self.norm_name = norm
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         factory = partial(create_norm, norm, **(norm_kwargs or {}))
+        if norm_batch is not None:
+            check_norm_batch(norm, norm_batch, None)
+            factory = norm_batch_factory(norm, norm_batch, norm_kwargs or {})
+        self.norm_batch = norm_batch
         self.net = NETS[net](
             factory,
             in_channels=in_channels,

@@ -46,7 +46,7 @@ def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, 
         ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
         if images is not None and ghost:
             images = min(images, *ghost)
-        scope = "all devices" if synced else "per device"
+        scope = "norm batch" if getattr(pl_module, "norm_batch", None) else "all devices" if synced else "per device"
     elif getattr(pl_module, "norm_name", None) == "none":
         images, scope = None, "no norm"
     else:

@@ -490,3 +490,20 @@ def test_the_overlay_holds_the_studys_whole_table(tmp_path, monkeypatch):
     theirs = {label.split(",")[0]: (x, y) for label, x, y in drawn if "the study" in label}
     for norm in ("bn", "gn"):
         assert theirs[norm] == ([2, 4, 8, 16, 32, 64, 128], [m for _, (m, _) in sorted(table[norm].items())])
+
+
+def test_a_norm_batch_is_a_condition_of_its_own_and_a_column(tmp_path):
+    for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+        record(tmp_path, norm="bn", bs=128, seed=seed, best=0.70 + jitter)
+        record(tmp_path / "nb4", norm="bn", bs=128, seed=seed, best=0.60 + jitter)
+    # The second set names its norm batch in its config, as a run of model.norm_batch does.
+    for run in (tmp_path / "nb4").glob("*/version_0/metrics.json"):
+        rec = json.loads(run.read_text())
+        rec["config"]["model"]["norm_batch"] = 4
+        run.write_text(json.dumps(rec))
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| batch size | steps | lr | bn | bn nb4 |" in text
+    assert "| 128 | 39 | 0.001 | 70.00 ± 1.00 (n=3) | 60.00 ± 1.00 (n=3) |" in text
+    rows = {r["norm"]: r for r in csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").read_text().splitlines())}
+    assert rows["bn"]["norm_batch"] == "128" and rows["bn nb4"]["norm_batch"] == "4"

@@ -15,6 +15,7 @@ from normbench.norms.group_norm import GroupNorm
 from normbench.norms.identity import NoNorm
 from normbench.norms.instance_norm import InstanceNorm
 from normbench.norms.layer_norm import LayerNorm
+from normbench.norms.norm_batch import BATCH_NORMS, NormBatch, check_norm_batch, norm_batch_factory
 from normbench.norms.precise_bn import tracks_running_stats, update_bn_stats
 from normbench.norms.registry import NORMS, NormName, create_norm
 from normbench.norms.rms_norm import RmsNorm2d
@@ -23,6 +24,7 @@ from normbench.norms.sync import convert_sync_norms, local_norms
 from normbench.norms.weight_standardization import WSConv2d
 
 __all__ = [
+    "BATCH_NORMS",
     "NORMS",
     "BatchNorm",
     "BatchNormRS",
@@ -37,13 +39,16 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "NoNorm",
+    "NormBatch",
     "NormName",
     "RmsNorm2d",
     "RunningStatsNorm",
     "WSConv2d",
+    "check_norm_batch",
     "convert_sync_norms",
     "create_norm",
     "local_norms",
+    "norm_batch_factory",
     "tracks_running_stats",
     "update_bn_stats",
 ]

@@ -140,11 +140,14 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
     with open(out / "best_accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
         keys = (*CONTEXT, "batch_size", "norm")
-        writer.writerow([*keys, "n", "mean", "std", "failed", "diverged", "unfinished", "learned", "steps", "lr"])
+        writer.writerow([*keys, "norm_batch", "n", "mean", "std", "failed", "diverged", "unfinished", "learned",
+                         "steps", "lr"])  # fmt: skip
         budget = budgets(runs, keys)
+        norm_batches = {tuple(getattr(r, k) for k in keys): r.norm_batch for r in runs}
         for key, s in sorted(aggregate(runs, keys).items(), key=lambda kv: str(kv[0])):
             learned = "" if s.learned is None else str(s.learned).lower()
-            writer.writerow([*key, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished, learned,
+            nb = "" if norm_batches.get(key) is None else norm_batches[key]
+            writer.writerow([*key, nb, s.n, _fmt(s.mean), _fmt(s.std), s.failed, s.diverged, s.unfinished, learned,
                              *budget[key]])  # fmt: skip
     tables = batch_size_tables(runs)
     lines += ["", "## Best accuracy by batch size and norm"] if tables else []

@@ -104,6 +104,8 @@ class Run:
     norm_name: str = ""
     # The budget the run held and took (normbench.budget): its protocol as configured, and the
     # optimizer steps and learning rate its record says it trained with.
+    # Images each norm statistic covered in training: model.norm_batch, else the batch size.
+    norm_batch: int | None = None
     protocol: str = "study"
     budget: dict = field(default_factory=dict)
     steps: int | None = None
@@ -174,13 +176,18 @@ def load_run(path: Path) -> Run:
     last_layer = gaps[list(gaps)[-1]] if gaps else {}  # in depth order: the last is the deepest
     norm = pick(model.get("norm"), "model.norm", default="?")
     precision = precision_name(pick((config.get("trainer") or {}).get("precision"), "trainer.precision"))
+    batch_size = _batch_size(record, pick(init.get("batch_size"), "data.batch_size"))
+    grouped = pick(model.get("norm_batch"), "model.norm_batch")
+    # A norm batch inside the SGD batch is a condition of its own: ``bn nb4``.
+    label = norm if grouped is None or grouped == batch_size else f"{norm} nb{grouped}"
     return Run(
         path=str(path.parent),
         dataset=dataset,
-        norm=norm if precision == FP32 else f"{norm} {precision}",
+        norm=label if precision == FP32 else f"{label} {precision}",
+        norm_batch=grouped if grouped is not None else (None if batch_size is None else int(batch_size)),
         norm_name=norm,
         precision=precision,
-        batch_size=_batch_size(record, pick(init.get("batch_size"), "data.batch_size")),
+        batch_size=batch_size,
         seed=pick(config.get("seed_everything"), "seed_everything"),
         net=pick(model.get("net"), "model.net", default="seed_cnn"),
         activation=pick(model.get("activation"), "model.activation", default="relu"),

@@ -1,0 +1,164 @@
+"""The normalization batch apart from the SGD batch (``model.norm_batch``): each norm against
+an independent computation on its groups, the loader's shards against one device's batch, the
+one-line errors, and 2 gloo processes against one process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fakedata
+import pytest
+import torch
+from quick_configs import mnist_config
+
+from normbench.loaders import InMemoryLoader
+from normbench.main import main
+from normbench.norms import NormBatch, create_norm
+
+C = 5
+
+
+def sample(*shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * 2 + 0.7
+
+
+def _affine(layer):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    return layer
+
+
+def _step(layer, x, up):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y * up).sum().backward()
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("norm_batch", [2, 3, 4])
+def test_bn_in_norm_batches_is_ghost_batchnorm(norm_batch):
+    # Hoffer et al.'s ghost batches (ghost_bn, its own implementation) are BN over groups of
+    # virtual_batch_size, with one running-statistics update per group.
+    ours = NormBatch(_affine(create_norm("bn", C)), norm_batch).train()
+    ghost = _affine(create_norm("ghost_bn", C, virtual_batch_size=norm_batch)).train()
+    for step in range(3):
+        x, up = sample(12, C, 3, 3, seed=step), sample(12, C, 3, 3, seed=10 + step)
+        (y1, g1), (y2, g2) = _step(ours, x, up), _step(ghost, x, up)
+        torch.testing.assert_close(y1, y2)
+        torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(ours.norm.weight.grad, ghost.weight.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours.norm, name), getattr(ghost, name), msg=name)
+
+
+def test_bnrs_in_norm_batches_normalizes_each_group_by_the_statistics_before_it():
+    layer = NormBatch(_affine(create_norm("bnrs", C)), 4).train()
+    x = sample(8, C, 2, 2)
+    mean, var = torch.zeros(C), torch.ones(C)
+    w, b = layer.norm.weight.detach(), layer.norm.bias.detach()
+    expected = []
+    for part in x.split(4):
+        # By hand: normalize by the running statistics as they stand, then update them with the
+        # group's mean and unbiased variance (momentum 0.1).
+        expected.append((part - mean.view(1, C, 1, 1)) / (var.view(1, C, 1, 1) + 1e-5).sqrt() * w.view(1, C, 1, 1)
+                        + b.view(1, C, 1, 1))  # fmt: skip
+        dims = (0, 2, 3)
+        mean = 0.9 * mean + 0.1 * part.mean(dims)
+        var = 0.9 * var + 0.1 * part.var(dims, unbiased=True)
+    torch.testing.assert_close(layer(x).detach(), torch.cat(expected))
+    torch.testing.assert_close(layer.norm.running_mean, mean)
+    torch.testing.assert_close(layer.norm.running_var, var)
+
+
+@pytest.mark.parametrize("norm", ["bn", "bnrs", "brn"])
+def test_out_of_training_the_whole_batch_goes_through_at_once(norm):
+    layer = _affine(create_norm(norm, C))
+    wrapped = NormBatch(copy.deepcopy(layer), 2).eval()
+    x = sample(8, C, 3, 3)
+    torch.testing.assert_close(wrapped(x), layer.eval()(x))
+    # A diagnostic that switches the norm alone to training: the statistics of the whole batch.
+    wrapped.norm.train()
+    torch.testing.assert_close(wrapped(x), copy.deepcopy(layer).train()(x))
+
+
+def test_a_training_step_on_two_ranks_holds_one_devices_batch_in_order():
+    n, per_device, world = 22, 4, 2
+    images, targets = torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n)
+    one = InMemoryLoader(images, targets, per_device * world, True, (0.0,), (1.0,), seed=3)
+    ranks = [InMemoryLoader(images, targets, per_device, True, (0.0,), (1.0,), seed=3, rank=r, world_size=world)
+             for r in range(world)]  # fmt: skip
+    steps = list(zip(*(list(r) for r in ranks), strict=True))
+    assert len(steps) == len(one)
+    for (_, y_one), parts in zip(one, steps, strict=True):
+        assert torch.equal(torch.cat([y for _, y in parts]), y_one)
+
+
+def _one_line_error(capsys, args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_a_norm_batch_that_does_not_divide_the_batch_or_fit_the_norm_is_one_line(capsys, fake_data, tmp_path):
+    base = ["fit", "--config", mnist_config("bn", 16), "--data.data_dir", str(fake_data),
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    line = _one_line_error(capsys, [*base, "--model.norm_batch", "3"])
+    assert "model.norm_batch=3 does not divide data.batch_size=16" in line and "use one of 1, 2, 4, 8, 16" in line
+    line = _one_line_error(capsys, [*base, "--model.norm", "gn", "--model.norm_batch", "2"])
+    assert "applies to the norms that normalize over the batch (bn, bnrs, brn), not to gn" in line
+    # brn's groups on 2 processes would each update their own rank's statistics: refused.
+    line = _one_line_error(capsys, [*base, "--model.norm", "brn", "--model.norm_batch", "2", "--trainer.devices", "2",
+                                    "--trainer.accelerator", "cpu"])  # fmt: skip
+    assert "model.norm_batch with brn trains on one device only (2 processes asked)" in line
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _fit(data_dir, root, per_device, devices, norm):
+    cmd = [sys.executable, "-m", "normbench", "fit", "--config", mnist_config("bn", 16), "--model.norm", norm,
+           "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
+           "--data.batch_size", str(per_device), "--model.norm_batch", "2", "--model.width", "8",
+           "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.max_epochs", "2",
+           "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+           "--name", "run", "--version", "0"]  # fmt: skip
+    if devices > 1:
+        cmd += ["--trainer.strategy", "ddp_fork"]
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "lightning_logs" / "run" / "version_0"
+    return json.loads((run / "metrics.json").read_text()), torch.load(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["bn"])
+def test_two_processes_with_a_norm_batch_train_and_score_as_one(norm, tmp_path):
+    # A global batch of 8 with norm batch 2: one process of 8 images, and 2 gloo processes of 4.
+    data = tmp_path / "data"
+    fakedata.write_mnist(data, "MNIST", n_train=96, n_test=64, seed=5)
+    (one, ckpt1), (two, ckpt2) = (_fit(data, tmp_path / f"w{d}", 8 // d, d, norm) for d in (1, 2))
+    assert two["layout"]["world_size"] == 2 and two["layout"]["global_batch_size"] == 8
+    assert one["layout"]["norm_stats_images"] == two["layout"]["norm_stats_images"] == 2
+    assert one["global_step"] == two["global_step"] == 24
+    for e1, e2 in zip(one["epochs"], two["epochs"], strict=True):
+        for key in ("val/acc", "val/loss", "train/loss"):
+            assert e1[key] == pytest.approx(e2[key], rel=1e-4, abs=1e-6), (key, e1, e2)
+    # The weights, to the rounding of a sum over 8 images taken in two halves, which Adam then
+    # scales. Left out: the conv biases just before a norm, whose gradient is zero but for
+    # rounding (the norm subtracts their effect) and which Adam's normalized steps of +-lr turn
+    # into differences of a few lr, and the running means those biases shift.
+    for key, value in ckpt1["state_dict"].items():
+        if key.startswith("net.") and not key.endswith(("conv.bias", "running_mean")):
+            torch.testing.assert_close(ckpt2["state_dict"][key], value, rtol=1e-3, atol=1e-3, msg=key)
