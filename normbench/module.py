@@ -19,7 +19,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.errors import CheckpointMismatchError
 from normbench.nets import NETS, ActivationName, NetName
-from normbench.norms import NormName, check_norm_batch, convert_sync_norms, create_norm, norm_batch_factory
+from normbench.norms import (
+    NormName,
+    check_norm_batch,
+    convert_sync_norms,
+    create_norm,
+    norm_batch_factory,
+    tracks_running_stats,
+)
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
 ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
@@ -120,6 +127,10 @@ class NormBenchModule(L.LightningModule):
             batch (``normbench.norms.norm_batch_factory``: bn, and bnrs and brn on one device;
             it must divide ``data.batch_size``). None: the whole per-device batch (or the
             global one with ``sync_norms`` on several devices).
+        freeze_norms_after: FrozenBN for the last part of training (Wu & Johnson 2021, Sec. 4):
+            from this fraction of the run's optimizer steps on, the norms that track running
+            statistics normalize by them in training too and stop updating them (their affine
+            still learns). None: never.
     """
 
     def __init__(
@@ -140,6 +151,7 @@ class NormBenchModule(L.LightningModule):
         compile: bool = False,
         check_finite_every_n_steps: int | None = None,
         norm_batch: int | None = None,
+        freeze_norms_after: float | None = None,
     ) -> None:
         super().__init__()
         if check_finite_every_n_steps is not None and check_finite_every_n_steps < 1:
@@ -158,6 +170,12 @@ class NormBenchModule(L.LightningModule):
             check_norm_batch(norm, norm_batch, None)
             factory = norm_batch_factory(norm, norm_batch, norm_kwargs or {})
         self.norm_batch = norm_batch
+        if freeze_norms_after is not None and not 0 <= freeze_norms_after <= 1:
+            raise ValueError(
+                f"freeze_norms_after must be a fraction of training in [0, 1], got {freeze_norms_after}; "
+                "0.9 freezes the norms' statistics for the last 10% of the steps"
+            )
+        self.freeze_norms_after = freeze_norms_after
         self.net = NETS[net](
             factory,
             in_channels=in_channels,
@@ -222,6 +240,17 @@ class NormBenchModule(L.LightningModule):
             self.train_loss.reset()
             self.train_acc.reset()
         self._train_metrics_epoch = self.current_epoch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # FrozenBN: the stat-tracking norms in eval mode normalize by their running statistics
+        # and leave them be. Lightning puts the model back in train mode after each validation,
+        # so this holds them every step; a host comparison of integers, no device read.
+        if self.freeze_norms_after is not None:
+            start = int(self.freeze_norms_after * self.trainer.estimated_stepping_batches)
+            if self.global_step >= start:
+                for m in self.net.modules():
+                    if tracks_running_stats(m):
+                        m.eval()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["normbench"] = {"train_metrics_epoch": self._train_metrics_epoch}
