@@ -18,7 +18,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.errors import CheckpointMismatchError
-from normbench.nets import NETS, ActivationName, NetName
+from normbench.nets import NETS, ActivationName, NetName, WSName
 from normbench.norms import (
     NormName,
     check_norm_batch,
@@ -87,6 +87,29 @@ def compiled_net_call(**options: Any) -> Callable[[nn.Module, Tensor], Tensor]:
     return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)(torch.compile(fn, **options))
 
 
+@torch.no_grad()
+def adaptive_clip_grad(parameters: list[nn.Parameter], clip: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock et al. 2021, Eq. 3), unit-wise: for each unit i (a row
+    of a weight: one output channel; a whole bias), G_i <- clip * max(|W_i|, eps) / |G_i| * G_i
+    where |G_i| / max(|W_i|, eps) > clip, Frobenius norms, in place.
+
+    Args:
+        parameters: the parameters whose gradients are clipped.
+        clip: lambda.
+        eps: the floor of the weight norm (1e-3 in the paper), so that zero-initialized weights
+            still get a gradient.
+    """
+    for p in parameters:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.dim())) if p.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=dims is not None)
+        g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=dims is not None)
+        limit = w_norm.clamp_min(eps) * clip
+        # torch.where, not an if: no host read of the norms.
+        p.grad.mul_(torch.where(g_norm > limit, limit / g_norm.clamp_min(1e-6), torch.ones_like(g_norm)))
+
+
 class NormBenchModule(L.LightningModule):
     """Cross-entropy classifier whose every norm layer is ``norm``.
 
@@ -131,6 +154,10 @@ class NormBenchModule(L.LightningModule):
             from this fraction of the run's optimizer steps on, the norms that track running
             statistics normalize by them in training too and stop updating them (their affine
             still learns). None: never.
+        agc: adaptive gradient clipping's lambda (Brock et al. 2021, "High-performance
+            large-scale image recognition without normalization", Sec. 3): each unit's gradient
+            is scaled down to at most lambda times its weight's norm (0.01 in the
+            normalizer-free recipe); the last linear layer is left out, as in the paper. None: off.
     """
 
     def __init__(
@@ -141,7 +168,7 @@ class NormBenchModule(L.LightningModule):
         width: int = 64,
         num_blocks: int = 4,
         activation: ActivationName = "relu",
-        weight_standardization: bool = False,
+        weight_standardization: WSName = False,
         num_classes: int = 10,
         in_channels: int = 3,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -152,6 +179,7 @@ class NormBenchModule(L.LightningModule):
         check_finite_every_n_steps: int | None = None,
         norm_batch: int | None = None,
         freeze_norms_after: float | None = None,
+        agc: float | None = None,
     ) -> None:
         super().__init__()
         if check_finite_every_n_steps is not None and check_finite_every_n_steps < 1:
@@ -176,6 +204,9 @@ class NormBenchModule(L.LightningModule):
                 "0.9 freezes the norms' statistics for the last 10% of the steps"
             )
         self.freeze_norms_after = freeze_norms_after
+        if agc is not None and not agc > 0:
+            raise ValueError(f"agc must be a positive clipping factor or null, got {agc}; 0.01 is the paper's")
+        self.agc = agc
         self.net = NETS[net](
             factory,
             in_channels=in_channels,
@@ -251,6 +282,13 @@ class NormBenchModule(L.LightningModule):
                 for m in self.net.modules():
                     if tracks_running_stats(m):
                         m.eval()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val:  # the Trainer's own clipping, when set
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self.agc is not None:
+            head = {id(p) for p in self.net.fc.parameters()} if hasattr(self.net, "fc") else set()
+            adaptive_clip_grad([p for p in self.net.parameters() if id(p) not in head], self.agc)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["normbench"] = {"train_metrics_epoch": self._train_metrics_epoch}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from normbench.norms import WSConv2d
+from normbench.norms import GammaActivation, ScaledWSConv2d, WSConv2d
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -50,19 +50,31 @@ class SizedInput:
         """Raise a one-line ValueError if the network's options do not fit ``height x width`` inputs."""
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = True, ws: bool = False) -> nn.Conv2d:
-    """3x3 convolution with padding 1; weight-standardized when ``ws``."""
-    return (WSConv2d if ws else nn.Conv2d)(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+# Weight standardization: off, on (Qiao et al. 2019), or scaled, the normalizer-free networks'
+# convolution with their gain-scaled activations (Brock et al. 2021).
+WSName = bool | Literal["scaled"]
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = True, ws: WSName = False) -> nn.Conv2d:
+    """3x3 convolution with padding 1; weight-standardized when ``ws`` (scaled: ``ScaledWSConv2d``)."""
+    conv = ScaledWSConv2d if ws == "scaled" else WSConv2d if ws else nn.Conv2d
+    return conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+def make_activation(name: str, ws: WSName = False) -> nn.Module:
+    """The activation ``name``; scaled by its gain gamma with scaled weight standardization."""
+    act = ACTIVATIONS[name]()
+    return GammaActivation(act) if ws == "scaled" else act
 
 
 class NormBlock(nn.Module):
     """conv3x3 -> norm -> activation: one block of study 2's network."""
 
-    def __init__(self, channels: int, norm: NormFactory, activation: str, ws: bool = False) -> None:
+    def __init__(self, channels: int, norm: NormFactory, activation: str, ws: WSName = False) -> None:
         super().__init__()
         self.conv = conv3x3(channels, channels, ws=ws)
         self.norm = norm(channels)
-        self.act = ACTIVATIONS[activation]()
+        self.act = make_activation(activation, ws)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.norm(self.conv(x)))
@@ -91,7 +103,7 @@ class SeedCNN(SizedInput, nn.Module):
         width: int = 64,
         num_blocks: int = 4,
         activation: str = "relu",
-        weight_standardization: bool = False,
+        weight_standardization: WSName = False,
     ) -> None:
         super().__init__()
         check_shape("seed_cnn", width, num_blocks)
@@ -152,10 +164,15 @@ class CifarResNet(SizedInput, nn.Module):
         width: int = 16,
         num_blocks: int = 3,
         activation: str = "relu",
-        weight_standardization: bool = False,
+        weight_standardization: WSName = False,
     ) -> None:
         super().__init__()
         check_shape("resnet", width, num_blocks)
+        if weight_standardization == "scaled":
+            raise ValueError(
+                "resnet: weight_standardization=scaled is the normalizer-free recipe, whose residual branches need "
+                "NF-ResNet's alpha and beta scaling, which this network does not have; use seed_cnn or dilated_cnn"
+            )
         ws = weight_standardization
         self.conv1 = conv3x3(in_channels, width, bias=False, ws=ws)
         self.norm1 = norm(width)
@@ -179,13 +196,13 @@ class DilatedBlock(nn.Module):
     """conv3x3 with ``dilation`` (padding = dilation, so the size is kept) -> norm -> activation."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, dilation: int, norm: NormFactory, activation: str, ws: bool
+        self, in_channels: int, out_channels: int, dilation: int, norm: NormFactory, activation: str, ws: WSName
     ) -> None:
         super().__init__()
-        conv = WSConv2d if ws else nn.Conv2d
+        conv = ScaledWSConv2d if ws == "scaled" else WSConv2d if ws else nn.Conv2d
         self.conv = conv(in_channels, out_channels, 3, padding=dilation, dilation=dilation)
         self.norm = norm(out_channels)
-        self.act = ACTIVATIONS[activation]()
+        self.act = make_activation(activation, ws)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.norm(self.conv(x)))
@@ -216,7 +233,7 @@ class DilatedCNN(SizedInput, nn.Module):
         width: int = 32,
         num_blocks: int = 4,
         activation: str = "gelu",
-        weight_standardization: bool = False,
+        weight_standardization: WSName = False,
     ) -> None:
         super().__init__()
         check_shape("dilated_cnn", width, num_blocks)

@@ -55,6 +55,9 @@ def unpackable(config, defaults) -> str | None:
         return f"model.lr_scheduler={config.model.lr_scheduler.class_path}"
     if config.model.get("compile"):
         return "model.compile=true"  # a pack runs its networks under vmap, uncompiled
+    for key in ("agc", "freeze_norms_after", "norm_batch"):  # the module's own training hooks and layers
+        if config.model.get(key) is not None:
+            return f"model.{key}={config.model[key]}"
     if world_size(config.trainer) > 1:
         # A pack trains on one device: on several, each run alone would step on a global batch.
         return f"trainer.devices={config.trainer.devices} and trainer.num_nodes={config.trainer.num_nodes}"

@@ -21,7 +21,7 @@ from normbench.norms.registry import NORMS, NormName, create_norm
 from normbench.norms.rms_norm import RmsNorm2d
 from normbench.norms.stats import RunningStatsNorm
 from normbench.norms.sync import convert_sync_norms, local_norms
-from normbench.norms.weight_standardization import WSConv2d
+from normbench.norms.weight_standardization import GammaActivation, ScaledWSConv2d, WSConv2d, activation_gain
 
 __all__ = [
     "BATCH_NORMS",
@@ -43,7 +43,10 @@ __all__ = [
     "NormName",
     "RmsNorm2d",
     "RunningStatsNorm",
+    "GammaActivation",
+    "ScaledWSConv2d",
     "WSConv2d",
+    "activation_gain",
     "check_norm_batch",
     "convert_sync_norms",
     "create_norm",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -43,3 +45,69 @@ class WSConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class ScaledWSConv2d(WSConv2d):
+    """Conv2d with Scaled Weight Standardization, the normalizer-free networks' convolution
+    (Brock, De & Smith 2021, "Characterizing signal propagation to close the performance gap in
+    unnormalized ResNets", arXiv 2101.08692, Eq. 2; as DeepMind's ``nfnets/base.py`` WSConv2D):
+
+        W_hat = gain * (W - mu_W) / sqrt(max(N * sigma_W^2, eps))
+
+    with mu_W and the biased sigma_W^2 over each output filter's N = C_in x k_h x k_w fan-in, and
+    ``gain`` a learnable scale per output channel (ones at the start). The activation's gain
+    gamma is applied by ``GammaActivation``, as the reference code applies it.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            torch.nn.Conv2d.
+        eps: floor of N * sigma_W^2 (1e-4 in the reference code).
+    """
+
+    def __init__(self, *args, eps: float = 1e-4, **kwargs) -> None:
+        super().__init__(*args, eps=eps, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def standardized_weight(self) -> Tensor:
+        flat = self.weight.flatten(1)
+        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        scale = torch.rsqrt(torch.clamp(var * flat.shape[1], min=self.eps))
+        return ((flat - mean) * scale).view_as(self.weight) * self.gain
+
+
+def activation_gain(activation: nn.Module, points: int = 240_001) -> float:
+    """gamma = 1 / std(g(z)) for z ~ N(0, 1): the gain that keeps a unit-variance input's output
+    at unit variance (Brock et al. 2021, Sec. 4: for ReLU, sqrt(2 / (1 - 1/pi))), by the
+    trapezoid rule for E[g(z)] and E[g(z)^2] on a grid over [-12, 12] in float64 (a kink such as
+    ReLU's costs it nothing, as it would cost a Gauss-Hermite rule).
+
+    Args:
+        activation: the nonlinearity g.
+        points: grid points.
+    """
+    z = torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
+    density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    with torch.no_grad():
+        g = activation(z)
+    mean = torch.trapezoid(density * g, z)
+    return float(1 / torch.sqrt(torch.trapezoid(density * g * g, z) - mean**2))
+
+
+class GammaActivation(nn.Module):
+    """``gamma * g(x)``: a nonlinearity scaled to keep unit variance (``activation_gain``), the
+    normalizer-free networks' activation.
+
+    Args:
+        activation: the nonlinearity g.
+    """
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.act = activation
+        self.gamma = activation_gain(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x) * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:.6f}"
