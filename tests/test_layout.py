@@ -24,6 +24,8 @@ LAYERS = [
     ["normbench.report"],  # the package's __init__, the names it shows
     ["normbench.report.command"],
     ["normbench.report.figures", "normbench.report.verdicts", "normbench.report.why"],
+    ["normbench.report.study3"],
+    ["normbench.report.claims"],
     ["normbench.report.tables"],
     ["normbench.report.records", "normbench.report.reference", "normbench.report.inference"],
     ["normbench.pack"],

@@ -17,11 +17,12 @@ from normbench.report.verdicts import CLAIMS, judge
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
-           activation="relu", blocks=4, world=None, precision=None, budget=None, **extra) -> None:  # fmt: skip
+           activation="relu", blocks=4, world=None, precision=None, budget=None, model=None, **extra) -> None:  # fmt: skip
     """One run record as RunRecorder writes it; ``best`` and ``curve`` in [0, 1]; ``world``: the
     processes of a run with a layout (``bs`` per device), None for a record from before layouts."""
     curve = curve if curve is not None else ([best] if best is not None else [])
-    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}_w{world}_{precision}" / "version_0"
+    tag = "_".join(f"{k}{v}" for k, v in (model or {}).items())
+    run = root / f"{dataset}_{norm}_bs{bs}_{activation}{blocks}_seed{seed}_w{world}_{precision}{tag}" / "version_0"
     run.mkdir(parents=True)
     config = {
         "seed_everything": seed,
@@ -33,6 +34,7 @@ def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, cu
         config["trainer"] = {"precision": precision}
     if budget is not None:
         config["budget"] = budget
+    config["model"].update(model or {})
     # The budget as the study's protocol takes it: one epoch of 5,000 images, Adam 1e-3.
     rec = {"status": status, "config": config, "epochs": [{"epoch": i, "val/acc": a} for i, a in enumerate(curve)],
            "global_step": 5000 // (bs * (world or 1)), "lr": 1e-3}  # fmt: skip
@@ -133,6 +135,9 @@ def _slope(points: dict[float, float]) -> float:
 def test_verdicts_when_the_studies_hold(tmp_path):
     study(tmp_path)
     v = verdicts(tmp_path)
+    study3 = {"bn_depends_on_norm_batch", "batch_stats_beat_ema", "batch_free_matches_bn"}
+    assert {verdict for k, (verdict, _) in v.items() if k in study3} == {"not enough data"}
+    v = {k: x for k, x in v.items() if k not in study3}
     assert all(verdict == "supported" for verdict, _ in v.values()), v
     gn_means = {b: 80.0 + i / 6 for i, b in enumerate((2, 4, 8, 16, 32, 64, 128))}
     assert "cifar10: 80.00 (bs 2) to 81.00 (bs 128) over batch sizes 2–128" in v["gn_stable"][1]
@@ -507,3 +512,50 @@ def test_a_norm_batch_is_a_condition_of_its_own_and_a_column(tmp_path):
     assert "| 128 | 39 | 0.001 | 70.00 ± 1.00 (n=3) | 60.00 ± 1.00 (n=3) |" in text
     rows = {r["norm"]: r for r in csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").read_text().splitlines())}
     assert rows["bn"]["norm_batch"] == "128" and rows["bn nb4"]["norm_batch"] == "4"
+
+
+def study3_records(root: Path) -> dict[int, list[float]]:
+    """bn at normalization batches 2 to 64 of an SGD batch of 64, 3 seeds, and controls; returns
+    bn's best accuracies by normalization batch."""
+    bn = {}
+    for nb, base in ((2, 70.0), (4, 74.0), (8, 77.0), (16, 79.0), (32, 80.0), (64, 80.5)):
+        bn[nb] = []
+        for seed, jitter in enumerate((-0.4, 0.1, 0.3)):
+            best = base + jitter
+            bn[nb].append(best)
+            # Batch statistics beat the running ones by 6 points at 2, by nothing from 16 on.
+            lift = {2: 6.0, 4: 3.0, 8: 1.0}.get(nb, 0.0) + 0.2 * seed
+            record(root, norm="bn", bs=64, seed=seed, best=best / 100, model={"norm_batch": nb} if nb < 64 else None,
+                   val_acc_batch_stats_final=(best + lift) / 100)  # fmt: skip
+    for seed, jitter in enumerate((-0.3, 0.0, 0.4)):
+        record(root, norm="gn", bs=64, seed=seed, best=(80.0 + jitter) / 100)
+        record(root, norm="dyt", bs=64, seed=seed, best=(72.0 + jitter) / 100)
+    return bn
+
+
+def test_study3_verdicts_from_records(tmp_path):
+    from scipy import stats
+
+    bn = study3_records(tmp_path)
+    v = verdicts(tmp_path)
+    verdict, evidence = v["bn_depends_on_norm_batch"]
+    x = [np.log2(nb) for nb, accs in bn.items() for _ in accs]
+    y = [a for accs in bn.values() for a in accs]
+    ref = stats.linregress(x, y)
+    assert verdict == "supported" and f"normalization batch {ref.slope:+.2f} points" in evidence
+    verdict, evidence = v["batch_stats_beat_ema"]
+    # At normalization batch 2: the paired differences 6.0, 6.2, 6.4 (final = best: one evaluation).
+    t = stats.ttest_rel([b + 6.0 + 0.2 * s for s, b in enumerate(bn[2])], bn[2])
+    assert verdict == "supported" and f"normalization batch 2: +6.20 points, paired t-test t = {t.statistic:.2f}" in evidence
+    verdict, evidence = v["batch_free_matches_bn"]
+    # BN's best cell is normalization batch 64 (80.5); gn (80.03) is within 3 points, dyt is not.
+    gap = statistics.fmean([80.0 - 0.3, 80.0, 80.0 + 0.4]) - statistics.fmean(bn[64])
+    assert verdict == "supported", evidence
+    assert f"gn − bn at normalization batch 64 (BN's best): {gap:+.2f} points" in evidence and "dyt − bn" in evidence
+    rows = {r["norm"]: r for r in csv.DictReader(_report_csv(tmp_path).splitlines())}
+    assert rows["bn nb2"]["norm_batch"] == "2" and rows["bn"]["norm_batch"] == "64" and rows["gn"]["norm_batch"] == "64"
+
+
+def _report_csv(root: Path) -> str:
+    main(["report", str(root), "--out", str(root / "rep")])
+    return (root / "rep" / "best_accuracy.csv").read_text()

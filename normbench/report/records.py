@@ -178,8 +178,15 @@ def load_run(path: Path) -> Run:
     precision = precision_name(pick((config.get("trainer") or {}).get("precision"), "trainer.precision"))
     batch_size = _batch_size(record, pick(init.get("batch_size"), "data.batch_size"))
     grouped = pick(model.get("norm_batch"), "model.norm_batch")
-    # A norm batch inside the SGD batch is a condition of its own: ``bn nb4``.
+    # A norm batch inside the SGD batch is a condition of its own: ``bn nb4``; so are weight-
+    # standardized convolutions (``gn+ws``) and the normalizer-free recipe (``nf``: no norm,
+    # scaled weight standardization).
     label = norm if grouped is None or grouped == batch_size else f"{norm} nb{grouped}"
+    ws = pick(model.get("weight_standardization"), "model.weight_standardization")
+    if ws == "scaled":
+        label = "nf" if norm == "none" else f"{label}+sws"
+    elif ws is True:
+        label = f"{label}+ws"
     return Run(
         path=str(path.parent),
         dataset=dataset,

@@ -23,39 +23,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from normbench.report.claims import ALPHA, BEATS, CLOSE, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, holm, interaction, p_text, slope
+from normbench.report.study3 import CLAIMS as STUDY3_CLAIMS
 from normbench.report.records import Run
 from normbench.report.tables import Comparison, Stat, aggregate, sorted_values
-
-# Points of accuracy within which two conditions "perform alike": the studies' "within 3 points".
-CLOSE = 3.0
-# How much BRN must gain over BN, in points, to count as beating it.
-BEATS = 1.0
-# The level at which a test's (Holm-adjusted) p counts.
-ALPHA = 0.05
-# Cells whose optimizer steps differ by more than this factor compare budgets as well as norms.
-STEPS_APART = 2.0
-
-
-@dataclass
-class Verdict:
-    """A claim's verdict; ``p``: its test's p-value (None when no test decides it), ``holds``:
-    whether the estimate points the way the claim says, ``p_holm``: ``p`` adjusted by ``judge``."""
-
-    claim: str
-    verdict: str  # "supported", "not supported", "inconclusive" or "not enough data"
-    evidence: str
-    p: float | None = None
-    holds: bool | None = None
-    p_holm: float | None = None
-
-
-def _tested(claim: str, evidence: str, p: float, holds: bool) -> Verdict:
-    """A verdict decided by its own p alone; ``judge`` decides it again after Holm."""
-    return Verdict(claim, "supported" if holds and p < ALPHA else "not supported", evidence, p, holds)
-
 
 def judge(runs: list[Run]) -> list[Verdict]:
     """Every claim's verdict, the tested ones decided on their Holm-adjusted p-values."""
@@ -67,16 +41,6 @@ def judge(runs: list[Run]) -> list[Verdict]:
         found[i] = replace(v, verdict="supported" if v.holds and adjusted < ALPHA else "not supported",
                            evidence=f"{v.evidence}; {note}", p_holm=adjusted)  # fmt: skip
     return found
-
-
-def budget_note(runs: list[Run]) -> str:
-    """``; optimizer steps differ 64-fold ...`` when the finished runs' steps differ by more
-    than STEPS_APART-fold, else an empty string."""
-    steps = [r.steps for r in runs if r.ok and r.steps]
-    if not steps or max(steps) <= STEPS_APART * min(steps):
-        return ""
-    return (f"; optimizer steps differ {max(steps) / min(steps):.0f}-fold across these cells ({min(steps)} to "
-            f"{max(steps)}): the budget moved with the batch size, not only the norm's batch")  # fmt: skip
 
 
 def _stats(runs: list[Run], **fixed) -> dict[tuple, Stat]:
@@ -135,7 +99,7 @@ def gn_stable(runs: list[Run]) -> Verdict:
                      f"intersection-union test over the {len(tests)} pairs: p = {p_text(worst.p)}")  # fmt: skip
     if not ps:
         return Verdict(claim, "not enough data", "needs gn at 3 or more batch sizes")
-    return _tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
+    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
 
 
 def _bn_gn(runs: list[Run]) -> tuple[dict[tuple, Stat], dict[tuple, Stat]]:
@@ -168,7 +132,7 @@ def bn_needs_batch(runs: list[Run]) -> Verdict:
         holds.append(fit.estimate > 0)
         used += _cells(runs, "bn", ds, bn) + _cells(runs, "gn", ds, gn)
         parts.append(f"{ds}: BN − GN per doubling of the batch size {fit.text('points')} (BN − GN: {_gaps(bn, gn, ds)})")
-    return _tested(claim, "; ".join(parts) + budget_note(used), max(ps), all(holds))
+    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), all(holds))
 
 
 def bn_close_to_gn(runs: list[Run]) -> Verdict:
@@ -192,7 +156,7 @@ def bn_close_to_gn(runs: list[Run]) -> Verdict:
         parts.append(f"{ds}: BN within {CLOSE:g} of its best at batch sizes {', '.join(map(str, good))}; the least "
                      f"equivalent, bs {b}, BN − GN: {worst.text()}; intersection-union test over {len(tests)}: "
                      f"p = {p_text(worst.p)}")  # fmt: skip
-    return _tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
+    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
 
 
 def brn_small_hard(runs: list[Run]) -> Verdict:
@@ -218,7 +182,7 @@ def brn_small_hard(runs: list[Run]) -> Verdict:
     evidence = (f"hard task = {hard} (lowest BN accuracy); BRN − BN: {listing} (beats: > {BEATS:g} point and "
                 f"p < {ALPHA:g}; {hard} bs {smallest}: {key.text()}){also}")  # fmt: skip
     cells = [r for r in main if (r.dataset, r.batch_size) in diffs and r.norm in ("bn", "brn")]
-    return _tested(claim, evidence + budget_note(cells), key.p, key.difference > BEATS and not elsewhere)
+    return tested(claim, evidence + budget_note(cells), key.p, key.difference > BEATS and not elsewhere)
 
 
 def _first_reaching(xs: list[int], curve: list[float], target: float) -> int | None:
@@ -301,7 +265,7 @@ def depth_activation(runs: list[Run]) -> Verdict:
             return Verdict(claim, "inconclusive", "; ".join(unclear))
         return Verdict(claim, "not enough data", "needs relu and sigmoid at two or more depths")
     evidence = "; ".join(parts + unclear) + budget_note(used)
-    return _tested(claim, evidence + "; both slopes tested: p is the larger", max(ps), all(holds))
+    return tested(claim, evidence + "; both slopes tested: p is the larger", max(ps), all(holds))
 
 
-CLAIMS = (gn_stable, bn_needs_batch, bn_close_to_gn, brn_small_hard, bnrs_slower, depth_activation)
+CLAIMS = (gn_stable, bn_needs_batch, bn_close_to_gn, brn_small_hard, bnrs_slower, depth_activation, *STUDY3_CLAIMS)

@@ -1,0 +1,113 @@
+"""Study 3's claims: which batch BatchNorm depends on, at a fixed SGD batch (Wu & Johnson 2021,
+"Rethinking 'Batch' in BatchNorm"), and how it should be evaluated.
+
+The runs are bn at several normalization batches (``model.norm_batch``) inside one SGD batch,
+and batch-free controls at the same SGD batch. Each claim is tested as it is stated:
+
+- "BN's accuracy depends on its normalization batch": the OLS slope of best accuracy on
+  log2(normalization batch) over bn's runs, two-sided.
+- "At small normalization batches, batch statistics at evaluation beat the running statistics":
+  per normalization batch, the paired t-test of each run's last accuracy with batch statistics
+  against the same run's with its running (EMA) statistics; the claim's test is the one at the
+  smallest normalization batch.
+- "A batch-free layer matches BN at its best": TOST of each control against BN's best cell
+  within CLOSE points; the claim holds if any control is equivalent (the smallest p, times the
+  controls tested: Bonferroni over the "any").
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from normbench.norms import BATCH_NORMS
+from normbench.report.claims import CLOSE, Verdict, budget_note, tested
+from normbench.report.inference import equivalence, p_text, slope
+from normbench.report.records import Run
+from normbench.report.tables import PairedComparison, Stat, sorted_values
+
+# Layers whose training output depends on the batch: no control for this study.
+BATCH_DEPENDENT = (*BATCH_NORMS, "ghost_bn", "evonorm_b0")
+
+
+def _bn_by_norm_batch(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:
+    """(dataset, SGD batch) -> normalization batch -> bn's finished runs, where bn ran at two or
+    more normalization batches."""
+    groups: dict[tuple, dict[int, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.ok and r.norm_name == "bn" and r.norm_batch is not None and r.precision == "32-true":
+            groups[(r.dataset, r.batch_size)][r.norm_batch].append(r)
+    return {k: dict(v) for k, v in groups.items() if len(v) >= 2}
+
+
+def _listing(cells: dict[int, list[Run]], value=lambda r: r.best) -> str:
+    return ", ".join(f"{nb}: {Stat([value(r) for r in rs]).cell()}" for nb, rs in sorted(cells.items()))
+
+
+def bn_depends_on_norm_batch(runs: list[Run]) -> Verdict:
+    claim = "At a fixed SGD batch, BN's accuracy depends on its normalization batch"
+    found = _bn_by_norm_batch(runs)
+    if not found:
+        return Verdict(claim, "not enough data", "needs bn at 2 or more normalization batches of one SGD batch")
+    parts, ps, used = [], [], []
+    for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
+        fit = slope({math.log2(nb): [r.best for r in rs] for nb, rs in cells.items()},
+                    "OLS slope on log2(normalization batch)")  # fmt: skip
+        if fit is None:
+            return Verdict(claim, "not enough data", f"{ds} bs {bs}: too few runs for a slope")
+        ps.append(fit.p)
+        used += [r for rs in cells.values() for r in rs]
+        parts.append(f"{ds}, SGD batch {bs}: accuracy per doubling of the normalization batch {fit.text('points')} "
+                     f"(best accuracy by normalization batch: {_listing(cells)})")  # fmt: skip
+    # In every context: an intersection-union test, its p the largest.
+    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
+
+
+def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
+    claim = "At small normalization batches, evaluating with batch statistics beats the running statistics"
+    found = _bn_by_norm_batch(runs)
+    parts, key = [], None
+    for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
+        rows = []
+        for nb, rs in sorted(cells.items()):
+            pairs = [r for r in rs if r.batch_stats is not None and r.final is not None]
+            if len(pairs) < 2:
+                continue
+            comparison = PairedComparison(Stat([r.batch_stats for r in pairs]), Stat([r.final for r in pairs]))
+            rows.append(f"normalization batch {nb}: {comparison.text()}")
+            if key is None or (ds, bs, nb) < key[0]:
+                key = ((ds, bs, nb), comparison)
+        if rows:
+            parts.append(f"{ds}, SGD batch {bs}, batch statistics − running statistics at the last evaluation: "
+                         + "; ".join(rows))  # fmt: skip
+    if key is None or key[1].p is None:
+        return Verdict(claim, "not enough data", "needs bn runs with NormDiagnostics' batch-statistics accuracy at 2 "
+                       "or more normalization batches")  # fmt: skip
+    (ds, bs, nb), comparison = key
+    evidence = "; ".join(parts) + f"; the claim's test: {ds} normalization batch {nb}, p = {p_text(comparison.p)}"
+    return tested(claim, evidence, comparison.p, comparison.difference > 0)
+
+
+def batch_free_matches_bn(runs: list[Run]) -> Verdict:
+    claim = f"A batch-free layer matches BN at its best (within {CLOSE:g} points)"
+    found = _bn_by_norm_batch(runs)
+    parts, ps = [], []
+    for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
+        best_nb = max(cells, key=lambda nb: Stat([r.best for r in cells[nb]]).mean)
+        bn = [r.best for r in cells[best_nb]]
+        controls: dict[str, list[float]] = defaultdict(list)
+        for r in runs:
+            if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in BATCH_DEPENDENT:
+                controls[r.norm].append(r.best)
+        for name in sorted_values(set(controls)):
+            eq = equivalence(controls[name], bn, CLOSE)
+            if eq is not None:
+                ps.append(eq.p)
+                parts.append(f"{ds} bs {bs}, {name} − bn at normalization batch {best_nb} (BN's best): {eq.text()}")
+    if not ps:
+        return Verdict(claim, "not enough data", "needs bn at 2 or more normalization batches and a batch-free control")
+    p = min(1.0, min(ps) * len(ps))
+    return tested(claim, "; ".join(parts) + f"; any of {len(ps)}: Bonferroni p = {p_text(p)}", p, True)
+
+
+CLAIMS = (bn_depends_on_norm_batch, batch_stats_beat_ema, batch_free_matches_bn)
