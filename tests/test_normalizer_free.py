@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.module import NormBenchModule, adaptive_clip_grad
+from normbench.module import NormBenchModule
 from normbench.nets import SeedCNN
-from normbench.norms import GammaActivation, ScaledWSConv2d, activation_gain, create_norm
+from normbench.norms import GammaActivation, ScaledWSConv2d, activation_gain, adaptive_clip_grad, create_norm
 
 
 def test_scaled_ws_is_gain_times_the_fan_in_scaled_standardized_weight():

@@ -21,7 +21,13 @@ from normbench.norms.registry import NORMS, NormName, create_norm
 from normbench.norms.rms_norm import RmsNorm2d
 from normbench.norms.stats import RunningStatsNorm
 from normbench.norms.sync import convert_sync_norms, local_norms
-from normbench.norms.weight_standardization import GammaActivation, ScaledWSConv2d, WSConv2d, activation_gain
+from normbench.norms.weight_standardization import (
+    GammaActivation,
+    ScaledWSConv2d,
+    WSConv2d,
+    activation_gain,
+    adaptive_clip_grad,
+)
 
 __all__ = [
     "BATCH_NORMS",
@@ -47,6 +53,7 @@ __all__ = [
     "ScaledWSConv2d",
     "WSConv2d",
     "activation_gain",
+    "adaptive_clip_grad",
     "check_norm_batch",
     "convert_sync_norms",
     "create_norm",

@@ -1,4 +1,5 @@
-"""Weight Standardization (Qiao et al. 2019)."""
+"""Weight Standardization (Qiao et al. 2019), and the normalizer-free recipe's parts (Brock et al.
+2021): scaled weight standardization, the activations' gains, adaptive gradient clipping."""
 
 from __future__ import annotations
 
@@ -111,3 +112,26 @@ class GammaActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma:.6f}"
+
+
+@torch.no_grad()
+def adaptive_clip_grad(parameters: list[nn.Parameter], clip: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock et al. 2021, Eq. 3), unit-wise: for each unit i (a row
+    of a weight: one output channel; a whole bias), G_i <- clip * max(|W_i|, eps) / |G_i| * G_i
+    where |G_i| / max(|W_i|, eps) > clip, Frobenius norms, in place.
+
+    Args:
+        parameters: the parameters whose gradients are clipped.
+        clip: lambda.
+        eps: the floor of the weight norm (1e-3 in the paper), so that zero-initialized weights
+            still get a gradient.
+    """
+    for p in parameters:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.dim())) if p.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=dims is not None)
+        g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=dims is not None)
+        limit = w_norm.clamp_min(eps) * clip
+        # torch.where, not an if: no host read of the norms.
+        p.grad.mul_(torch.where(g_norm > limit, limit / g_norm.clamp_min(1e-6), torch.ones_like(g_norm)))
