@@ -188,11 +188,17 @@ def test_the_report_states_the_budget_its_runs_held_and_never_mixes_two(tmp_path
     held = {"protocol": "steps", "steps": 300, "evaluations": 3}
     for bs in (2, 128):
         record(tmp_path / "steps", norm="bn", bs=bs, best=0.7, budget=held, global_step=300)
+    for run in (tmp_path / "steps").glob("*/version_0/metrics.json"):  # as budget.protocol steps sets it
+        rec = json.loads(run.read_text())
+        rec["config"]["trainer"] = {"max_steps": 300}
+        run.write_text(json.dumps(rec))
     main(["report", str(tmp_path / "steps"), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
     assert ("Budget held (`budget.protocol: steps`): the same optimizer steps at every batch size (300 steps, 3 "
             "evaluations evenly spaced); the finished runs took 300 optimizer steps at learning rate 0.001") in text
     assert "| 2 | 300 | 0.001 | 70.00 (n=1) |" in text
+    # Runs of equal steps compare across batch sizes: the accuracy-vs-batch-size plot has them.
+    assert list((tmp_path / "rep").glob("acc_vs_batch_size_*.png"))
     record(tmp_path / "study", norm="bn", bs=2, best=0.7)
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "steps"), str(tmp_path / "study"), "--out", str(tmp_path / "rep2")])

@@ -52,9 +52,9 @@ def plots(runs: list[Run], out: Path) -> list[str]:
         ds, net, act, blocks, bs = ctx
         ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{ds}, batch size {bs}")
         written.append(_save(fig, ax, out / f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"))
-    # Best accuracy against batch size, per context, with error bars over seeds; not for runs
-    # measured in iterations, whose lengths differ by batch size.
-    stats = aggregate([r for r in runs if not r.iterations], (*CONTEXT, "norm", "batch_size"))
+    # Best accuracy against batch size, per context, with error bars over seeds; not for study 1's
+    # runs in iterations, whose lengths differ by batch size (runs held to the same steps are in).
+    stats = aggregate([r for r in runs if r.across_batches], (*CONTEXT, "norm", "batch_size"))
     for ctx in sorted_values({k[:4] for k in stats}):
         sub = {k[4:]: v for k, v in stats.items() if k[:4] == ctx and v.mean is not None}
         if len({b for _, b in sub}) < 2:
@@ -110,7 +110,8 @@ def _study1_figure(group: list[Run], path: Path, title: str) -> str:
     ax_loss.set(title="Training loss", xlabel="iteration", ylabel="loss of the batch (mean over seeds)")
     ax_acc.set(title="Test accuracy", xlabel="iteration", ylabel="test accuracy (%)")
     for ax in (ax_loss, ax_acc):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # runs without a curve draw no line
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -196,7 +197,7 @@ def study2_figure(runs: list[Run], out: Path) -> str | None:
     """Our bn and gn best accuracy against batch size (study 2's network at its depth) beside the
     study's CIFAR-10 numbers on their own axis; None without bn and gn at 2 or more batch sizes."""
     main = [
-        r for r in runs if r.ok and not r.iterations and (r.net, r.activation, r.num_blocks) == ("seed_cnn", "relu", 4)
+        r for r in runs if r.ok and r.across_batches and (r.net, r.activation, r.num_blocks) == ("seed_cnn", "relu", 4)
     ]
     stats = aggregate([r for r in main if r.norm in ("bn", "gn")], ("dataset", "norm", "batch_size"))
     datasets = sorted_values({d for d, n, _ in stats if n == "bn"} & {d for d, n, _ in stats if n == "gn"})

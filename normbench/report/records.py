@@ -149,6 +149,13 @@ class Run:
         """A run measured in optimizer steps (``trainer.max_steps``), as study 1's are."""
         return self.max_steps is not None and self.max_steps > 0
 
+    @property
+    def across_batches(self) -> bool:
+        """Whether the run's best accuracy compares across batch sizes as study 2's do: a run of
+        epochs, or one held to the same optimizer steps as the others (``budget.protocol:
+        steps``); not a study 1 run, whose iterations differ by batch size."""
+        return not self.iterations or self.protocol == "steps"
+
     def context(self) -> tuple:
         return tuple(getattr(self, k) for k in CONTEXT)
 

@@ -38,7 +38,7 @@ def _present(runs: list[Run], keys: tuple[str, ...], metric: str) -> dict[tuple,
 def why_sections(runs: list[Run]) -> list[str]:
     """Markdown: per context, a table of the end-of-run figures by batch size and norm, and a
     sentence per batch size where BN and GN both ran."""
-    done = [r for r in runs if r.ok and not r.iterations]
+    done = [r for r in runs if r.ok and r.across_batches]
     lines: list[str] = []
     # Contexts where some norm was diagnosed (PreciseBN ran: a norm with running statistics).
     for ctx in sorted_values({r.context() for r in done if r.precise_bn is not None}):
