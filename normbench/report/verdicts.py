@@ -55,6 +55,20 @@ def _not_learned(*groups: dict[tuple, Stat]) -> list[str]:
     return [f"{d} bs {b} ({s.mean:.2f}%)" for (d, b), s in sorted(found.items(), key=lambda kv: str(kv[0]))]
 
 
+def _learned(**groups: dict[tuple, Stat]) -> tuple[list[dict[tuple, Stat]], str]:
+    """The cells (dataset, batch size) where every named group's runs learned, a cell that did
+    not learn feeding no verdict, and the note naming the cells left out (empty when none is).
+
+    Args:
+        **groups: norm name -> (dataset, batch size) -> its runs' Stat.
+    """
+    lost = {k for g in groups.values() for k, s in g.items() if s.learned is False}
+    kept = [{k: s for k, s in g.items() if k not in lost} for g in groups.values()]
+    names = [f"{n} {d} bs {b} ({s.mean:.2f}%)" for n, g in groups.items()
+             for (d, b), s in sorted(g.items(), key=lambda kv: str(kv[0])) if s.learned is False]  # fmt: skip
+    return kept, (f"; left out, did not learn (below 3x chance): {', '.join(names)}" if names else "")
+
+
 def _inconclusive(claim: str, names: list[str], norm: str = "") -> Verdict:
     who = f"{norm} runs" if norm else "runs"
     return Verdict(claim, "inconclusive", f"{who} at {', '.join(names)} did not learn (below 3x chance)")
@@ -77,9 +91,8 @@ def _cells(runs: list[Run], norm: str, dataset: str, stats: dict[tuple, Stat]) -
 
 def gn_stable(runs: list[Run]) -> Verdict:
     claim = f"GroupNorm stays stable across batch sizes (every two within {CLOSE:g} points)"
-    gn = _stats(_main_runs(runs), norm="gn")
-    if _not_learned(gn):
-        return _inconclusive(claim, _not_learned(gn), "gn")
+    everything = _stats(_main_runs(runs), norm="gn")
+    (gn,), left_out = _learned(gn=everything)
     parts, ps, used = [], [], []
     for ds in sorted_values({d for d, _ in gn}):
         accs = {b: s for (d, b), s in gn.items() if d == ds}
@@ -98,8 +111,10 @@ def gn_stable(runs: list[Run]) -> Verdict:
                      f"{sizes[0]}–{sizes[-1]}; the least equivalent pair, bs {b} − bs {a}: {worst.text()}; "
                      f"intersection-union test over the {len(tests)} pairs: p = {p_text(worst.p)}")  # fmt: skip
     if not ps:
+        if left_out:
+            return _inconclusive(claim, _not_learned(everything), "gn")
         return Verdict(claim, "not enough data", "needs gn at 3 or more batch sizes")
-    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
+    return tested(claim, "; ".join(parts) + left_out + budget_note(used), max(ps), True)
 
 
 def _bn_gn(runs: list[Run]) -> tuple[dict[tuple, Stat], dict[tuple, Stat]]:
@@ -116,12 +131,13 @@ def _gaps(bn: dict[tuple, Stat], gn: dict[tuple, Stat], ds: str) -> str:
 
 def bn_needs_batch(runs: list[Run]) -> Verdict:
     claim = "BN needs a large enough batch size to perform well (BN − GN grows with the batch size)"
-    bn, gn = _bn_gn(runs)
+    all_bn, all_gn = _bn_gn(runs)
+    (bn, gn), left_out = _learned(bn=all_bn, gn=all_gn)
     datasets = [d for d in sorted_values({d for d, _ in bn}) if len({b for e, b in bn if e == d}) >= 2]
     if not datasets:
+        if left_out:
+            return _inconclusive(claim, _not_learned(all_bn, all_gn))
         return Verdict(claim, "not enough data", "needs bn and gn at 2 or more common batch sizes")
-    if _not_learned(bn, gn):
-        return _inconclusive(claim, _not_learned(bn, gn))
     parts, ps, holds, used = [], [], [], []
     for ds in datasets:
         log2 = lambda stats: {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds}  # noqa: E731
@@ -132,17 +148,18 @@ def bn_needs_batch(runs: list[Run]) -> Verdict:
         holds.append(fit.estimate > 0)
         used += _cells(runs, "bn", ds, bn) + _cells(runs, "gn", ds, gn)
         parts.append(f"{ds}: BN − GN per doubling of the batch size {fit.text('points')} (BN − GN: {_gaps(bn, gn, ds)})")
-    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), all(holds))
+    return tested(claim, "; ".join(parts) + left_out + budget_note(used), max(ps), all(holds))
 
 
 def bn_close_to_gn(runs: list[Run]) -> Verdict:
     claim = f"Where BN performs well (within {CLOSE:g} points of its best), it is within {CLOSE:g} points of GN"
-    bn, gn = _bn_gn(runs)
+    all_bn, all_gn = _bn_gn(runs)
+    (bn, gn), left_out = _learned(bn=all_bn, gn=all_gn)
     datasets = sorted_values({d for d, _ in bn})
     if not datasets:
+        if left_out:
+            return _inconclusive(claim, _not_learned(all_bn, all_gn))
         return Verdict(claim, "not enough data", "needs bn and gn at a common batch size")
-    if _not_learned(bn, gn):
-        return _inconclusive(claim, _not_learned(bn, gn))
     parts, ps, used = [], [], []
     for ds in datasets:
         best = max(s.mean for (d, _), s in bn.items() if d == ds)
@@ -156,7 +173,7 @@ def bn_close_to_gn(runs: list[Run]) -> Verdict:
         parts.append(f"{ds}: BN within {CLOSE:g} of its best at batch sizes {', '.join(map(str, good))}; the least "
                      f"equivalent, bs {b}, BN − GN: {worst.text()}; intersection-union test over {len(tests)}: "
                      f"p = {p_text(worst.p)}")  # fmt: skip
-    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
+    return tested(claim, "; ".join(parts) + left_out + budget_note(used), max(ps), True)
 
 
 def brn_small_hard(runs: list[Run]) -> Verdict:
