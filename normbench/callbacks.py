@@ -85,7 +85,10 @@ class NormDiagnostics(L.Callback):
     the accuracy with the norm layers in training mode (batch statistics of each evaluation
     batch; running statistics restored, parameters untouched), beside ``val/acc`` with running
     statistics. At the end of fit, ``train_eval/val_acc_precise_bn``: the accuracy after PreciseBN
-    recalibrates a copy of the model on ``precise_bn_images`` training images. Both accuracies
+    recalibrates a copy of the model on ``precise_bn_images`` training images; given several
+    counts, one fresh copy per count, each logged as ``train_eval/val_acc_precise_bn_<count>``
+    and kept in the run record's ``diagnostics.precise_bn_by_images``, and the largest count's
+    accuracy is ``train_eval/val_acc_precise_bn`` (Wu & Johnson 2021 vary it, Fig. 4). Both accuracies
     are on a fixed subset: the first ``eval_images`` validation images, in whole evaluation
     batches (with ``val_split: 0``, the first images of the test split); the run record states
     the count as ``diagnostics.eval_images`` and what was measured under
@@ -109,7 +112,7 @@ class NormDiagnostics(L.Callback):
         eval_images: validation images both accuracies are measured on (the first ones, rounded
             up to whole evaluation batches); None: the whole validation set.
         precise_bn_images: training images, in training batches (rounded up to whole batches), for
-            PreciseBN at the end of fit (0: skip). fvcore's default of 200 batches is 3,200
+            PreciseBN at the end of fit (0: skip); a list measures PreciseBN at each count. fvcore's default of 200 batches is 3,200
             images at batch size 16, and at batch size 128 would cost more forward passes than a
             10,000-image epoch; a fixed image count costs the same at every batch size.
     """
@@ -121,11 +124,13 @@ class NormDiagnostics(L.Callback):
         batch_stats_eval: bool = True,
         batch_stats_every: int = 1,
         eval_images: int | None = 500,
-        precise_bn_images: int = 512,
+        precise_bn_images: int | list[int] = 512,
     ) -> None:
-        for name, value, least in (("every_n_steps", every_n_steps, 1), ("batch_stats_every", batch_stats_every, 1),
-                                   ("eval_images", 1 if eval_images is None else eval_images, 1),
-                                   ("precise_bn_images", precise_bn_images, 0)):  # fmt: skip
+        counts = [precise_bn_images] if isinstance(precise_bn_images, int) else list(precise_bn_images)
+        checks = [("every_n_steps", every_n_steps, 1), ("batch_stats_every", batch_stats_every, 1),
+                  ("eval_images", 1 if eval_images is None else eval_images, 1)]  # fmt: skip
+        checks += [("precise_bn_images", c, 0 if isinstance(precise_bn_images, int) else 1) for c in counts]
+        for name, value, least in checks:
             if value < least:
                 raise ValueError(
                     f"NormDiagnostics {name}={value} must be >= {least}; "
@@ -137,6 +142,8 @@ class NormDiagnostics(L.Callback):
         self.batch_stats_every = batch_stats_every
         self.eval_images = eval_images
         self.precise_bn_images = precise_bn_images
+        self._precise_counts = sorted({c for c in counts if c > 0})
+        self.precise_bn_by_images: dict[int, float] = {}  # PreciseBN's accuracy per image count
         self.seconds = 0.0  # host time spent in the diagnostics during this fit
         self._validations = 0  # validations of this fit, sanity check excluded
         self._batch_stats_now = False
@@ -309,17 +316,24 @@ class NormDiagnostics(L.Callback):
     # -- end of fit: PreciseBN --------------------------------------------------------------
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.precise_bn_images <= 0 or not self._layers or trainer.datamodule is None:
+        self.precise_bn_by_images = {}
+        if not self._precise_counts or not self._layers or trainer.datamodule is None:
             return
         if trainer.is_global_zero:
             with self._timed():
-                acc = self._precise_bn_accuracy(trainer, pl_module)
-                if acc is None:
-                    return
-                trainer.callback_metrics[PRECISE_BN_ACC] = acc
                 writer = tensorboard_writer(trainer)
-                if writer is not None:
-                    writer.add_scalar(PRECISE_BN_ACC, acc, trainer.global_step)
+                for count in self._precise_counts:
+                    acc = self._precise_bn_accuracy(trainer, pl_module, count)
+                    if acc is None:
+                        return
+                    self.precise_bn_by_images[count] = float(acc)
+                    keys = [f"{PRECISE_BN_ACC}_{count}"] if len(self._precise_counts) > 1 else []
+                    if count == self._precise_counts[-1]:
+                        keys.append(PRECISE_BN_ACC)
+                    for key in keys:
+                        trainer.callback_metrics[key] = acc
+                        if writer is not None:
+                            writer.add_scalar(key, acc, trainer.global_step)
 
     # -- one device's subsets, on every number of devices ----------------------------------
 
@@ -394,12 +408,13 @@ class NormDiagnostics(L.Callback):
         the per-step figures of the last epoch (``end_of_run``)."""
         return {"seconds": round(self.seconds, 3), "eval_images": self.eval_images,
                 "precise_bn_images": self.precise_bn_images, "measured": dict(self.measured),
+                "precise_bn_by_images": {str(k): round(v, 6) for k, v in self.precise_bn_by_images.items()},
                 "subsets": SUBSETS, "end_of_run": self.end_of_run()}  # fmt: skip
 
     @torch.no_grad()
-    def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor | None:
+    def _precise_bn_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule, images: int) -> Tensor | None:
         """Accuracy on the first ``eval_images`` validation images of a copy of the network whose
-        running statistics PreciseBN recomputed from the first ``precise_bn_images`` training
+        running statistics PreciseBN recomputed from the first ``images`` training
         images of epoch 0's order, as one device sees them, in batches of the images the norms'
         batch statistics covered in training (``norm_batch``); the trained model itself is left
         as it is. Runs on rank zero alone, so the copy's norms reduce nothing across processes."""
@@ -408,7 +423,7 @@ class NormDiagnostics(L.Callback):
             return None
         net = self._local_copy(pl_module)
         loader, batch_size = self._train_batches(trainer, pl_module)
-        batches = -(-self.precise_bn_images // max(1, batch_size))
+        batches = -(-images // max(1, batch_size))
         device = pl_module.device
         fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
 

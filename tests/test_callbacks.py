@@ -244,6 +244,14 @@ def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(precision, tmp_path)
     # By hand: the population mean and unbiased variance of every norm's inputs over the first
     # 12 training images in training batches of 8 (2 batches: 16 images), then the first 6
     # validation images in batches of 4 (8 images) with those statistics.
+    assert logged == pytest.approx(_precise_bn_by_hand(module, dm, 16, bf16), abs=1e-6)
+
+
+def _precise_bn_by_hand(module, dm, images: int, bf16: bool = False, val_images: int = 8, stats=None) -> float:
+    """Accuracy on the first ``val_images`` validation images (batches of 4) of a copy of
+    ``module.net`` whose norms hold the population mean and unbiased variance of their inputs
+    over the first ``images`` training images, fed in training batches of 8; ``stats`` (a list)
+    gets each norm's running mean."""
     net = copy.deepcopy(module.net).train()
     norms = [b.norm for b in net.blocks]
     seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(norms))}
@@ -251,14 +259,50 @@ def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(precision, tmp_path)
         m.register_forward_pre_hook(lambda _, a, i=i: seen[i].append(a[0].detach().double()))
     x = dm.train[0]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for j in range(0, 16, 8):
+        for j in range(0, images, 8):
             net(x[j : j + 8])
     for i, m in enumerate(norms):
         h = torch.cat(seen[i]).transpose(0, 1).reshape(m.num_features, -1)
         m.running_mean.copy_(h.mean(1))
         m.running_var.copy_(h.var(1, unbiased=True))
+    if stats is not None:
+        stats += [m.running_mean.clone() for m in norms]
     xv, yv = dm.val
-    assert logged == pytest.approx(_accuracy(net.eval(), [(xv[:4], yv[:4]), (xv[4:8], yv[4:8])], bf16), abs=1e-6)
+    return _accuracy(net.eval(), [(xv[j : j + 4], yv[j : j + 4]) for j in range(0, val_images, 4)], bf16)
+
+
+def test_precise_bn_at_several_image_counts_recalibrates_a_fresh_copy_for_each(tmp_path, monkeypatch):
+    import normbench.callbacks as callbacks
+
+    recalibrated = []  # each PreciseBN pass's running means, as it left its copy of the network
+
+    def spy(net, *args, **kwargs):
+        used = update_bn_stats(net, *args, **kwargs)
+        recalibrated.append([m.running_mean.clone() for m in net.modules() if hasattr(m, "running_mean")])
+        return used
+
+    update_bn_stats = callbacks.update_bn_stats
+    monkeypatch.setattr(callbacks, "update_bn_stats", spy)
+    diagnostics = NormDiagnostics(eval_images=None, precise_bn_images=[24, 8], batch_stats_eval=False)
+    trainer, module, dm = _fit_with(diagnostics, tmp_path)
+    metrics = trainer.callback_metrics
+    stats = {8: [], 24: []}
+    by_hand = {n: _precise_bn_by_hand(module, dm, n, val_images=40, stats=stats[n]) for n in (8, 24)}
+    # Smallest count first, each on a fresh copy: its statistics are those of its own images alone.
+    assert len(recalibrated) == 2
+    for got, n in zip(recalibrated, (8, 24)):
+        for a, b in zip(got, stats[n], strict=True):
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stats[8][0], stats[24][0])  # the two counts' statistics differ
+    for count, acc in by_hand.items():
+        assert metrics[f"train_eval/val_acc_precise_bn_{count}"].item() == pytest.approx(acc, abs=1e-6)
+        assert diagnostics.precise_bn_by_images[count] == pytest.approx(acc, abs=1e-6)
+    # The largest count is the run's PreciseBN figure; the record keeps every count.
+    assert metrics["train_eval/val_acc_precise_bn"].item() == pytest.approx(by_hand[24], abs=1e-6)
+    assert diagnostics.record()["precise_bn_by_images"] == {"8": pytest.approx(by_hand[8], abs=1e-6),
+                                                            "24": pytest.approx(by_hand[24], abs=1e-6)}  # fmt: skip
+    acc = events(tmp_path / "subset" / "version_0")
+    assert {"train_eval/val_acc_precise_bn_8", "train_eval/val_acc_precise_bn_24"} <= set(acc.Tags()["scalars"])
 
 
 def test_diagnostics_state_their_time_and_subset_in_the_run_record(fake_data, tmp_path):
@@ -269,11 +313,14 @@ def test_diagnostics_state_their_time_and_subset_in_the_run_record(fake_data, tm
     assert 0 < diagnostics["seconds"] < record["wall_time_s"]
 
 
-@pytest.mark.parametrize("option", ["every_n_steps=0", "batch_stats_every=0", "eval_images=0", "precise_bn_images=-1"])
+@pytest.mark.parametrize("option", ["every_n_steps=0", "batch_stats_every=0", "eval_images=0", "precise_bn_images=-1",
+                                    "precise_bn_images=[256, 0]"])  # fmt: skip
 def test_bad_diagnostics_options_are_one_line_errors(option):
     name, value = option.split("=")
-    with pytest.raises(ValueError, match=rf"^NormDiagnostics {name}={value} must be >= \d; set --trainer"):
-        NormDiagnostics(**{name: int(value)})
+    bad = yaml.safe_load(value)
+    shown = bad if isinstance(bad, int) else min(bad)
+    with pytest.raises(ValueError, match=rf"^NormDiagnostics {name}={shown} must be >= \d; set --trainer"):
+        NormDiagnostics(**{name: bad})
 
 
 def test_the_hparams_tab_leads_with_the_experiments_variables(fake_data, tmp_path):

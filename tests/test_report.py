@@ -14,6 +14,8 @@ from normbench.data import DATAMODULES
 from normbench.main import main
 from normbench.report import find_runs
 from normbench.report.verdicts import CLAIMS, judge
+from normbench.report.inference import p_text
+from normbench.report.tables import Stat
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",
@@ -535,8 +537,11 @@ def study3_records(root: Path) -> dict[int, list[float]]:
             bn[nb].append(best)
             # Batch statistics beat the running ones by 6 points at 2, by nothing from 16 on.
             lift = {2: 6.0, 4: 3.0, 8: 1.0}.get(nb, 0.0) + 0.2 * seed
+            # PreciseBN from 256 images recovers half of what batch statistics gain, from 4,096 all of it.
+            precise = {"256": (best + lift / 2) / 100, "4096": (best + lift + 0.1 * seed) / 100}
             record(root, norm="bn", bs=64, seed=seed, best=best / 100, model={"norm_batch": nb} if nb < 64 else None,
-                   val_acc_batch_stats_final=(best + lift) / 100)  # fmt: skip
+                   val_acc_batch_stats_final=(best + lift) / 100,
+                   diagnostics={"precise_bn_by_images": precise})  # fmt: skip
     for seed, jitter in enumerate((-0.3, 0.0, 0.4)):
         record(root, norm="gn", bs=64, seed=seed, best=(80.0 + jitter) / 100)
         record(root, norm="dyt", bs=64, seed=seed, best=(72.0 + jitter) / 100)
@@ -564,6 +569,30 @@ def test_study3_verdicts_from_records(tmp_path):
     assert f"gn − bn at normalization batch 64 (BN's best): {gap:+.2f} points" in evidence and "dyt − bn" in evidence
     rows = {r["norm"]: r for r in csv.DictReader(_report_csv(tmp_path).splitlines())}
     assert rows["bn nb2"]["norm_batch"] == "2" and rows["bn"]["norm_batch"] == "64" and rows["gn"]["norm_batch"] == "64"
+
+
+def test_study3_section_draws_bn_against_its_norm_batch_and_tabulates_evaluation(tmp_path):
+    from scipy import stats
+
+    bn = study3_records(tmp_path)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    section = text[text.index("## Study 3"):]
+    assert "![acc_vs_norm_batch_cifar10_bs64.png](acc_vs_norm_batch_cifar10_bs64.png)" in section
+    assert (tmp_path / "rep" / "acc_vs_norm_batch_cifar10_bs64.png").stat().st_size > 10_000
+    # The controls as flat references, with their own cells.
+    gn = Stat([80.0 - 0.3, 80.0, 80.0 + 0.4])
+    assert f"| gn | {gn.cell()} |" in section and "| dyt |" in section
+    header = ("| normalization batch | best (%) | EMA, last (%) | batch statistics (%); − EMA | "
+              "PreciseBN 256 images (%); − EMA | PreciseBN 4,096 images (%); − EMA |")  # fmt: skip
+    assert header in section
+    # At normalization batch 2: PreciseBN from 4,096 images gains 6.0, 6.1 (+0.2 +0.1), ... over EMA.
+    ema = bn[2]
+    p4096 = [b + 6.0 + 0.2 * s + 0.1 * s for s, b in enumerate(ema)]
+    t = stats.ttest_rel(p4096, ema)
+    diff = statistics.fmean(p4096) - statistics.fmean(ema)
+    row = next(line for line in section.splitlines() if line.startswith("| 2 |"))
+    assert f"{Stat(p4096).cell()}; {diff:+.2f}, p = {p_text(t.pvalue)} |" in row
 
 
 def _report_csv(root: Path) -> str:

@@ -28,6 +28,8 @@ from normbench.report.tables import (
     precision_tables,
 )
 from normbench.report.verdicts import judge
+from normbench.report.study3 import SECTION_INTRO as STUDY3_INTRO
+from normbench.report.study3 import study3_sections
 from normbench.report.why import gradient_sections, why_sections
 from normbench.results import RECORD
 
@@ -165,6 +167,9 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         lines += ["", "## Precision: the same runs against fp32", "", PRECISION_INTRO]
         for ctx, header, rows in precision:
             lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
+    study3 = study3_sections(runs, out)
+    if study3:
+        lines += ["", "## Study 3: the normalization batch at a fixed SGD batch", "", STUDY3_INTRO, *study3]
     why = why_sections(runs)
     if why:
         lines += ["", "## Why: what the end-of-run diagnostics say", "", WHY_INTRO, *why]

@@ -96,6 +96,7 @@ class Run:
     # NormDiagnostics measured on the whole validation set (``eval_images: null``).
     batch_stats: float | None = None  # accuracy with the norms' batch statistics (train mode)
     precise_bn: float | None = None  # accuracy after PreciseBN recomputed the running statistics
+    precise_bn_by_images: dict[int, float] = field(default_factory=dict)  # per PreciseBN image count
     diagnostics_images: int | None = None  # the validation images those two were measured on (None: all)
     mean_gap: float | None = None  # the last norm layer's |mu_B - mu_run| / sigma_run, last epoch
     std_ratio: float | None = None  # the last norm layer's sigma_B / sigma_run, last epoch
@@ -218,6 +219,8 @@ def load_run(path: Path) -> Run:
         losses=[(int(s), float(v)) for s, v in record.get("train_loss_steps", [])],
         batch_stats=pct(record.get("val_acc_batch_stats_final")),
         precise_bn=pct(record.get("val_acc_precise_bn")),
+        precise_bn_by_images={int(k): 100.0 * v for k, v in
+                              ((record.get("diagnostics") or {}).get("precise_bn_by_images") or {}).items()},  # fmt: skip
         diagnostics_images=(record.get("diagnostics") or {}).get("eval_images"),
         mean_gap=last_layer.get("mean_gap"),
         std_ratio=last_layer.get("std_ratio"),

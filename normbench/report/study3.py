@@ -111,3 +111,100 @@ def batch_free_matches_bn(runs: list[Run]) -> Verdict:
 
 
 CLAIMS = (bn_depends_on_norm_batch, batch_stats_beat_ema, batch_free_matches_bn)
+
+
+# -- the report's study 3 section ---------------------------------------------------------
+
+SECTION_INTRO = (
+    "BN at several normalization batches inside one SGD batch (`model.norm_batch`), beside layers that compute "
+    "nothing over the batch, all at the same SGD batch and budget. The evaluation table gives each BN cell's last "
+    "accuracy with its running statistics (EMA), with batch statistics at the evaluation batch, and after PreciseBN "
+    "recomputed the running statistics from that many training images; each figure minus EMA is a paired t-test "
+    "over the same runs."
+)
+
+
+def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
+    """The batch-free layers' best accuracy at SGD batch ``bs`` on ``ds``, by label."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in BATCH_DEPENDENT:
+            values[r.norm].append(r.best)
+    return {name: Stat(values[name]) for name in sorted_values(set(values))}
+
+
+def _paired(runs: list[Run], figure) -> str:
+    """``figure`` of each run minus its EMA accuracy (``final``): mean ± std and the paired test."""
+    pairs = [r for r in runs if figure(r) is not None and r.final is not None]
+    if not pairs:
+        return "–"
+    stat = Stat([figure(r) for r in pairs])
+    if len(pairs) < 2:
+        return stat.cell()
+    diff = PairedComparison(stat, Stat([r.final for r in pairs]))
+    p = "" if diff.p is None else f", p = {p_text(diff.p)}"
+    return f"{stat.cell()}; {diff.difference:+.2f}{p}"
+
+
+def evaluation_table(cells: dict[int, list[Run]]) -> tuple[list[str], list[list[str]]]:
+    """Per normalization batch: EMA, batch statistics and PreciseBN at each image count measured."""
+    counts = sorted({c for rs in cells.values() for r in rs for c in r.precise_bn_by_images})
+    header = ["normalization batch", "best (%)", "EMA, last (%)", "batch statistics (%); − EMA"]
+    header += [f"PreciseBN {c:,} images (%); − EMA" for c in counts] or ["PreciseBN (%); − EMA"]
+    rows = []
+    for nb, rs in sorted(cells.items()):
+        row = [str(nb), Stat([r.best for r in rs]).cell(), Stat([r.final for r in rs if r.final is not None]).cell(),
+               _paired(rs, lambda r: r.batch_stats)]  # fmt: skip
+        if counts:
+            row += [_paired(rs, lambda r, c=c: r.precise_bn_by_images.get(c)) for c in counts]
+        else:
+            row.append(_paired(rs, lambda r: r.precise_bn))
+        rows.append(row)
+    return header, rows
+
+
+def norm_batch_figure(cells: dict[int, list[Run]], controls: dict[str, Stat], path) -> str:
+    """Best accuracy against the normalization batch (bn, error bars over seeds) with each
+    batch-free control as a flat line and its ± std band; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    nbs = sorted(cells)
+    stats = [Stat([r.best for r in cells[nb]]) for nb in nbs]
+    ax.errorbar(nbs, [s.mean for s in stats], yerr=[s.std or 0.0 for s in stats], marker="o", capsize=3,
+                color="C0", label="bn at normalization batch")  # fmt: skip
+    for i, (name, s) in enumerate(controls.items(), start=1):
+        if s.mean is None:
+            continue
+        ax.axhline(s.mean, color=f"C{i}", linestyle="--", label=f"{name} (n={s.n})")
+        if s.std:
+            ax.axhspan(s.mean - s.std, s.mean + s.std, color=f"C{i}", alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(nbs, [str(nb) for nb in nbs])
+    ax.set(xlabel="normalization batch (images)", ylabel="best test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def study3_sections(runs: list[Run], out) -> list[str]:
+    """Markdown per (dataset, SGD batch) where bn ran at two or more normalization batches: the
+    figure against the normalization batch, the controls' accuracies and the evaluation table."""
+    from normbench.report.tables import markdown_table
+
+    lines: list[str] = []
+    for (ds, bs), cells in sorted(_bn_by_norm_batch(runs).items(), key=lambda kv: str(kv[0])):
+        controls = _controls(runs, ds, bs)
+        name = norm_batch_figure(cells, controls, out / f"acc_vs_norm_batch_{ds}_bs{bs}.png")
+        lines += ["", f"**{ds}**, SGD batch {bs}", "", f"![{name}]({name})", ""]
+        if controls:
+            lines += [markdown_table(["batch-free control", "best (%)"], [[n, s.cell()] for n, s in controls.items()]),
+                      ""]  # fmt: skip
+        lines.append(markdown_table(*evaluation_table(cells)))
+    return lines
