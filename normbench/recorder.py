@@ -16,9 +16,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from normbench.callbacks import PRECISE_BN_ACC, NormDiagnostics, norm_batch, tensorboard_writer
+from normbench.callbacks import PRECISE_BN_ACC, NormDiagnostics, tensorboard_writer
 from normbench.errors import error_line
-from normbench.norms import tracks_running_stats
+from normbench.hparams import experiment_hparams, run_seed, write_run_hparams
+from normbench.layout import batch_layout
 from normbench.results import (
     DIVERGED,
     FAILED,
@@ -28,39 +29,9 @@ from normbench.results import (
     code_revision,
     hardware,
     summary,
+    read_record,
     update_record,
 )
-
-
-def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-    """What a run's batch means on this machine, for its record: devices, nodes, processes, the
-    per-device and global batch size (the images of one optimizer step), and how many images
-    each norm's statistics cover (``norm_stats_images``, per device or over all of them when
-    synced; 1 for norms of one image, such as gn; None for no norm)."""
-    per_device = getattr(trainer.datamodule, "batch_size", None)
-    world = trainer.world_size
-    layers = [m for m in pl_module.modules() if tracks_running_stats(m)]
-    synced = bool(getattr(pl_module, "sync_norms", False)) and world > 1
-    if layers:
-        images = norm_batch(trainer, pl_module) if per_device else None
-        ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
-        if images is not None and ghost:
-            images = min(images, *ghost)
-        scope = "norm batch" if getattr(pl_module, "norm_batch", None) else "all devices" if synced else "per device"
-    elif getattr(pl_module, "norm_name", None) == "none":
-        images, scope = None, "no norm"
-    else:
-        images, scope = 1, "per image"
-    return {
-        "devices": trainer.num_devices,
-        "num_nodes": trainer.num_nodes,
-        "world_size": world,
-        "batch_size_per_device": per_device,
-        "global_batch_size": per_device * world if per_device else None,
-        "accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "norm_stats_images": images,
-        "norm_stats_scope": scope,
-    }
 
 
 class RunRecorder(L.Callback):
@@ -229,7 +200,7 @@ class RunRecorder(L.Callback):
             global_step=trainer.global_step,
             # The budget the run took: its optimizer steps (global_step) and learning rate.
             lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
-            seed=_seed(),
+            seed=run_seed(),
             wall_time_s=round(time.time() - self._start, 3) if self._start else 0.0,
             **fields,
         )
@@ -244,46 +215,12 @@ class RunRecorder(L.Callback):
     def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
-                lg.log_hyperparams(experiment_hparams(trainer, pl_module),
-                                   {f"hparams/{k}": v for k, v in metrics.items()})  # fmt: skip
-
-
-# Settings that say how a run was computed, not what it measures: left out of the HPARAMS tab.
-NOT_HPARAMS = {"data_dir", "download", "num_workers", "in_memory", "eval_batch_size", "num_classes", "in_channels"}
-
-
-def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-    """The settings of a run for TensorBoard's HPARAMS tab, its columns in this order: the
-    experiment's variables (norm and its options, the global batch size, dataset, network,
-    width, blocks, activation, learning rate, seed), then the model's and the data's other
-    settings and the batch layout. Internal keys (LightningCLI's ``_class_path`` and
-    ``_instantiator``) and settings that do not change what is measured (``data_dir``, ...)
-    are left out."""
-    model = {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_") and k not in NOT_HPARAMS}
-    dm = trainer.datamodule
-    data = {k: v for k, v in dict(getattr(dm, "hparams", {})).items() if not k.startswith("_") and k not in NOT_HPARAMS}
-    layout = batch_layout(trainer, pl_module)
-    optimizer = trainer.optimizers[0] if trainer.optimizers else None
-    first: dict[str, Any] = {"norm": model.pop("norm", None)}
-    first.update({f"norm/{k}": v for k, v in (model.pop("norm_kwargs", None) or {}).items()})
-    first.update(batch_size=layout["global_batch_size"] or data.get("batch_size"), dataset=getattr(dm, "name", None))
-    first.update({k: model.pop(k, None) for k in ("net", "width", "num_blocks", "activation")})
-    first.update(lr=optimizer.param_groups[0]["lr"] if optimizer else None,
-                 optimizer=type(optimizer).__name__ if optimizer else None, seed=_seed())  # fmt: skip
-    return {
-        **first,
-        **{f"model/{k}": v for k, v in model.items()},
-        **{f"data/{k}": v for k, v in data.items()},
-        **{f"layout/{k}": v for k, v in layout.items()},
-    }
+                # A sweep's runs leave the experiment summary to the sweep (normbench.hparams).
+                in_sweep = "sweep" in read_record(lg.log_dir)
+                write_run_hparams(lg.log_dir, experiment_hparams(trainer, pl_module), metrics, in_sweep)
 
 
 def _float(value: Any) -> float | None:
     if isinstance(value, Tensor):
         return float(value.detach().float().cpu()) if value.numel() == 1 else None
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def _seed() -> int | None:
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else None

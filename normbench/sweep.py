@@ -170,15 +170,20 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         f"sweep {name}: {len(cells)} runs, {len(cells_to_run) - len(todo)} already done, in {sweep_dir}",
         file=sys.stderr,
     )
-    if cfg.backend == "ray":
-        run_ray(todo, sweep_dir, cfg.cpus_per_run, cfg.gpus_per_run, cfg.ray_address)
-    else:
-        import torch
+    try:
+        if cfg.backend == "ray":
+            run_ray(todo, sweep_dir, cfg.cpus_per_run, cfg.gpus_per_run, cfg.ray_address)
+        else:
+            import torch
 
-        gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
-        run_local(
-            todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run, runs_per_worker=cfg.runs_per_worker
-        )
+            gpus = torch.cuda.device_count() if cfg.gpus is None else cfg.gpus
+            run_local(todo, cfg.workers, gpus, pack=pack, threads_per_run=cfg.threads_per_run,
+                      runs_per_worker=cfg.runs_per_worker)  # fmt: skip
+    finally:
+        # The HPARAMS tab's columns: the sweep's axes first, over the runs that finished so far.
+        from normbench.hparams import write_sweep_experiment
+
+        write_sweep_experiment(sweep_dir / "lightning_logs", [c.run_dir for c in cells])
     statuses = [c.status() for c in cells_to_run]
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
     return cells

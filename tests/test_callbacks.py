@@ -323,34 +323,6 @@ def test_bad_diagnostics_options_are_one_line_errors(option):
         NormDiagnostics(**{name: bad})
 
 
-def test_the_hparams_tab_leads_with_the_experiments_variables(fake_data, tmp_path):
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-
-    main(run_args(fake_data, tmp_path, "gn", "--model.norm_kwargs", "{num_groups: 4}", "--seed_everything", "3"))
-    run = tmp_path / "lightning_logs" / "mnist_gn_bs16" / "version_0"
-    infos = values = None
-    for content in events(run).PluginTagToContent("hparams").values():
-        data = HParamsPluginData.FromString(content)
-        if data.HasField("experiment"):
-            infos = [h.name for h in data.experiment.hparam_infos]
-            metrics = [m.name.tag for m in data.experiment.metric_infos]
-        if data.HasField("session_start_info"):
-            values = {k: v.number_value if v.HasField("number_value") else v.string_value
-                      for k, v in data.session_start_info.hparams.items()}  # fmt: skip
-    # One experiment summary, its columns in this order.
-    assert infos[:11] == ["norm", "norm/num_groups", "batch_size", "dataset", "net", "width", "num_blocks",
-                          "activation", "lr", "optimizer", "seed"]  # fmt: skip
-    assert values["norm"] == "gn" and values["norm/num_groups"] == 4 and values["batch_size"] == 16
-    assert values["dataset"] == "mnist" and values["lr"] == pytest.approx(1e-3) and values["seed"] == 3
-    assert values["layout/global_batch_size"] == 16 and values["layout/norm_stats_scope"] == "per image"
-    internal = [n for n in infos if n.split("/")[-1].startswith("_") or n.split("/")[-1] in ("data_dir", "download")]
-    assert not internal, internal
-    assert {"hparams/val_acc_final", "hparams/val_acc_best"} <= set(metrics)
-    # hparams.yaml holds the same settings.
-    saved = yaml.safe_load((run / "hparams.yaml").read_text())
-    assert set(saved) == set(infos) and saved["norm/num_groups"] == 4 and saved["dataset"] == "mnist"
-
-
 def test_end_of_run_figures_are_means_over_the_last_epochs_steps(tmp_path):
     # 3 epochs of 3 steps, a capture at every step: the record's figures are the means of the
     # logged figures of the last epoch's steps (6, 7, 8), not of the whole run.

@@ -1,0 +1,42 @@
+"""What a run's batch means on the machine it ran on: devices, processes, per-device and global
+batch, and how many images each norm statistic covers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from normbench.callbacks import norm_batch
+from normbench.norms import tracks_running_stats
+
+
+def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """What a run's batch means on this machine, for its record: devices, nodes, processes, the
+    per-device and global batch size (the images of one optimizer step), and how many images
+    each norm's statistics cover (``norm_stats_images``, per device or over all of them when
+    synced; 1 for norms of one image, such as gn; None for no norm)."""
+    per_device = getattr(trainer.datamodule, "batch_size", None)
+    world = trainer.world_size
+    layers = [m for m in pl_module.modules() if tracks_running_stats(m)]
+    synced = bool(getattr(pl_module, "sync_norms", False)) and world > 1
+    if layers:
+        images = norm_batch(trainer, pl_module) if per_device else None
+        ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
+        if images is not None and ghost:
+            images = min(images, *ghost)
+        scope = "norm batch" if getattr(pl_module, "norm_batch", None) else "all devices" if synced else "per device"
+    elif getattr(pl_module, "norm_name", None) == "none":
+        images, scope = None, "no norm"
+    else:
+        images, scope = 1, "per image"
+    return {
+        "devices": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+        "world_size": world,
+        "batch_size_per_device": per_device,
+        "global_batch_size": per_device * world if per_device else None,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "norm_stats_images": images,
+        "norm_stats_scope": scope,
+    }
