@@ -1,6 +1,7 @@
-"""Every promise of the README on a fresh clone: each repository path it names exists, and each
-``normbench ...`` command line in it parses (fit and the like with --print_config, sweeps with
---dry_run, report and bench with --help), without training and without a GPU."""
+"""Every promise of the README and of the docs/ pages it links on a fresh clone: each repository
+path they name exists, each ``normbench ...`` command line in them parses (fit and the like with
+--print_config, sweeps with --dry_run, report and bench with --help), without training and
+without a GPU, and each relative link leads to a file."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import pytest
 from normbench.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-TOP = ("configs", "results", "normbench", "tests")
+# README.md first, then every docs/ page: the files whose promises these tests keep.
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+TEXTS = {page: (ROOT / page).read_text() for page in PAGES}
+README = TEXTS["README.md"]
+TOP = ("configs", "results", "normbench", "tests", "docs")
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "sweep", "report", "bench")
 
 
@@ -26,41 +30,74 @@ def expand_braces(text: str) -> list[str]:
     return ["".join(c) for c in itertools.product(*choices)]
 
 
-def readme_paths() -> list[str]:
+def readme_paths(page: str | None = None) -> list[str]:
+    """The repository paths (from the repository's root) that one page names, or all pages."""
     found = set()
-    for match in re.finditer(rf"(?<![\w./-])((?:{'|'.join(TOP)})/[\w./{{}},*-]*)", README):
-        for path in expand_braces(match.group(1).rstrip(".,")):
-            found.add(path)
+    for name in [page] if page else PAGES:
+        for match in re.finditer(rf"(?<![\w./-])((?:{'|'.join(TOP)})/[\w./{{}},*-]*)", TEXTS[name]):
+            for path in expand_braces(match.group(1).rstrip(".,")):
+                found.add(path)
     return sorted(found)
 
 
-def readme_commands() -> list[list[str]]:
-    """Each normbench command of the README's code blocks (continuation lines joined) and of its
-    inline code that names a config, as arguments after ``normbench``."""
-    blocks = re.sub(r"\\\n\s*", " ", README)
-    lines = [line.strip() for line in blocks.splitlines() if line.startswith("    ")]
-    lines += re.findall(r"`([^`]*normbench [a-z]+ --config[^`]*)`", blocks)
+def readme_commands(page: str | None = None) -> list[list[str]]:
+    """Each normbench command of a page's code blocks (continuation lines joined) and of its
+    inline code that names a config, as arguments after ``normbench``; of all pages when page is
+    None."""
     commands = []
-    for line in lines:
-        match = re.search(rf"(?:^|[\s)])normbench\)?\s+((?:{'|'.join(SUBCOMMANDS)})\b.*)$", line)
-        if match:
-            args = shlex.split(match.group(1), comments=True)
-            args = [re.sub(r"^\$\w+$", "0", a) for a in args]  # $SLURM_ARRAY_TASK_ID and the like
-            if args not in commands:
-                commands.append(args)
+    for name in [page] if page else PAGES:
+        blocks = re.sub(r"\\\n\s*", " ", TEXTS[name])
+        lines = [line.strip() for line in blocks.splitlines() if line.startswith("    ")]
+        lines += re.findall(r"`([^`]*normbench [a-z]+ --config[^`]*)`", blocks)
+        for line in lines:
+            match = re.search(rf"(?:^|[\s)])normbench\)?\s+((?:{'|'.join(SUBCOMMANDS)})\b.*)$", line)
+            if match:
+                args = shlex.split(match.group(1), comments=True)
+                args = [re.sub(r"^\$\w+$", "0", a) for a in args]  # $SLURM_ARRAY_TASK_ID and the like
+                if args not in commands:
+                    commands.append(args)
     return commands
+
+
+def page_links(page: str) -> list[str]:
+    """The targets of a page's Markdown links that are not web addresses, code spans left out."""
+    text = re.sub(r"`[^`\n]*`", "", TEXTS[page])
+    targets = re.findall(r"\[[^\]\n]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    relative = [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.IGNORECASE)]
+    return list(dict.fromkeys(relative))
+
+
+PATHS = [(page, path) for page in PAGES for path in readme_paths(page)]
+COMMANDS = [(page, args) for page in PAGES for args in readme_commands(page)]
+LINKS = [(page, target) for page in PAGES for target in page_links(page)]
 
 
 def test_the_readme_names_paths_and_commands():
     assert len(readme_paths()) > 20 and len(readme_commands()) > 10
 
 
-@pytest.mark.parametrize("path", readme_paths())
-def test_every_path_the_readme_names_exists(path):
+def test_the_pages_are_the_readme_and_docs():
+    assert PAGES[0] == "README.md" and len(PAGES) > 1, PAGES
+
+
+def test_the_readme_links_every_docs_page():
+    linked = {(ROOT / target).resolve() for target in page_links("README.md")}
+    assert not [p for p in PAGES[1:] if (ROOT / p).resolve() not in linked]
+
+
+@pytest.mark.parametrize("page, path", PATHS, ids=[f"{page}:{path}" for page, path in PATHS])
+def test_every_path_the_readme_names_exists(page, path):
     if "*" in path:
-        assert list(ROOT.glob(path)), path
+        assert list(ROOT.glob(path)), f"{page} names {path}, which matches nothing in the repository"
     else:
-        assert (ROOT / path).exists(), f"README.md names {path}, which is not in the repository"
+        assert (ROOT / path).exists(), f"{page} names {path}, which is not in the repository"
+
+
+@pytest.mark.parametrize("page, target", LINKS, ids=[f"{page}:{target}" for page, target in LINKS])
+def test_every_relative_link_leads_to_a_file(page, target):
+    assert "#" not in target, f"{page} links {target}: link to the page, without an anchor"
+    assert target, f"{page} has a link without a target"
+    assert ((ROOT / page).parent / target).exists(), f"{page} links {target}, which is not in the repository"
 
 
 def _dry(args: list[str], tmp_path: Path) -> list[str]:
@@ -72,10 +109,12 @@ def _dry(args: list[str], tmp_path: Path) -> list[str]:
     return args if "--print_config" in args else [*args, "--print_config"]
 
 
-@pytest.mark.parametrize("args", readme_commands(), ids=lambda a: " ".join(a)[:80])
-def test_every_readme_command_parses(args, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "page, args", COMMANDS, ids=[f"{page}: {' '.join(args)}"[:100] for page, args in COMMANDS]
+)
+def test_every_readme_command_parses(page, args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
         main(_dry(args, tmp_path))
         raise SystemExit(0)
-    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    assert exit_info.value.code in (0, None), f"{page}: " + capsys.readouterr().err[-2000:]
