@@ -19,10 +19,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry, MPSAccelerator
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.connectors.accelerator_connector import _select_auto_accelerator
 
 from normbench.budget import Budget, apply_budget
@@ -272,10 +274,14 @@ class NormBenchCLI(LightningCLI):
         # Defaults that the user's own callbacks or switches replace, as Lightning's do.
         # The best checkpoint by validation accuracy, and last.ckpt, at the end of every training
         # epoch (after the epoch's metrics are logged, so that the run record in it is complete).
-        self._add_default(config, "enable_checkpointing", CHECKPOINT, monitor="val/acc", mode="max",
-                          save_last=True, filename="best-{epoch}", save_on_train_epoch_end=True,
-                          enable_version_counter=False)  # fmt: skip
-        if config.checkpoint_every_n_steps and not self._has_periodic_checkpoint(config):
+        # None in a fast_dev_run, whose checkpointing Lightning means to suppress (save_last would
+        # still write one at the end): a development run leaves nothing to resume from.
+        dev_run = bool(trainer.fast_dev_run)
+        if not dev_run:
+            self._add_default(config, "enable_checkpointing", CHECKPOINT, monitor="val/acc", mode="max",
+                              save_last=True, filename="best-{epoch}", save_on_train_epoch_end=True,
+                              enable_version_counter=False)  # fmt: skip
+        if not dev_run and config.checkpoint_every_n_steps and not self._has_periodic_checkpoint(config):
             # last.ckpt in the middle of epochs too: at batch size 2 an epoch is 25,000 steps.
             # Both write last.ckpt; without the version counter they replace it, not add last-v1.ckpt.
             self._append_callback(config, CHECKPOINT, every_n_train_steps=config.checkpoint_every_n_steps,
@@ -290,14 +296,12 @@ class NormBenchCLI(LightningCLI):
         if "weights_only" in config and config.weights_only is None:
             # Checkpoints hold tensors and plain values only; never unpickle arbitrary objects.
             config.weights_only = True
+        if config.trainer.logger is False:
+            # No logger: Lightning would save config.yaml in default_root_dir, which a sweep's runs
+            # share; the run record holds the config instead.
+            self.save_config_callback = None
         if config.trainer.logger in (None, True):
-            root = config.trainer.default_root_dir or "."
-            init_args = Namespace(
-                save_dir=os.path.join(root, "lightning_logs"),
-                name=config.name or run_name(config),
-                version=config.version,
-                default_hp_metric=False,
-            )
+            init_args = Namespace(**run_logger_args(config), default_hp_metric=False)
             if self.subcommand == "fit" and ckpt is not None:
                 # The resumed run appends to its own TensorBoard run; events the interrupted one
                 # wrote after its checkpoint are hidden, as they are written again. Lightning logs
@@ -305,6 +309,33 @@ class NormBenchCLI(LightningCLI):
                 # taken after n steps says global_step = n: everything from n on is redone.
                 init_args.purge_step = checkpoint_step(ckpt)
             config.trainer.logger = Namespace(class_path=LOGGER, init_args=init_args)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, with its run directory, ``lightning_logs/<name>/version_N``, the same in every
+        Lightning mode: ``fast_dev_run`` replaces the loggers by one without a directory, and
+        ``logger: false`` has none, where the record, and checkpoints, would land in
+        ``default_root_dir``, shared by every run of a sweep. ``RunRecorder`` is handed the run's
+        logger (and, where LightningCLI saves no config.yaml, the config), and checkpoints without
+        a directory of their own go to the run directory's ``checkpoints/``."""
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        configured = kwargs.get("logger", self._get(self.config_init, "trainer", default={}).get("logger"))
+        loggers = configured if isinstance(configured, list) else [configured]
+        logger = next((lg for lg in loggers if isinstance(lg, (TensorBoardLogger, CSVLogger))), None)
+        if logger is None and configured is False:
+            logger = TensorBoardLogger(**run_logger_args(config))  # never attached: it names the directory
+        if logger is None:
+            return trainer  # another kind of logger: Lightning's log_dir, as Lightning has it
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunRecorder):
+                callback.logger = logger
+                if trainer.fast_dev_run or configured is False:
+                    callback.config = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        if logger not in trainer.loggers:
+            for callback in trainer.checkpoint_callbacks:
+                if callback.dirpath is None:
+                    callback.dirpath = os.path.realpath(os.path.join(logger.log_dir, "checkpoints"))
+        return trainer
 
     @staticmethod
     def _append_callback(config: Namespace, class_path: str, **init_args) -> None:
@@ -320,6 +351,14 @@ class NormBenchCLI(LightningCLI):
             and getattr(getattr(c, "init_args", None), "every_n_train_steps", None)
             for c in config.trainer.callbacks or []
         )
+
+
+def run_logger_args(config: Namespace) -> dict[str, Any]:
+    """Where a run's logger writes, its run directory: ``save_dir`` (``<default_root_dir>/
+    lightning_logs``), ``name`` and ``version`` (None: the next free ``version_N``)."""
+    root = config.trainer.default_root_dir or "."
+    return {"save_dir": os.path.join(root, "lightning_logs"), "name": config.name or run_name(config),
+            "version": config.version}  # fmt: skip
 
 
 def checkpoint_step(path: str) -> int:

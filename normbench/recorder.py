@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -40,9 +40,11 @@ class RunRecorder(L.Callback):
     The record holds per-epoch metrics, the final and best figures, the seed, the global step,
     the wall time and the status (``running``, ``finished``, ``diverged`` with the step of the
     first NaN or inf loss, ``interrupted`` by Ctrl-C, or ``failed``); it is rewritten atomically
-    after every epoch, so an interrupted run keeps what it had. The epochs recorded so far and the wall time travel in
-    checkpoints, so a resumed run goes on with exactly the record it had at its checkpoint. At
-    the end of fit the run's hyperparameters go to the HParams tab with
+    after every epoch, so an interrupted run keeps what it had. It lies in the run's own directory
+    (``run_dir``) in every Lightning mode: under ``fast_dev_run`` Lightning drops the loggers, so
+    ``NormBenchCLI`` hands this callback the run's logger and config. The epochs recorded so far
+    and the wall time travel in checkpoints, so a resumed run goes on with exactly the record it
+    had at its checkpoint. At the end of fit the run's hyperparameters go to the HParams tab with
     ``hparams/val_acc_final``, ``hparams/val_acc_best`` (test-split accuracies under the studies'
     ``val_split: 0``) and the train/eval diagnostics when present.
 
@@ -63,6 +65,18 @@ class RunRecorder(L.Callback):
         self._restored = False
         self._pending: int | None = None  # an epoch whose training ended but is not collected yet
         self._trainer: L.Trainer | None = None
+        # Set by NormBenchCLI: the logger whose log_dir is the run's own directory, also where the
+        # Trainer does not hold it (fast_dev_run swaps loggers for a DummyLogger without a
+        # directory; logger: false has none), and the run's config where no config.yaml is saved.
+        self.logger: Logger | None = None
+        self.config: dict[str, Any] | None = None
+
+    def run_dir(self, trainer: L.Trainer) -> str | None:
+        """The run's own directory, where the record goes: the run logger's ``log_dir``, else the
+        Trainer's. A broadcast from rank zero: every rank must ask."""
+        if self.logger is None:
+            return trainer.log_dir
+        return trainer.strategy.broadcast(self.logger.log_dir)
 
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints at the end of an epoch are taken after the module logged the epoch's
@@ -99,9 +113,9 @@ class RunRecorder(L.Callback):
             self._epochs, self._evals, self._losses, self._elapsed = [], [], [], 0.0
         self._start, self._trainer, self._pending = time.time() - self._elapsed, trainer, None
         self._pending_losses = []
-        log_dir = trainer.log_dir
+        log_dir = self.run_dir(trainer)
         config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
-        config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else None
+        config = yaml.safe_load(Path(config_file).read_text()) if os.path.isfile(config_file) else self.config
         fields: dict[str, Any] = {"config": config, "revision": code_revision(), "hardware": hardware(pl_module.device),
                                   "layout": batch_layout(trainer, pl_module)}  # fmt: skip
         if trainer.ckpt_path:
@@ -185,8 +199,8 @@ class RunRecorder(L.Callback):
             self._epochs.append({"epoch": epoch, **row})
 
     def _save(self, trainer: L.Trainer, **fields: Any) -> None:
-        # trainer.log_dir is a broadcast: every rank must ask for it, only rank zero writes.
-        log_dir = trainer.log_dir
+        # The run directory is a broadcast: every rank must ask for it, only rank zero writes.
+        log_dir = self.run_dir(trainer)
         if log_dir is None or not trainer.is_global_zero:
             return
         diagnostics = [cb.record() for cb in trainer.callbacks if isinstance(cb, NormDiagnostics)]

@@ -28,6 +28,7 @@ from normbench.pack import fit_pack
 from normbench.results import (
     DONE,
     INTERRUPTED,
+    RUNNING,
     cpu_cores,
     end_attempt,
     read_record,
@@ -96,6 +97,8 @@ def run_cell(cell: Cell | dict) -> str:
                 _run_process_group(cell)
             else:
                 run_cli([*cell.args, "--ckpt_path", "last"])
+            if cell.status() == RUNNING:
+                raise RunExitError("the run ended without writing how it ended to its record")
         except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
             if cell.status() == INTERRUPTED:
                 # Ctrl-C stops the sweep, not just this run (Lightning turned it into an exit and
@@ -109,7 +112,8 @@ def run_cell(cell: Cell | dict) -> str:
 
 
 class RunExitError(RuntimeError):
-    """A run's own process group exited with a non-zero status."""
+    """A run ended without a result: its own process group exited with a non-zero status, or
+    it returned with its record still saying ``running``."""
 
 
 def _run_process_group(cell: Cell) -> None:

@@ -97,3 +97,18 @@ class CtrlCAtStep(KillAtStep):
                 time.sleep(0.05)
             self.marker.write_text(str(os.getpid()))
             os.killpg(os.getpgid(0), signal.SIGINT)
+
+
+class RaiseAtStep(L.Callback):
+    """A callback with a bug: raises ``RuntimeError`` right after optimizer step ``step``.
+
+    Args:
+        step: the global step after which to raise.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"callback bug at step {self.step}")
