@@ -18,6 +18,11 @@ keys at once (``gn: {model.norm: gn, model.norm_kwargs: {num_groups: 4}}``). Eac
 diverged; running the sweep again skips finished and diverged cells, resumes interrupted runs
 from their last checkpoints and reruns failed ones. A claim file per cell keeps two sweep
 processes on one directory from running the same cell.
+
+Exit status: 0 when no run of the sweep failed or diverged; 1 when one did, after one line per
+such run on stderr (``sweep: <cell> failed: <error>``, ``sweep: <cell> diverged at step N``),
+unless ``--allow_failures`` (exploratory sweeps: the lines, and 0); 130 after Ctrl-C, which the
+next run of the same command resumes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from normbench.grid import Cell, expand, validate
 from normbench.results import (
+    DIVERGED,
     DONE,
+    FAILED,
+    PENDING,
+    read_record,
     write_json_atomic,
 )
 from normbench.runner import check_threads_per_run, run_local, run_ray
@@ -114,6 +123,13 @@ def build_parser() -> ArgumentParser:
         help="train runs that differ only in seed_everything as one pack (normbench.packed_fit; local "
         "backend). Opt-in; the README's speed section says where it pays",
     )
+    parser.add_argument(
+        "--allow_failures",
+        type=bool,
+        default=False,
+        help="exit 0 even when runs failed or diverged (exploratory sweeps); by default the sweep then exits 1, "
+        "after one line per such run",
+    )
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their status, run none")
     return parser
 
@@ -126,6 +142,9 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
 
     Returns:
         The cells of the grid.
+
+    Raises:
+        SystemExit: 1 when a run of the sweep failed or diverged, unless ``--allow_failures``.
     """
     cfg = build_parser().parse_args(args)
     if cfg.workers != "auto" and cfg.workers < 1:
@@ -184,6 +203,20 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         from normbench.hparams import write_sweep_experiment
 
         write_sweep_experiment(sweep_dir / "lightning_logs", [c.run_dir for c in cells])
-    statuses = [c.status() for c in cells_to_run]
+    records = [read_record(c.run_dir) for c in cells_to_run]
+    statuses = [r.get("status", PENDING) for r in records]
+    bad = [(c, r) for c, r in zip(cells_to_run, records) if r.get("status") in (FAILED, DIVERGED)]
+    for cell, record in bad:
+        print(f"sweep: {outcome(cell.name, record)}", file=sys.stderr)
     print(json.dumps({s: statuses.count(s) for s in sorted(set(statuses))}), file=sys.stderr)
+    if bad and not cfg.allow_failures:
+        raise SystemExit(1)
     return cells
+
+
+def outcome(name: str, record: dict[str, Any]) -> str:
+    """One line on a run that failed or diverged: ``bn_bs4 failed: <its error>`` or ``bn_bs4
+    diverged at step 12``."""
+    if record.get("status") == DIVERGED:
+        return f"{name} diverged at step {record.get('diverged_at_step', '?')}"
+    return f"{name} failed: {record.get('error') or 'no error recorded'}"

@@ -1,5 +1,9 @@
 """The run record in every Lightning mode a user may set: each run ends with its true status,
-in its own directory, and writes nothing outside it. Run from the console script, as users run it.
+in its own directory, and writes nothing outside it; the sweep says which runs failed or
+diverged and exits 1. Run from the console script, as users run it.
+
+Ctrl-C (status ``interrupted``, exit 130) is test_sweep.py's
+test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes.
 """
 
 from __future__ import annotations
@@ -10,11 +14,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from quick_configs import mnist_config
+from test_sweep import quick_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 BASE = mnist_config("bn", 16)
+
+# name -> (its settings, the status it ends with, its optimizer steps). Every run has 8 batches
+# of 16 fake images per epoch, limited to 2 (limit_train_batches), and 2 epochs.
+MODES = {
+    "fast_dev_run": ({"trainer.fast_dev_run": True}, "finished", 1),
+    "limit_fraction": ({"trainer.limit_train_batches": 0.25, "trainer.limit_val_batches": 0}, "finished", 4),
+    "overfit_batches": ({"trainer.overfit_batches": 1}, "finished", 2),
+    "max_steps": ({"trainer.max_steps": 3}, "finished", 3),
+    "max_time": ({"trainer.max_time": "00:00:00:00"}, "finished", 0),
+    "no_logger": ({"trainer.logger": False}, "finished", 4),
+    "callback_raises": ({"trainer.callbacks": [{"class_path": "killer.RaiseAtStep", "init_args": {"step": 1}}]},
+                        "failed", 1),
+    "diverges": ({"model.norm": "none", "model.optimizer.init_args.lr": 1.0e30}, "diverged", None),
+}  # fmt: skip
 
 
 def _env() -> dict[str, str]:
@@ -42,3 +62,41 @@ def test_fast_dev_run_alone_records_its_run_in_its_own_directory(fake_data, tmp_
     record = json.loads((work / "lightning_logs/mnist_bn_bs16/version_0/metrics.json").read_text())
     assert record["status"] == "finished" and record["global_step"] == 1
     assert record["config"]["model"]["norm"] == "bn" and record["config"]["trainer"]["fast_dev_run"] is True
+
+
+def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_so(fake_data, tmp_path):
+    grid = {"mode": {name: settings for name, (settings, _, _) in MODES.items()}}
+    config = tmp_path / "modes.yaml"
+    config.write_text(yaml.safe_dump({"base": BASE, "overrides": quick_overrides(fake_data), "grid": grid}))
+    args = ["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"]
+    done = _normbench(tmp_path / "cwd", *args)
+    assert done.returncode == 1, done.stderr[-3000:]
+    sweep_dir = tmp_path / "out" / "modes"
+    for name, (_, status, steps) in MODES.items():
+        record = json.loads((sweep_dir / "lightning_logs" / name / "version_0" / "metrics.json").read_text())
+        assert record["status"] == status, (name, record.get("error"))
+        assert record["attempts"][-1]["ended"] >= record["attempts"][-1]["started"], name
+        if steps is not None:
+            assert record["global_step"] == steps, name
+        assert record["config"]["model"]["net"] == "seed_cnn", name  # its config, also without config.yaml
+    diverged = json.loads((sweep_dir / "lightning_logs/diverges/version_0/metrics.json").read_text())
+    # One line per run that failed or diverged, then the summary, which counts them truly.
+    lines = done.stderr.splitlines()
+    assert [x for x in lines if x.startswith("sweep: ") and ("failed" in x or "diverged" in x)] == [
+        "sweep: callback_raises failed: RuntimeError: callback bug at step 1",
+        f"sweep: diverges diverged at step {diverged['diverged_at_step']}",
+    ]
+    assert json.loads(lines[-1]) == {"diverged": 1, "failed": 1, "finished": 6}
+    # Nothing outside the runs' own directories: the sweep's metadata, its claims, its HParams
+    # summary at the logs' root; no checkpoints/ or config.yaml shared by the runs.
+    outside = [f for f in _files(sweep_dir) if not f.startswith(("lightning_logs/", "claims/")) and f != "sweep.json"]
+    outside += [f for f in _files(sweep_dir / "lightning_logs") if "/version_0/" not in f and "tfevents" not in f]
+    assert outside == [] and _files(tmp_path / "cwd") == []
+    assert not (sweep_dir / "lightning_logs" / "fast_dev_run" / "version_0" / "checkpoints").exists()
+    assert (sweep_dir / "lightning_logs" / "no_logger" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+    # An exploratory sweep accepts its failures: the failed run runs again, fails again, and is
+    # said; the exit status is 0.
+    again = _normbench(tmp_path / "cwd", *args, "--allow_failures", "true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep: callback_raises failed: RuntimeError: callback bug at step 1" in again.stderr.splitlines()

@@ -111,11 +111,17 @@ def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
 # --------------------------------------------------------------------------- running
 
 
-def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path):
+def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path, capsys):
     grid = {"norm": {"bn": {"model.norm": "bn"}, "gn5": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 5}}},
             "data.batch_size": [4, 8]}  # fmt: skip
     config = write_sweep(tmp_path / "tiny.yaml", fake_data, grid)
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    assert exit_info.value.code == 1  # runs failed: a script can tell
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("sweep: gn5")]
+    assert [line.split(" failed: ")[0] for line in said] == ["sweep: gn5_bs4", "sweep: gn5_bs8"], err
+    assert all("num_groups=5 does not divide" in line for line in said) and err[-1] == '{"failed": 2, "finished": 2}'
     found = records(tmp_path / "out" / "tiny")
     assert sorted(found) == ["bn_bs4", "bn_bs8", "gn5_bs4", "gn5_bs8"]
     for name, (record,) in found.items():
@@ -129,8 +135,13 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path)
             assert record["status"] == "failed" and "num_groups=5 does not divide" in record["error"]
         assert record["sweep"]["cell"] == name
     # Run again: everything finished or failed is final for finished runs, failed ones are retried.
-    mtimes = {f: f.stat().st_mtime for f in (tmp_path / "out" / "tiny").rglob("events.out.tfevents*")}
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    # The runs' own event files (the sweep's HPARAMS summary at the logs' root is rewritten each time).
+    runs_events = (tmp_path / "out" / "tiny").glob("lightning_logs/*/*/events.out.tfevents*")
+    mtimes = {f: f.stat().st_mtime for f in runs_events}
+    # An exploratory sweep accepts its failures: they are said, and it exits 0.
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1",
+          "--allow_failures", "true"])  # fmt: skip
+    assert sum(line.startswith("sweep: gn5") for line in capsys.readouterr().err.splitlines()) == 2
     assert {f: f.stat().st_mtime for f in mtimes} == mtimes  # finished runs were not retrained
     report = main(["report", str(tmp_path / "out" / "tiny")])
     text = (tmp_path / "out" / "tiny" / "report" / "report.md").read_text()
@@ -359,15 +370,18 @@ def test_sweep_help_shows_threads_per_run(capsys):
     assert "--threads_per_run THREADS_PER_RUN torch threads per run, each pinned to cores of its own on CPU" in text
 
 
-def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_path):
+def test_a_diverging_run_stops_is_recorded_and_the_sweep_goes_on(fake_data, tmp_path, capsys):
     grid = {"lr": {"ok": {"model.optimizer.init_args.lr": 0.001}, "huge": {"model.optimizer.init_args.lr": 1.0e30}}}
     config = write_sweep(tmp_path / "div.yaml", fake_data, grid)
     overrides = yaml.safe_load(config.read_text())
     overrides["overrides"].update({"model.norm": "none", "trainer.limit_train_batches": 8, "trainer.max_epochs": 3})
     config.write_text(yaml.safe_dump(overrides))
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"])
+    assert exit_info.value.code == 1
     found = records(tmp_path / "out" / "div")
     ok, huge = found["ok"][0], found["huge"][0]
+    assert f"sweep: huge diverged at step {huge['diverged_at_step']}" in capsys.readouterr().err.splitlines()
     assert ok["status"] == "finished" and ok["global_step"] == 24
     assert huge["status"] == "diverged"
     # It stopped at the first non-finite loss (checked every step on CPU), not at the end.
