@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,9 +211,39 @@ def test_the_report_states_the_budget_its_runs_held_and_never_mixes_two(tmp_path
     assert "several budgets (steps, study)" in err[0] and "report each sweep on its own" in err[0]
 
 
-def test_report_refuses_an_empty_folder(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics.json run records"):
-        main(["report", str(tmp_path)])
+@pytest.mark.parametrize("holds", ["nothing", "a torn record"])
+def test_report_refuses_a_folder_without_readable_records_in_one_line(tmp_path, capsys, holds):
+    (tmp_path / "sweep" / "lightning_logs").mkdir(parents=True)
+    if holds == "a torn record":
+        record(tmp_path / "sweep" / "lightning_logs", best=0.5)
+        torn = next((tmp_path / "sweep").rglob("metrics.json"))
+        torn.write_text(torn.read_text()[:40])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "sweep")])
+    assert exit_info.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("normbench: error:")]
+    assert str(tmp_path / "sweep") in line
+    assert ("no run records (metrics.json) under" if holds == "nothing" else "no readable run record under") in line
+    assert not (tmp_path / "sweep" / "report").exists()
+
+
+def test_a_torn_record_is_named_and_the_report_made_from_the_others(tmp_path):
+    # From the console script: exit status 0, a report of the good records, the torn one named.
+    for seed, best in enumerate([0.50, 0.60, 0.70]):
+        record(tmp_path / "sweep", seed=seed, best=best)
+    record(tmp_path / "sweep", seed=3, best=0.99)
+    torn = next(tmp_path.glob("sweep/*seed3*/version_0/metrics.json"))
+    torn.write_text(torn.read_text()[:100])  # as a copy cut short leaves it
+    cmd = [sys.executable, "-m", "normbench", "report", str(tmp_path / "sweep"), "--out", str(tmp_path / "rep")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [x for x in done.stderr.splitlines() if "cannot be read" in x]
+    assert line.startswith(f"report: {torn} cannot be read, left out: not valid JSON (")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "from 3 run records (3 finished)" in text and "1 record file could not be read and is left out" in text
+    assert f"## Record files that could not be read\n\n- `{torn}`: not valid JSON (" in text
+    rows = list(csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").open()))
+    assert [(r["n"], r["mean"]) for r in rows] == [("3", "60.0000")]  # the torn 99% is in no mean
 
 
 # --------------------------------------------------------------------------- study 1: per-iteration figures

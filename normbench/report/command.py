@@ -3,6 +3,10 @@
 It reads ``metrics.json`` run records only and never retrains. Every figure is a mean +- the
 sample standard deviation over seeds, with n; failed and diverged runs are counted as such and
 never enter a mean as 0%.
+
+Exit status: 0 when a report was written, also when some record files could not be read (a
+truncated ``metrics.json``): the report is made from the others and names those files, in
+report.md and one line each on stderr; 2 when there is no readable run record under the paths.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
 from normbench.report.figures import STUDY2_NOTE, plots, study1_sections, study2_figure
-from normbench.report.records import CONTEXT, Run, find_runs
+from normbench.report.records import CONTEXT, Run, Unreadable, read_runs
 from normbench.report.tables import (
     LEARNED,
     aggregate,
@@ -95,14 +100,19 @@ def _sweep_lines(paths: list[str]) -> list[str]:
     lines = []
     for p in map(Path, paths):
         for meta in sorted(p.rglob("sweep*.json")) if p.is_dir() else []:
-            info = json.loads(meta.read_text())
+            try:
+                info = json.loads(meta.read_text())
+            except (OSError, ValueError) as err:  # a torn sweep.json loses its line, not the report
+                lines.append(f"- `{meta}` cannot be read ({err})")
+                continue
             lines.append(f"- sweep `{info.get('name')}`: `{info.get('command', '')}`; "
                          f"base `{Path(info.get('base', '')).name}`"
                          f", for every run: `{json.dumps(info.get('overrides', {}))}`")  # fmt: skip
     return lines
 
 
-def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, reference: str | None = None) -> Path:
+def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, reference: str | None = None,
+                 unreadable: Sequence[Unreadable] = ()) -> Path:  # fmt: skip
     """Write report.md, best_accuracy.csv and the plots into ``out``; return report.md's path.
 
     Args:
@@ -111,6 +121,7 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         inputs: the sweep or run directories the records came from.
         command: the command that made the report, as it is stated in it.
         reference: a folder of study 1's published figures to put beside ours.
+        unreadable: the record files under ``inputs`` that could not be read, listed in the report.
     """
     out.mkdir(parents=True, exist_ok=True)
     status = defaultdict(int)
@@ -123,6 +134,8 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         (
             f"Made by `{command}` from {len(runs)} run records "
             f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); it reads records and never retrains."
+            + (f" {len(unreadable)} record file{'s' * (len(unreadable) != 1)} could not be read and "
+               f"{'are' if len(unreadable) != 1 else 'is'} left out (listed below)." if unreadable else "")
         ),
         (
             f"Accuracy is the best {what} accuracy over the evaluations of a run (every epoch, or every "
@@ -194,6 +207,9 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
     if broken:
         lines += ["", "## Runs that did not finish", ""]
         lines += [f"- `{Path(r.path).parent.name}`: {r.status}" for r in broken]
+    if unreadable:
+        lines += ["", "## Record files that could not be read", ""]
+        lines += [f"- `{u.path}`: {u.reason}" for u in unreadable]
     written = plots(runs, out)
     if written:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in written]
@@ -207,10 +223,15 @@ def _fmt(x: float | None) -> str:
 
 
 def report(args: list[str] | None = None) -> Path:
-    """``normbench report <sweep or run dirs> [--out DIR]``.
+    """``normbench report <sweep or run dirs> [--out DIR]``: the report of the readable records,
+    naming the unreadable ones (exit status 0).
 
     Args:
         args: command-line arguments after ``report``.
+
+    Raises:
+        FileNotFoundError: no run record under the paths (a user error: exit status 2).
+        ValueError: run records there, none of them readable (exit status 2).
     """
     parser = ArgumentParser(prog="normbench report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", type=str, nargs="+", help="sweep directories, run directories or records")
@@ -219,13 +240,20 @@ def report(args: list[str] | None = None) -> Path:
                         help="folder of study 1's published figures (bs-B-dataset-D.png) "
                         "to show beside ours")  # fmt: skip
     cfg = parser.parse_args(args)
-    runs = find_runs(cfg.paths)
+    runs, unreadable = read_runs(cfg.paths)
+    for u in unreadable:
+        print(f"report: {u.path} cannot be read, left out: {u.reason}", file=sys.stderr)
+    where = " ".join(cfg.paths)
+    if not runs and unreadable:
+        raise ValueError(f"no readable run record under {where}: its {len(unreadable)} {RECORD} files cannot be "
+                         "read (listed above); rerun their runs or pass other directories")  # fmt: skip
     if not runs:
-        raise SystemExit(f"no {RECORD} run records under {' '.join(cfg.paths)}; pass a sweep or run directory")
+        raise FileNotFoundError(f"no run records ({RECORD}) under {where}; pass a sweep directory, a run directory "
+                                f"or a {RECORD}")  # fmt: skip
     out = Path(cfg.out) if cfg.out else Path(cfg.paths[0]) / "report"
     command = "normbench report " + " ".join(sys.argv[2:] if args is None else args)
     if cfg.reference and not Path(cfg.reference).is_dir():
         raise FileNotFoundError(f"--reference {cfg.reference} is not a folder; pass the folder of the study's PNGs")
-    path = write_report(runs, out, cfg.paths, command, cfg.reference)
+    path = write_report(runs, out, cfg.paths, command, cfg.reference, unreadable)
     print(f"wrote {path}")
     return path

@@ -161,9 +161,14 @@ class Run:
         return tuple(getattr(self, k) for k in CONTEXT)
 
 
-def load_run(path: Path) -> Run:
-    """A ``Run`` from one record; failed runs fall back on their sweep cell's values."""
-    record = json.loads(path.read_text())
+def load_run(path: Path, record: dict | None = None) -> Run:
+    """A ``Run`` from one record; failed runs fall back on their sweep cell's values.
+
+    Args:
+        path: the record's file.
+        record: its content, when read already (None: read ``path``).
+    """
+    record = json.loads(path.read_text()) if record is None else record
     config = record.get("config") or {}
     model, data = config.get("model", {}), config.get("data", {})
     init = data.get("init_args", {})
@@ -238,8 +243,19 @@ def _config_lr(model: dict) -> float | None:
     return (optimizer.get("init_args") or {}).get("lr") if isinstance(optimizer, dict) else None
 
 
-def find_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Every run record under ``paths`` (sweep directories, run directories or record files)."""
+@dataclass
+class Unreadable:
+    """A record file the report cannot read, and why (``not valid JSON (Expecting value: ...)``)."""
+
+    path: str
+    reason: str
+
+
+def read_runs(paths: Iterable[str | Path]) -> tuple[list[Run], list[Unreadable]]:
+    """Every run record under ``paths`` (sweep directories, run directories or record files),
+    and apart from them the record files that cannot be read: a truncated or otherwise invalid
+    JSON file, one that is not a JSON object or not a run record. One bad file loses no other.
+    """
     files: set[Path] = set()
     for p in map(Path, paths):
         if p.is_file():
@@ -248,4 +264,34 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             files.update(p.rglob(RECORD))
         else:
             raise FileNotFoundError(f"{p} does not exist; pass sweep or run directories")
-    return [load_run(f) for f in sorted(files)]
+    runs, unreadable = [], []
+    for f in sorted(files):
+        try:
+            record = json.loads(f.read_text())
+        except UnicodeDecodeError:
+            unreadable.append(Unreadable(str(f), "not UTF-8 text"))
+            continue
+        except ValueError as err:  # json.JSONDecodeError: a truncated file among them
+            unreadable.append(Unreadable(str(f), f"not valid JSON ({err})"))
+            continue
+        except OSError as err:
+            unreadable.append(Unreadable(str(f), f"cannot be opened ({err.strerror or err})"))
+            continue
+        if not isinstance(record, dict):
+            unreadable.append(Unreadable(str(f), f"not a run record: a JSON {type(record).__name__}, not an object"))
+            continue
+        try:
+            runs.append(load_run(f, record))
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            reason = f"not a run record as normbench writes it ({type(err).__name__}: {err})"
+            unreadable.append(Unreadable(str(f), reason))
+    return runs, unreadable
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run record under ``paths`` (``read_runs``); a record that cannot be read is an error
+    that names its file."""
+    runs, unreadable = read_runs(paths)
+    if unreadable:
+        raise ValueError(f"run record {unreadable[0].path} cannot be read: {unreadable[0].reason}")
+    return runs
