@@ -1,57 +1,32 @@
 """LightningDataModules for MNIST, FashionMNIST, CIFAR-10 and CIFAR-100 over torchvision's datasets.
 
-One base class, ``ImageDataModule``, holds all the logic; each dataset is a subclass that only sets
-class attributes. ``prepare_data`` is the one place that may download; ``setup`` reads files already
-on disk, so every rank builds the same datasets without touching the network.
+One base class, ``ImageDataModule``, holds the logic; each dataset is a subclass that names its
+``DatasetSpec`` (``normbench.datasets``: the dataset's facts as data). ``prepare_data`` is the one
+place that may download; ``setup`` reads files already on disk, so every rank builds the same
+datasets without touching the network.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, random_split
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torchvision import datasets, transforms
-from torchvision.datasets.utils import check_integrity
 
-from normbench.errors import DatasetNotFoundError, first_line
-from normbench.loaders import InMemoryLoader
-
-
-class TransformedSubset(Dataset):
-    """The items of ``dataset`` at ``indices``, with ``transform`` applied to the image.
-
-    Train and validation views of one training set need different transforms (only training is
-    augmented); views over one untransformed dataset share a single copy of the images.
-
-    Args:
-        dataset: a dataset of (image, target) pairs.
-        indices: positions in ``dataset``, in the order this view yields them.
-        transform: applied to each image.
-    """
-
-    def __init__(self, dataset: Dataset, indices: list[int], transform: Callable[[Any], Any]) -> None:
-        self.dataset = dataset
-        self.indices = list(indices)
-        self.transform = transform
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image, target = self.dataset[self.indices[index]]
-        return self.transform(image), target
-
-    def __len__(self) -> int:
-        return len(self.indices)
+from normbench.datasets import SPECS, DatasetSpec, TransformedSubset, open_dataset
+from normbench.loaders import InMemoryLoader, memory_loader, torch_loader
+from normbench.options import check_restricted
 
 
 class ImageDataModule(LightningDataModule):
     """Train, validation and test loaders for one torchvision image-classification dataset.
 
-    Subclasses set the class attributes below and nothing else.
+    Subclasses set ``spec`` and nothing else; its fields are class attributes too (``name``,
+    ``num_classes``, ``in_channels``, ...).
 
     Args:
         data_dir: folder that holds (or receives) the dataset's files, in torchvision's layout.
@@ -83,57 +58,53 @@ class ImageDataModule(LightningDataModule):
             step sees ``batch_size`` images.
     """
 
-    name: str
-    dataset_cls: type[datasets.VisionDataset]
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    # Whether ``augment=True`` applies random crop and flip to this dataset.
-    augmentable: bool = False
+    spec: ClassVar[DatasetSpec]
+    name: ClassVar[str]
+    dataset_cls: ClassVar[type[datasets.VisionDataset]]
+    num_classes: ClassVar[int]
+    in_channels: ClassVar[int]
+    image_size: ClassVar[int]
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+    augmentable: ClassVar[bool] = False  # whether ``augment=True`` applies random crop and flip
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:  # the spec's facts as class attributes, as Lightning and the CLI read them
+            for field in ("name", "dataset_cls", "num_classes", "in_channels", "image_size", "mean", "std",
+                          "augmentable"):  # fmt: skip
+                setattr(cls, field, getattr(spec, field))
 
     def __init__(
         self,
         data_dir: str = "data",
         download: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt | None = None,
         val_split: float = 0.0,
         split_seed: int = 0,
-        num_workers: int = 2,
+        num_workers: NonNegativeInt = 2,
         normalization: Literal["half", "dataset", "none"] = "half",
         augment: bool = False,
-        train_subset: int | None = None,
-        test_subset: int | None = None,
+        train_subset: PositiveInt | None = None,
+        test_subset: PositiveInt | None = None,
         in_memory: bool = True,
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}; set --data.batch_size to a positive integer")
-        if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(
-                f"eval_batch_size must be >= 1 or null, got {eval_batch_size}; "
-                "set --data.eval_batch_size to a positive integer or null"
-            )
+        check_restricted(ImageDataModule.__init__, locals(), "data")
+        # Plain ints from here on: jsonargparse's restricted types are int subclasses that
+        # hparams.yaml would tag.
+        batch_size, num_workers = int(batch_size), int(num_workers)
+        eval_batch_size, train_subset, test_subset = (
+            None if v is None else int(v) for v in (eval_batch_size, train_subset, test_subset)
+        )
         if not 0.0 <= val_split < 1.0:
             raise ValueError(
                 f"val_split must be in [0, 1), got {val_split}; "
                 "use 0 to validate on the test split or a fraction such as 0.1 of the training set"
             )
-        if train_subset is not None and train_subset < 1:
-            raise ValueError(
-                f"train_subset must be >= 1 or null, got {train_subset}; "
-                "set --data.train_subset to a positive integer or null for the whole training set"
-            )
-        if test_subset is not None and test_subset < 1:
-            raise ValueError(
-                f"test_subset must be >= 1 or null, got {test_subset}; "
-                "set --data.test_subset to a positive integer or null for the whole test split"
-            )
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}; use 0 to load data in the main process")
         if normalization not in ("half", "dataset", "none"):
             raise ValueError(f"normalization must be 'half', 'dataset' or 'none', got {normalization!r}")
         # Logged by RunRecorder with the experiment's variables first, not Lightning's raw dump.
@@ -180,65 +151,8 @@ class ImageDataModule(LightningDataModule):
             steps += [transforms.RandomCrop(self.image_size, padding=4), transforms.RandomHorizontalFlip()]
         return transforms.Compose([*steps, transforms.ToTensor(), *self._normalize()])
 
-    # -- files -------------------------------------------------------------------------------
-
-    def _expected_files(self) -> tuple[str, list[str], str]:
-        """(folder, the file names torchvision reads there, how to put them there)."""
-        cls = self.dataset_cls
-        if issubclass(cls, datasets.MNIST):
-            # torchvision reads the extracted files; the .gz archives are only a download cache.
-            folder = os.path.join(self.data_dir, cls.__name__, "raw")
-            files = [os.path.splitext(name)[0] for name, _ in cls.resources]
-            return folder, files, f"gunzip {cls.resources[0][0]} and the other .gz archives there"
-        folder = os.path.join(self.data_dir, cls.base_folder)
-        files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        return folder, files, f"extract {cls.filename} into {self.data_dir}"
-
-    def _not_found(self, reason: str) -> DatasetNotFoundError:
-        folder, files, fix = self._expected_files()
-        missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
-        subfolder = os.path.relpath(folder, self.data_dir)
-        if not missing:
-            return DatasetNotFoundError(
-                f"{self.dataset_cls.__name__} files in {folder} are corrupted or truncated ({reason}); delete "
-                f"{subfolder} and run again with --data.download true, or copy intact files there"
-            )
-        return DatasetNotFoundError(
-            f"{self.dataset_cls.__name__} not found: missing {', '.join(missing)} in {folder} ({reason}); {fix}, "
-            f"set --data.data_dir to a folder that holds {subfolder}, or set --data.download true on a machine "
-            "with network"
-        )
-
-    def _check_archives(self) -> None:
-        """The MNIST family's .gz archives against their md5, where torchvision would extract them."""
-        if not issubclass(self.dataset_cls, datasets.MNIST):
-            return
-        folder, files, _ = self._expected_files()
-        if all(os.path.isfile(os.path.join(folder, name)) for name in files):
-            return  # torchvision reads the extracted files, not the archives
-        for name, md5 in self.dataset_cls.resources:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and not check_integrity(path, md5):
-                raise DatasetNotFoundError(
-                    f"{self.dataset_cls.__name__} archive {path} fails its md5 check (corrupted or truncated); "
-                    "delete it and run again with --data.download true, or copy an intact copy there"
-                )
-
     def _open(self, train: bool, download: bool, transform: Callable[[Any], Any] | None) -> Dataset:
-        if download:
-            self._check_archives()
-        try:
-            return self.dataset_cls(self.data_dir, train=train, transform=transform, download=download)
-        # torchvision raises RuntimeError for missing or corrupted files and URLError/OSError for a
-        # failed download; both become one short message that says which files and where. Reading a
-        # truncated file fails with a RuntimeError or ValueError from the decoder.
-        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
-            line = first_line(err)
-            if not download:
-                reason = f"download=False; {line}" if "not found" not in line.lower() else "download=False"
-            else:
-                reason = f"download failed: {line}"
-            raise self._not_found(reason) from None
+        return open_dataset(self.spec, self.data_dir, train, download, transform)
 
     # -- LightningDataModule hooks -----------------------------------------------------------
 
@@ -291,70 +205,22 @@ class ImageDataModule(LightningDataModule):
         self.train_set = TransformedSubset(full, [indices[i] for i in train_part.indices], self.train_transform())
         self.val_set = TransformedSubset(full, [indices[i] for i in val_part.indices], self.eval_transform())
 
-    def _shard(self, sharded: bool) -> tuple[int, int]:
-        """(rank, world size) a loader takes its share for: the trainer's, or (0, 1) unsharded."""
-        trainer = self.trainer
-        if not sharded or trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
     def _loader(
         self, dataset: Dataset | None, batch_size: int, shuffle: bool, sharded: bool = True
     ) -> DataLoader | InMemoryLoader:
+        """The loader of one split: in memory or over torchvision transforms, this rank's share
+        (``sharded``) or every image as one device sees them."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        if self.in_memory:
-            return self._memory_loader(dataset, batch_size, shuffle, sharded)
-        rank, world_size = self._shard(sharded)
-        sampler = None
-        if not shuffle and world_size > 1:
-            # Lightning's own DistributedSampler would pad the shards to equal length and count
-            # some images twice; this one gives each rank every world_size-th image, no padding.
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=shuffle and self.drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def _as_tensors(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 (N, C, H, W), int64 (N,)) of a torchvision dataset, read once from its arrays."""
-        if id(dataset) not in self._tensors:
-            data = torch.as_tensor(dataset.data)
-            data = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # MNIST (N,H,W), CIFAR (N,H,W,C)
-            self._tensors[id(dataset)] = data.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
-        return self._tensors[id(dataset)]
-
-    def _memory_loader(self, dataset: Dataset, batch_size: int, train: bool, sharded: bool = True) -> InMemoryLoader:
-        base, indices = (
-            (dataset.dataset, dataset.indices) if isinstance(dataset, TransformedSubset) else (dataset, None)
-        )
-        images, targets = self._as_tensors(base)
-        if indices is not None:
-            index = torch.as_tensor(indices, dtype=torch.long)
-            images, targets = images[index], targets[index]
         trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if sharded and trainer is not None else (0, 1)
+        drop_last = shuffle and self.drop_last
+        if not self.in_memory:
+            return torch_loader(dataset, batch_size, shuffle, rank, world_size, self.num_workers, drop_last)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        mean, std = self._mean_std()
-        rank, world_size = self._shard(sharded)
-        return InMemoryLoader(
-            images.to(device),
-            targets.to(device),
-            batch_size,
-            shuffle=train,
-            mean=mean,
-            std=std,
-            augment=train and self.augment and self.augmentable,
-            seed=torch.initial_seed(),
-            rank=rank,
-            world_size=world_size,
-            drop_last=train and self.drop_last,
-        )
+        augment = shuffle and self.augment and self.augmentable
+        return memory_loader(dataset, self._tensors, batch_size, shuffle, device, *self._mean_std(), augment,
+                             rank, world_size, drop_last)  # fmt: skip
 
     def _eval_batch_size(self) -> int:
         if self.eval_batch_size is not None:
@@ -398,51 +264,25 @@ class ImageDataModule(LightningDataModule):
 class MNISTDataModule(ImageDataModule):
     """MNIST digits: 1 x 28 x 28, 10 classes, 60k train / 10k test."""
 
-    name = "mnist"
-    dataset_cls = datasets.MNIST
-    num_classes = 10
-    in_channels = 1
-    image_size = 28
-    mean = (0.1307,)
-    std = (0.3081,)
+    spec = SPECS["mnist"]
 
 
 class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST garments: 1 x 28 x 28, 10 classes, 60k train / 10k test."""
 
-    name = "fashion_mnist"
-    dataset_cls = datasets.FashionMNIST
-    num_classes = 10
-    in_channels = 1
-    image_size = 28
-    mean = (0.2860,)
-    std = (0.3530,)
+    spec = SPECS["fashion_mnist"]
 
 
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10: 3 x 32 x 32, 10 classes, 50k train / 10k test."""
 
-    name = "cifar10"
-    dataset_cls = datasets.CIFAR10
-    num_classes = 10
-    in_channels = 3
-    image_size = 32
-    mean = (0.4914, 0.4822, 0.4465)
-    std = (0.2470, 0.2435, 0.2616)
-    augmentable = True
+    spec = SPECS["cifar10"]
 
 
 class CIFAR100DataModule(ImageDataModule):
     """CIFAR-100 with its 100 fine labels: 3 x 32 x 32, 50k train / 10k test."""
 
-    name = "cifar100"
-    dataset_cls = datasets.CIFAR100
-    num_classes = 100
-    in_channels = 3
-    image_size = 32
-    mean = (0.5071, 0.4865, 0.4409)
-    std = (0.2673, 0.2564, 0.2762)
-    augmentable = True
+    spec = SPECS["cifar100"]
 
 
 DATAMODULES: dict[str, type[ImageDataModule]] = {

@@ -4,6 +4,8 @@
 Both follow the part of the DataLoader protocol Lightning uses (``DeviceLoader``): a length,
 iteration, ``sampler.set_epoch`` for the epoch's order and no ``batch_sampler``. Lightning does
 not prefetch from loaders that have a length, so batches handed out are batches trained on.
+``torch_loader`` and ``memory_loader`` build a data module's loaders, over torchvision
+transforms or in memory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from normbench.datasets import TransformedSubset
 
 
 class DeviceLoader:
@@ -212,3 +218,52 @@ class PackedLoader(DeviceLoader):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batches in zip(*self.loaders):
             yield torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
+
+
+# -- the loaders a data module hands Lightning ---------------------------------------------
+
+
+def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
+                 drop_last: bool) -> DataLoader:  # fmt: skip
+    """A DataLoader over torchvision transforms; an evaluation loader on several ranks gives each
+    rank every world_size-th image, without padding."""
+    sampler = None
+    if not shuffle and world_size > 1:
+        # Lightning's own DistributedSampler would pad the shards to equal length and count
+        # some images twice; this one gives each rank every world_size-th image, no padding.
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def as_tensors(dataset: Dataset, cache: dict) -> tuple[Tensor, Tensor]:
+    """(uint8 (N, C, H, W), int64 (N,)) of a torchvision dataset, read once from its arrays and
+    kept in ``cache``."""
+    if id(dataset) not in cache:
+        data = torch.as_tensor(dataset.data)
+        data = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # MNIST (N,H,W), CIFAR (N,H,W,C)
+        cache[id(dataset)] = data.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+    return cache[id(dataset)]
+
+
+def memory_loader(dataset: Dataset, cache: dict, batch_size: int, train: bool, device: torch.device,
+                  mean: tuple[float, ...], std: tuple[float, ...], augment: bool, rank: int, world_size: int,
+                  drop_last: bool) -> InMemoryLoader:  # fmt: skip
+    """An ``InMemoryLoader`` over a torchvision dataset or a ``TransformedSubset`` of one, its
+    images on ``device``."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, TransformedSubset) else (dataset, None)
+    images, targets = as_tensors(base, cache)
+    if indices is not None:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images, targets = images[index], targets[index]
+    return InMemoryLoader(images.to(device), targets.to(device), batch_size, shuffle=train, mean=mean, std=std,
+                          augment=augment, seed=torch.initial_seed(), rank=rank, world_size=world_size,
+                          drop_last=drop_last)  # fmt: skip

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torchvision.datasets import cifar, mnist
 
-from normbench.data import DATAMODULES, DatasetNotFoundError, ImageDataModule
+from normbench.data import DATAMODULES, ImageDataModule
+from normbench.errors import DatasetNotFoundError
 
 N_TRAIN, N_TEST = 128, 64
 NAMES = list(DATAMODULES)
@@ -230,12 +231,14 @@ def test_real_md5_check_rejects_fake_cifar(written, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize(
     ("kwargs", "shown"),
     [
-        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-        ({"eval_batch_size": 0}, "eval_batch_size must be >= 1 or null, got 0"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0; set --data.batch_size"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be a positive integer or null, got 0"),
+        ({"batch_size": True}, "batch_size must be a positive integer, got True"),
         ({"val_split": 1.0}, "got 1.0"),
         ({"val_split": -0.1}, "got -0.1"),
-        ({"train_subset": 0}, "train_subset must be >= 1 or null, got 0"),
-        ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"train_subset": 0}, "train_subset must be a positive integer or null, got 0"),
+        ({"test_subset": 0}, "test_subset must be a positive integer or null, got 0"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_arguments(kwargs: dict, shown: str) -> None:

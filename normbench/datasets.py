@@ -1,0 +1,146 @@
+"""The datasets normbench trains on, as data: what each one is (``DatasetSpec``), the files
+torchvision reads for it, and opening it with a one-line error that says which files are
+missing where and how to put them there."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
+
+from normbench.errors import DatasetNotFoundError, first_line
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One torchvision image-classification dataset.
+
+    Args:
+        name: the registry name (``dataset:`` in configs).
+        dataset_cls: the torchvision dataset; its class lists the files and their md5.
+        num_classes: classes.
+        in_channels: image channels.
+        image_size: image height and width.
+        mean: the per-channel mean of its training images (``normalization: dataset``).
+        std: their per-channel standard deviation.
+        augmentable: whether ``augment: true`` applies random crop and flip to it.
+    """
+
+    name: str
+    dataset_cls: type[datasets.VisionDataset]
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augmentable: bool = False
+
+
+SPECS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("mnist", datasets.MNIST, 10, 1, 28, (0.1307,), (0.3081,)),
+        DatasetSpec("fashion_mnist", datasets.FashionMNIST, 10, 1, 28, (0.2860,), (0.3530,)),
+        DatasetSpec("cifar10", datasets.CIFAR10, 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+        DatasetSpec("cifar100", datasets.CIFAR100, 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                    True),  # fmt: skip
+    )
+}
+
+
+class TransformedSubset(Dataset):
+    """The items of ``dataset`` at ``indices``, with ``transform`` applied to the image.
+
+    Train and validation views of one training set need different transforms (only training is
+    augmented); views over one untransformed dataset share a single copy of the images.
+
+    Args:
+        dataset: a dataset of (image, target) pairs.
+        indices: positions in ``dataset``, in the order this view yields them.
+        transform: applied to each image.
+    """
+
+    def __init__(self, dataset: Dataset, indices: list[int], transform: Callable[[Any], Any]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.dataset[self.indices[index]]
+        return self.transform(image), target
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def expected_files(spec: DatasetSpec, data_dir: str) -> tuple[str, list[str], str]:
+    """(folder, the file names torchvision reads there, how to put them there)."""
+    cls = spec.dataset_cls
+    if issubclass(cls, datasets.MNIST):
+        # torchvision reads the extracted files; the .gz archives are only a download cache.
+        folder = os.path.join(data_dir, cls.__name__, "raw")
+        files = [os.path.splitext(name)[0] for name, _ in cls.resources]
+        return folder, files, f"gunzip {cls.resources[0][0]} and the other .gz archives there"
+    folder = os.path.join(data_dir, cls.base_folder)
+    files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return folder, files, f"extract {cls.filename} into {data_dir}"
+
+
+def not_found(spec: DatasetSpec, data_dir: str, reason: str) -> DatasetNotFoundError:
+    """The error for files that are missing, or present and unreadable."""
+    folder, files, fix = expected_files(spec, data_dir)
+    missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+    subfolder = os.path.relpath(folder, data_dir)
+    name = spec.dataset_cls.__name__
+    if not missing:
+        return DatasetNotFoundError(
+            f"{name} files in {folder} are corrupted or truncated ({reason}); delete "
+            f"{subfolder} and run again with --data.download true, or copy intact files there"
+        )
+    return DatasetNotFoundError(
+        f"{name} not found: missing {', '.join(missing)} in {folder} ({reason}); {fix}, "
+        f"set --data.data_dir to a folder that holds {subfolder}, or set --data.download true on a machine "
+        "with network"
+    )
+
+
+def check_archives(spec: DatasetSpec, data_dir: str) -> None:
+    """The MNIST family's .gz archives against their md5, where torchvision would extract them."""
+    if not issubclass(spec.dataset_cls, datasets.MNIST):
+        return
+    folder, files, _ = expected_files(spec, data_dir)
+    if all(os.path.isfile(os.path.join(folder, name)) for name in files):
+        return  # torchvision reads the extracted files, not the archives
+    for name, md5 in spec.dataset_cls.resources:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not check_integrity(path, md5):
+            raise DatasetNotFoundError(
+                f"{spec.dataset_cls.__name__} archive {path} fails its md5 check (corrupted or truncated); "
+                "delete it and run again with --data.download true, or copy an intact copy there"
+            )
+
+
+def open_dataset(
+    spec: DatasetSpec, data_dir: str, train: bool, download: bool, transform: Callable[[Any], Any] | None
+) -> Dataset:
+    """torchvision's dataset of one split; missing or broken files are one ``DatasetNotFoundError``."""
+    if download:
+        check_archives(spec, data_dir)
+    try:
+        return spec.dataset_cls(data_dir, train=train, transform=transform, download=download)
+    # torchvision raises RuntimeError for missing or corrupted files and URLError/OSError for a
+    # failed download; both become one short message that says which files and where. Reading a
+    # truncated file fails with a RuntimeError or ValueError from the decoder.
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        line = first_line(err)
+        if not download:
+            reason = f"download=False; {line}" if "not found" not in line.lower() else "download=False"
+        else:
+            reason = f"download failed: {line}"
+        raise not_found(spec, data_dir, reason) from None
