@@ -80,9 +80,99 @@ def one_line(err: BaseException, data_modules: Iterable[str] = ()) -> str:
     return text[:600]
 
 
+# Types as a user reads them, by the name jsonargparse gives them in its errors.
+TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "bool": "true/false", "str": "text", "NoneType": "null",
+    "PositiveInt": "a positive integer", "NonNegativeInt": "an integer >= 0", "PositiveFloat": "a positive number",
+    "NonNegativeFloat": "a number >= 0", "ClosedUnitInterval": "a number from 0 to 1",
+    "OpenUnitInterval": "a number between 0 and 1", "dict": "a mapping", "list": "a list", "timedelta": "a duration",
+}  # fmt: skip
+
+
+def _words(names: list[str]) -> str | None:
+    """``an integer or null`` for jsonargparse's type names (or ``one of ...``); None when one
+    has no plain words."""
+    words = [n if n.startswith("one of ") else TYPE_WORDS.get(n) for n in names]
+    if not names or None in words:
+        return None
+    ordered = [w for w in words if w != "null"] + [w for w in words if w == "null"]
+    return " or ".join(dict.fromkeys(ordered))
+
+
+def _typed(where: str, value: str, names: list[str]) -> str | None:
+    """``key: 'abc' is not an integer or null``, or None."""
+    words = _words(names)
+    return None if words is None else f"{where}{value.strip()!r} is not {words}"
+
+
+# Alternatives a user cannot give on a command line, left out of what an option accepts.
+UNTYPABLE = {"Tensor"}
+
+
+def _subtypes(listing: str) -> list[str] | None:
+    """The type names of a Union's ``Subtypes: [...]`` (a Literal as ``one of a, b``), without
+    the untypable ones; None when one has no plain words (a class, say)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(listing + ","):
+        depth += ch in "[" and 1 or ch in "]" and -1 or 0
+        if ch == "," and depth == 0:
+            items.append(listing[start:i].strip())
+            start = i + 1
+    names, choices = [], []
+    for item in items:
+        literal = re.match(r"typing\.Literal\[(.*)\]$", item)
+        cls = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>$", item)
+        if literal:
+            if not choices:
+                names.append("")  # where the choices go
+            choices += [v.strip().strip("'") for v in literal.group(1).split(",")]
+        elif re.match(r"(dict|list)\[", item):
+            names.append(item.split("[")[0])
+        elif cls and cls.group(1) in UNTYPABLE:
+            continue
+        elif cls and cls.group(1) in TYPE_WORDS:
+            names.append(cls.group(1))
+        else:
+            return None
+    names = [n or "one of " + ", ".join(dict.fromkeys(choices)) for n in names]
+    return names or None
+
+
+def _type_error(text: str, data_modules: tuple[str, ...] = ()) -> str | None:
+    """A value of the wrong type, said in plain words with the option's whole key: the innermost
+    ``Parser key`` of jsonargparse's nested errors and what its type accepts; None for others."""
+    keys = re.findall(r'Parser key "([^"]+)": ', text)
+    if not keys:
+        return None
+    key = ".".join(dict.fromkeys(keys))
+    tail = text.rsplit(f'Parser key "{keys[-1]}": ', 1)[1]
+    union = re.search(r"Does not validate against any of the Union subtypes Subtypes: \[(.*?)\] Errors: .*? "
+                      r"Given value type: <class '[\w.]+'> Given value: (.*?)(?:\. Got value:| - |$)", tail)  # fmt: skip
+    if union:
+        names = _subtypes(union.group(1))
+        if names is not None:
+            return _typed(f"{key}: ", union.group(2), names)
+        if re.search(r"No module named|not accessible or invalid|class_path|expects a function or a callable", tail):
+            value = union.group(2).strip()
+            if key == "data" and data_modules:
+                return f"data: {value!r} is not a data module; use one of {', '.join(data_modules)}"
+            return f"{key}: {value!r} is not an importable class; give its full class path"
+        return None
+    typed = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*?)(?:\. Got value:| - |$)", tail)
+    if typed:
+        return _typed(f"{key}: ", typed.group(2), [typed.group(1)])
+    restricted = re.match(r"Not of type (\w+): (?:(\S+) does not conform|.*?: '([^']*)')", tail)
+    if restricted:
+        return _typed(f"{key}: ", restricted.group(2) or restricted.group(3) or "", [restricted.group(1)])
+    return None
+
+
 def _parse_error(text: str, data_modules: tuple[str, ...]) -> str:
     outer = re.match(r'Parser key "([^"]+)": ', text)
     key = outer.group(1) if outer else None
+    said = _type_error(text, data_modules)
+    if said:
+        return said
     if "Union subtypes" in text and "Errors: " in text:
         # One error per alternative type; the None alternative's is never the point.
         items = [i.strip() for i in re.split(r"(?:^| )- ", text.split("Errors: ", 1)[1]) if i.strip()]
@@ -102,7 +192,9 @@ def _parse_error(text: str, data_modules: tuple[str, ...]) -> str:
         return f"{where}{literal.group(2).strip()!r} is not one of {choices}"
     typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", text)
     if typed:
-        return f"{where}{typed.group(2).strip()!r} is not a valid {typed.group(1)}; give a value of that type"
+        said = _typed(where, typed.group(2), [typed.group(1)])
+        return said or f"{where}{typed.group(2).strip()!r} is not a valid {typed.group(1)}; give a value of that type"
+
     path = re.search(r"Expected a dot import path string: (\S+)", text) or re.search(
         r"Expected a path but (\S+) either not accessible", text
     )
@@ -114,7 +206,7 @@ def _parse_error(text: str, data_modules: tuple[str, ...]) -> str:
         r"does not accept option '([^']+)'", text
     )
     if unknown:
-        return f"unknown option {unknown.group(1)}; see normbench fit --help for the valid keys, or check the spelling"
+        return f"unknown option {unknown.group(1)}; see the command's --help for the valid ones, or check the spelling"
     nokey = re.search(r'No action for key "([^"]+)"', text) or re.search(
         r"Key \"?'?([\w.]+)'?\"? is not expected", text
     )

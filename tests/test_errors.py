@@ -66,9 +66,12 @@ CASES = {
     "unknown activation": (lambda r: fit(r, "--model.activation", "swishy"), ["'swishy'", "relu, sigmoid"]),
     "batch_size 0": (
         lambda r: fit(r, "--data.batch_size", "0"),
-        ["batch_size must be >= 1, got 0", "--data.batch_size"],
+        ["data.batch_size", "'0' is not a positive integer"],
     ),
-    "batch_size not a number": (lambda r: fit(r, "--data.batch_size", "two"), ["data.batch_size", "'two'", "int"]),
+    "batch_size not a number": (
+        lambda r: fit(r, "--data.batch_size", "two"),
+        ["data.batch_size", "'two'", "a positive integer"],
+    ),
     "num_groups not dividing": (
         lambda r: fit(r, "--model.norm", "gn", "--model.norm_kwargs", "{num_groups: 5}"),
         ["num_groups=5 does not divide num_features=64", "one of [1, 2, 4"],
@@ -219,6 +222,6 @@ def test_the_console_script_exits_2_with_only_the_line(workspace):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
-        "normbench: error: batch_size must be >= 1, got 0; set --data.batch_size to a positive integer"
+        "normbench: error: data.batch_size: '0' is not a positive integer"
     ]
     assert proc.stderr.strip().splitlines()[-1].startswith("normbench: error:")
