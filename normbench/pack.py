@@ -25,6 +25,7 @@ import lightning as L
 import torch
 import yaml
 from torch import Tensor, nn
+from torchmetrics import MaxMetric
 
 from normbench.cli import NormBenchCLI, callback_name, seed_everything, world_size
 from normbench.loaders import PackedLoader
@@ -105,7 +106,7 @@ class PackedModule(L.LightningModule):
             setattr(self, f"{split}_acc", nn.ModuleList(acc for acc, _ in pairs))
             setattr(self, f"{split}_loss", nn.ModuleList(loss for _, loss in pairs))
         self.register_buffer("first_nonfinite", torch.full((self.k,), -1, dtype=torch.long), persistent=False)
-        self.best = [float("-inf")] * self.k
+        self.val_acc_best = nn.ModuleList(MaxMetric() for _ in range(self.k))  # best so far, as the module's
         self.epochs: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
         self._val_done = False
 
@@ -156,8 +157,9 @@ class PackedModule(L.LightningModule):
                 "train/acc": train_acc[k],
             }
             if val_acc is not None:
-                self.best[k] = max(self.best[k], val_acc[k])
-                row.update({"val/loss": val_loss[k], "val/acc": val_acc[k], "val/acc_best": self.best[k]})
+                self.val_acc_best[k].update(val_acc[k])
+                best = self.val_acc_best[k].compute().item()
+                row.update({"val/loss": val_loss[k], "val/acc": val_acc[k], "val/acc_best": best})
             if diverged[k] >= 0:
                 continue  # alone, a diverged run stops there: its record ends before that epoch
             self.epochs[k].append(row)

@@ -51,13 +51,14 @@ class Stat:
     def std(self) -> float | None:
         return statistics.stdev(self.values) if self.n > 1 else None
 
-    def cell(self) -> str:
-        """``98.12 ± 0.10 (n=3)``; failures and divergences are named, never shown as 0%."""
+    def cell(self, digits: int = 2) -> str:
+        """``98.12 ± 0.10 (n=3)`` (``digits`` decimals); failures and divergences are named, never
+        shown as 0%."""
         counts = ((self.failed, "failed"), (self.diverged, "diverged"), (self.unfinished, "unfinished"))
         notes = [f"{k} {name}" for k, name in counts if k]
         if not self.values:
             return ", ".join(notes) or "–"
-        text = f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
+        text = f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
         if self.learned is False:
             notes.append("not learned")
         return f"{text} (n={self.n}{', ' + ', '.join(notes) if notes else ''})"

@@ -22,13 +22,6 @@ FIGURES = (("final", "running statistics"), ("batch_stats", "batch statistics"),
            ("mean_gap", "last layer's mean gap"), ("std_ratio", "last layer's std ratio"))  # fmt: skip
 
 
-def _cell(stat: Stat, digits: int = 2) -> str:
-    if not stat.values:
-        return "–"
-    std = f" ± {stat.std:.{digits}f}" if stat.std is not None else ""
-    return f"{stat.mean:.{digits}f}{std} (n={stat.n})"
-
-
 def _present(runs: list[Run], keys: tuple[str, ...], metric: str) -> dict[tuple, Stat]:
     """``aggregate`` over the finished runs that measured ``metric`` (gn has no running statistics,
     so no batch-statistics or PreciseBN figures)."""
@@ -47,7 +40,7 @@ def why_sections(runs: list[Run]) -> list[str]:
         keys = sorted_values(set(stats["final"]))
         header = ["batch size", "norm", *(f"{label} (%)" if name in ("final", "batch_stats", "precise_bn") else label
                                           for name, label in FIGURES)]  # fmt: skip
-        rows = [[str(b), n, *(_cell(stats[name].get((b, n), Stat([])), 3 if name in ("mean_gap", "std_ratio") else 2)
+        rows = [[str(b), n, *(stats[name].get((b, n), Stat([])).cell(3 if name in ("mean_gap", "std_ratio") else 2)
                               for name, _ in FIGURES)] for b, n in keys]  # fmt: skip
         subset = {r.diagnostics_images for r in group if r.precise_bn is not None}
         lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
@@ -122,7 +115,7 @@ def gradient_sections(runs: list[Run]) -> list[str]:
                   "last / first"]  # fmt: skip
 
         def figures(key: tuple, stats: dict = stats) -> list[str]:
-            return [_cell(stats[c].get(key, Stat([])), digits) for c, digits in
+            return [stats[c].get(key, Stat([])).cell(digits) for c, digits in
                     (("grad_first", 5), ("grad_last", 5), ("grad_ratio", 3))]  # fmt: skip
 
         rows = [
