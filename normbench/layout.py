@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 
-from normbench.callbacks import norm_batch
+from normbench.diagnostics.train_eval import norm_batch
 from normbench.norms import tracks_running_stats
 
 

@@ -16,7 +16,9 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from normbench.callbacks import PRECISE_BN_ACC, NormDiagnostics, tensorboard_writer
+from normbench.callbacks import NormDiagnostics
+from normbench.diagnostics.figures import tensorboard_writer
+from normbench.diagnostics.train_eval import PRECISE_BN_ACC
 from normbench.errors import error_line
 from normbench.hparams import experiment_hparams, run_seed, write_run_hparams
 from normbench.layout import batch_layout

@@ -272,7 +272,7 @@ def _precise_bn_by_hand(module, dm, images: int, bf16: bool = False, val_images:
 
 
 def test_precise_bn_at_several_image_counts_recalibrates_a_fresh_copy_for_each(tmp_path, monkeypatch):
-    import normbench.callbacks as callbacks
+    import normbench.diagnostics.train_eval as callbacks
 
     recalibrated = []  # each PreciseBN pass's running means, as it left its copy of the network
 
