@@ -44,7 +44,8 @@ from normbench.results import (
     read_record,
     write_json_atomic,
 )
-from normbench.runner import check_threads_per_run, run_local, run_ray
+from normbench.runner import run_local, run_ray
+from normbench.workers import check_threads_per_run
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:

@@ -319,22 +319,22 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(overri
 
 
 def test_auto_workers_are_one_per_core_or_gpu_and_at_most_one_per_run(monkeypatch):
-    from normbench import runner
+    from normbench import workers
 
-    monkeypatch.setattr(runner, "cpu_cores", lambda: list(range(16)))
+    monkeypatch.setattr(workers, "cpu_cores", lambda: list(range(16)))
     # (runs, gpus, threads_per_run, GiB of memory free) -> workers, by the rule the README states.
     cases = {(48, 0, None, 64): 16, (3, 0, None, 64): 3, (0, 0, None, 64): 1, (48, 0, 4, 64): 4,
              (48, 0, 5, 64): 3, (48, 0, 32, 64): 1, (48, 0, None, 6.5): 6, (48, 0, None, 0.3): 1,
              (48, 4, None, 64): 4, (2, 4, None, 64): 2, (48, 4, 8, 0.3): 4}  # fmt: skip
-    assert {case: runner.auto_workers(*case) for case in cases} == cases
+    assert {case: workers.auto_workers(*case) for case in cases} == cases
     # The memory this machine has free, from the kernel's own count.
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         (line,) = [x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:")]
-        assert abs(runner.available_memory_gib() - int(line.split()[1]) / 2**20) < 0.5
+        assert abs(workers.available_memory_gib() - int(line.split()[1]) / 2**20) < 0.5
     # What each of them gets: the cores shared out on CPU, torch's default on GPUs.
-    assert [runner.worker_threads(w, 0, None) for w in (16, 3, 1)] == [1, 5, 16]
-    assert runner.worker_threads(3, 0, 2) == 2 and runner.worker_threads(4, 4, None) is None
+    assert [workers.worker_threads(w, 0, None) for w in (16, 3, 1)] == [1, 5, 16]
+    assert workers.worker_threads(3, 0, 2) == 2 and workers.worker_threads(4, 4, None) is None
 
 
 # A fresh process per run (1) with -m slow: its three worker starts cost about 10 s more.
@@ -534,7 +534,7 @@ def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkey
     # What a worker process does with its slot, here in this process: the run's own callback
     # sees the slot's GPU as its CUDA_VISIBLE_DEVICES, and its config still says one device.
     # (The worker processes themselves are test_parallel_workers_share_the_cores_...)
-    from normbench import runner, sweep
+    from normbench import runner, sweep, workers
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # put back after the test
     config = write_sweep(tmp_path / "gpus.yaml", fake_data, {"model.norm": ["bn"]})
@@ -544,7 +544,7 @@ def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkey
                               "trainer.callbacks": [{"class_path": "thread_probe.ThreadProbe"}]})  # fmt: skip
     config.write_text(yaml.safe_dump(spec))
     (cell,) = sweep.sweep(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
-    slots = runner.gpu_slots(workers=4, gpus=2)
+    slots = workers.gpu_slots(workers=4, gpus=2)
     assert [slot.gpu for slot in slots] == ["0", "1", "0", "1"]  # the visible GPUs in turn, --gpus of them
     runner._run_group_in_slot([asdict(cell)], slots[1])
     run = Path(cell.run_dir)
