@@ -12,12 +12,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from normbench.errors import CheckpointMismatchError
+from normbench.options import check_restricted
 from normbench.nets import NETS, ActivationName, NetName, WSName
 from normbench.norms import (
     NormName,
@@ -143,7 +145,7 @@ class NormBenchModule(L.LightningModule):
         norm: NormName = "bn",
         norm_kwargs: dict[str, Any] | None = None,
         net: NetName = "seed_cnn",
-        width: int = 64,
+        width: PositiveInt = 64,
         num_blocks: int = 4,
         activation: ActivationName = "relu",
         weight_standardization: WSName = False,
@@ -154,19 +156,19 @@ class NormBenchModule(L.LightningModule):
         sync_norms: bool = True,
         channels_last: bool = True,
         compile: bool = False,
-        check_finite_every_n_steps: int | None = None,
+        check_finite_every_n_steps: PositiveInt | None = None,
         norm_batch: int | None = None,
-        freeze_norms_after: float | None = None,
-        agc: float | None = None,
+        freeze_norms_after: ClosedUnitInterval | None = None,
+        agc: PositiveFloat | None = None,
     ) -> None:
         super().__init__()
-        if check_finite_every_n_steps is not None and check_finite_every_n_steps < 1:
-            raise ValueError(
-                f"check_finite_every_n_steps must be >= 1 or null, got {check_finite_every_n_steps}; "
-                "set --model.check_finite_every_n_steps to a positive integer"
-            )
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}; set --model.width to a positive number of channels")
+        check_restricted(NormBenchModule.__init__, locals(), "model")
+        # Plain numbers from here on (hparams.yaml would tag jsonargparse's restricted types).
+        width = int(width)
+        check_finite_every_n_steps, freeze_norms_after, agc = (
+            None if v is None else t(v) for v, t in ((check_finite_every_n_steps, int), (freeze_norms_after, float),
+                                                     (agc, float))
+        )  # fmt: skip
         # In checkpoints; logged by RunRecorder with the experiment's variables first.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
         self.norm_name = norm
@@ -176,14 +178,7 @@ class NormBenchModule(L.LightningModule):
             check_norm_batch(norm, norm_batch, None)
             factory = norm_batch_factory(norm, norm_batch, norm_kwargs or {})
         self.norm_batch = norm_batch
-        if freeze_norms_after is not None and not 0 <= freeze_norms_after <= 1:
-            raise ValueError(
-                f"freeze_norms_after must be a fraction of training in [0, 1], got {freeze_norms_after}; "
-                "0.9 freezes the norms' statistics for the last 10% of the steps"
-            )
         self.freeze_norms_after = freeze_norms_after
-        if agc is not None and not agc > 0:
-            raise ValueError(f"agc must be a positive clipping factor or null, got {agc}; 0.01 is the paper's")
         self.agc = agc
         self.net = NETS[net](
             factory,

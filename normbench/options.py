@@ -8,13 +8,14 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
 
 # Each restricted type in plain words.
 PLAIN: dict[Any, str] = {
     PositiveInt: "a positive integer",
     NonNegativeInt: "an integer >= 0",
     PositiveFloat: "a positive number",
+    ClosedUnitInterval: "a number from 0 to 1",
 }
 
 
@@ -32,7 +33,7 @@ def check_restricted(fn: Callable, values: dict[str, Any], prefix: str) -> None:
         alternatives = typing.get_args(hint) or (hint,)
         for kind in alternatives:
             value = values.get(name)
-            if kind not in PLAIN or value is None:
+            if not isinstance(kind, type) or kind not in PLAIN or value is None:
                 continue
             try:
                 kind(value)

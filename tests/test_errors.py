@@ -182,7 +182,7 @@ CASES = {
         lambda r: fit(r, "--model.norm", "gn", "--model.norm_kwargs", "{affine: 1}"),
         ["gn", "affine=1", "expected bool"],
     ),
-    "width 0": (lambda r: fit(r, "--model.width", "0"), ["width must be >= 1, got 0", "--model.width"]),
+    "width 0": (lambda r: fit(r, "--model.width", "0"), ["model.width", "'0' is not a positive integer"]),
     "eps 0": (
         lambda r: fit(r, "--model.norm", "bn", "--model.norm_kwargs", "{eps: 0}"),
         ["bn: eps=0 must be > 0"],
