@@ -13,13 +13,36 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, random_split
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torchvision import datasets, transforms
 
 from normbench.datasets import SPECS, DatasetSpec, TransformedSubset, open_dataset
-from normbench.loaders import InMemoryLoader, memory_loader, torch_loader
+from normbench.loaders import InMemoryLoader, memory_loader
 from normbench.options import check_restricted
+
+
+def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
+                 drop_last: bool) -> DataLoader:  # fmt: skip
+    """A DataLoader over torchvision transforms; an evaluation loader on several ranks gives each
+    rank every world_size-th image, without padding."""
+    sampler = None
+    if not shuffle and world_size > 1:
+        # Lightning's own DistributedSampler would pad the shards to equal length and count
+        # some images twice; this one gives each rank every world_size-th image, no padding.
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
 
 
 class ImageDataModule(LightningDataModule):

@@ -4,8 +4,7 @@
 Both follow the part of the DataLoader protocol Lightning uses (``DeviceLoader``): a length,
 iteration, ``sampler.set_epoch`` for the epoch's order and no ``batch_sampler``. Lightning does
 not prefetch from loaders that have a length, so batches handed out are batches trained on.
-``torch_loader`` and ``memory_loader`` build a data module's loaders, over torchvision
-transforms or in memory.
+``memory_loader`` builds a data module's in-memory loader.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from normbench.datasets import TransformedSubset
 
@@ -221,27 +219,6 @@ class PackedLoader(DeviceLoader):
 
 
 # -- the loaders a data module hands Lightning ---------------------------------------------
-
-
-def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
-                 drop_last: bool) -> DataLoader:  # fmt: skip
-    """A DataLoader over torchvision transforms; an evaluation loader on several ranks gives each
-    rank every world_size-th image, without padding."""
-    sampler = None
-    if not shuffle and world_size > 1:
-        # Lightning's own DistributedSampler would pad the shards to equal length and count
-        # some images twice; this one gives each rank every world_size-th image, no padding.
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
 
 
 def as_tensors(dataset: Dataset, cache: dict) -> tuple[Tensor, Tensor]:

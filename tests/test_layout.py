@@ -19,6 +19,7 @@ LAYERS = [
     ["normbench.main"],
     ["normbench.sweep"],
     ["normbench.runner"],
+    ["normbench.workers"],
     ["normbench.grid"],
     ["normbench.bench"],
     ["normbench.report"],  # the package's __init__, the names it shows
@@ -32,14 +33,21 @@ LAYERS = [
     ["normbench.cli"],
     ["normbench.budget"],
     ["normbench.recorder"],
+    ["normbench.hparams"],
+    ["normbench.layout"],
     ["normbench.callbacks"],
+    ["normbench.diagnostics.train_eval"],
+    ["normbench.diagnostics.figures"],
+    ["normbench.diagnostics.timing", "normbench.diagnostics"],
     ["normbench.module"],
     ["normbench.experiments", "normbench.baseline"],
     ["normbench.data"],
     ["normbench.loaders"],
+    ["normbench.datasets"],
     ["normbench.nets"],
     ["normbench.norms"],  # the norm library, its own modules below its __init__ (acyclic, checked apart)
     ["normbench.results"],
+    ["normbench.options"],
     ["normbench.errors"],
     ["normbench"],  # the package's __init__: its version
 ]
