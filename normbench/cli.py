@@ -1,76 +1,42 @@
 """``normbench fit|validate|test|predict``: LightningCLI over the module and the data modules,
 and resuming a run where its checkpoint left it.
 
-Also what a run's config means on this machine before a Trainer exists (how many processes it
-asks for, its name) and normbench's 64-bit seeding, which ``normbench.pack`` and
-``normbench.sweep`` share. No command module is imported here; ``normbench.main`` is the table
-of commands.
+Also a run's name from its config. Devices (``normbench.devices``), seeding
+(``normbench.seeding``) and where a run resumes (``normbench.checkpoints``) live in their own
+modules. No command module is imported here; ``normbench.main`` is the table of commands.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry, MPSAccelerator
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.trainer.connectors.accelerator_connector import _select_auto_accelerator
 
 from normbench.budget import Budget, apply_budget
+from normbench.checkpoints import checkpoint_step, resolve_resume
 from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
+from normbench.devices import world_size
 from normbench.errors import CheckpointMismatchError, check_config_files, first_line, one_line, reported
 from normbench.experiments import experiment_name
 from normbench.module import ARCHITECTURE, NormBenchModule
 from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
+from normbench.seeding import seed_everything
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 PROGRESS_REFRESH = 20  # steps between progress-bar redraws
-
-
-def device_count(accelerator: Any, devices: Any) -> int:
-    """How many devices of one node ``Trainer(accelerator=..., devices=...)`` trains on, by
-    Lightning's own rules (``auto``, ``-1``, a count, a list of ids), without building a Trainer;
-    a value those rules refuse counts as what it says, and the Trainer then says why.
-
-    Args:
-        accelerator: the Trainer's ``accelerator`` (a name or an Accelerator).
-        devices: the Trainer's ``devices``.
-    """
-    try:
-        if isinstance(accelerator, Accelerator):
-            cls = type(accelerator)
-        else:
-            name = str(accelerator or "auto")
-            if name == "auto":
-                name = _select_auto_accelerator()
-            elif name == "gpu":
-                name = "mps" if MPSAccelerator.is_available() else "cuda"
-            cls = type(AcceleratorRegistry.get(name))
-        flag = cls.auto_device_count() if devices == "auto" else devices
-        return len(cls.get_parallel_devices(cls.parse_devices(flag)))
-    except Exception:  # noqa: BLE001 - the Trainer reports a bad value itself, in its words
-        if isinstance(devices, (list, tuple)):
-            return len(devices)
-        return int(devices) if str(devices).isdigit() and int(devices) > 0 else 1
-
-
-def world_size(trainer: Namespace) -> int:
-    """Processes a run's Trainer config trains with: devices per node times nodes."""
-    return device_count(trainer.accelerator, trainer.devices) * int(trainer.num_nodes or 1)
 
 
 def run_name(config: Namespace) -> str:
@@ -90,32 +56,6 @@ def callback_name(callback: Any) -> str:
     if isinstance(callback, L.Callback):
         return type(callback).__name__
     return str(getattr(callback, "class_path", callback)).rsplit(".", 1)[-1]
-
-
-# seed_everything's range: torch takes 64-bit seeds, Lightning's seed_everything only numpy's 32.
-MAX_SEED = 2**63 - 1
-
-
-def seed_everything(seed: int) -> int:
-    """Seed torch, numpy and Python's random as Lightning's ``seed_everything(seed,
-    workers=True)`` does, for any seed in [0, 2**63 - 1]: Lightning's own is used where it
-    applies (seeds below 2**32), and above it torch and Python's random take the whole seed and
-    numpy, whose seeds are 32-bit, the seed modulo 2**32. ``PL_GLOBAL_SEED`` holds the whole seed
-    for DDP's processes and data loader workers.
-
-    Args:
-        seed: the run's ``seed_everything``.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed_everything={seed!r} is out of range; give an integer from 0 to 2**63 - 1")
-    if seed <= np.iinfo(np.uint32).max:
-        return L.seed_everything(seed, workers=True)
-    os.environ["PL_GLOBAL_SEED"] = str(seed)
-    os.environ["PL_SEED_WORKERS"] = "1"
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return seed
 
 
 def _equal_settings(a: Any, b: Any) -> bool:
@@ -289,7 +229,7 @@ class NormBenchCLI(LightningCLI):
         # Lightning's bar redraws every step; at batch size 2 that is thousands a second.
         self._add_default(config, "enable_progress_bar", PROGRESS_BAR, refresh_rate=PROGRESS_REFRESH, leave=False)
         if "ckpt_path" in config and config.ckpt_path is not None:
-            ckpt = resolve_resume(config, self.subcommand)
+            ckpt = resolve_resume(config, self.subcommand, config.name or run_name(config))
             config.ckpt_path = ckpt
         else:
             ckpt = None
@@ -359,53 +299,6 @@ def run_logger_args(config: Namespace) -> dict[str, Any]:
     root = config.trainer.default_root_dir or "."
     return {"save_dir": os.path.join(root, "lightning_logs"), "name": config.name or run_name(config),
             "version": config.version}  # fmt: skip
-
-
-def checkpoint_step(path: str) -> int:
-    """The global step a checkpoint was saved at."""
-    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
-
-
-def resolve_resume(config: Namespace, subcommand: str | None) -> str | None:
-    """The checkpoint to load, and, for ``fit``, the run directory to continue in.
-
-    ``--ckpt_path last`` continues the newest version of this run that has a ``last.ckpt``
-    (``--version`` picks another); with none, the run starts fresh. A checkpoint path inside
-    ``<save_dir>/<name>/<version>/checkpoints/`` continues that run directory, unless ``--name``
-    or ``--version`` say otherwise. Lightning alone would open a new, empty version folder.
-    """
-    ckpt = str(config.ckpt_path)
-    root = os.path.join(config.trainer.default_root_dir or ".", "lightning_logs")
-    name = config.name or run_name(config)
-    if ckpt == "last":
-        run_dir = Path(root) / name
-        # Lightning's logger names an integer version version_<n>, a string one as it is.
-        given = config.version
-        given = f"version_{given}" if isinstance(given, int) else given
-        versions = [given] if given is not None else _versions_newest_first(run_dir)
-        found = [run_dir / str(v) / "checkpoints" / "last.ckpt" for v in versions]
-        found = [f for f in found if f.is_file()]
-        if not found:
-            print(f"normbench: no last checkpoint under {run_dir}; starting the run fresh", file=sys.stderr)
-            return None
-        config.version = found[0].parent.parent.name
-        return str(found[0])
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"checkpoint {ckpt} not found; pass an existing .ckpt file or last")
-    path = Path(ckpt).resolve()
-    if subcommand == "fit" and path.parent.name == "checkpoints" and config.name is None and config.version is None:
-        config.name, config.version = path.parents[2].name, path.parents[1].name
-        if config.trainer.default_root_dir is None and path.parents[3].name == "lightning_logs":
-            config.trainer.default_root_dir = str(path.parents[4])
-    return ckpt
-
-
-def _versions_newest_first(run_dir: Path) -> list[str]:
-    def number(p: Path) -> int:
-        tail = p.name.removeprefix("version_")
-        return int(tail) if tail.isdigit() else -1
-
-    return [p.name for p in sorted(run_dir.glob("*"), key=lambda p: (number(p), p.stat().st_mtime), reverse=True)]
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

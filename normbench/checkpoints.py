@@ -1,0 +1,63 @@
+"""Where a run resumes: the checkpoint ``--ckpt_path`` names (``last``: the newest of this run)
+and the run directory it continues, and the step a checkpoint was saved at."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step a checkpoint was saved at."""
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
+
+
+def resolve_resume(config: Namespace, subcommand: str | None, name: str) -> str | None:
+    """The checkpoint to load, and, for ``fit``, the run directory to continue in.
+
+    ``--ckpt_path last`` continues the newest version of this run that has a ``last.ckpt``
+    (``--version`` picks another); with none, the run starts fresh. A checkpoint path inside
+    ``<save_dir>/<name>/<version>/checkpoints/`` continues that run directory, unless ``--name``
+    or ``--version`` say otherwise. Lightning alone would open a new, empty version folder.
+
+    Args:
+        config: the subcommand's config; its ``version`` (and for ``fit`` its ``name`` and
+            ``default_root_dir``) are set to the run directory continued.
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
+        name: the run's name under ``lightning_logs`` (``--name`` or the run name).
+    """
+    ckpt = str(config.ckpt_path)
+    root = os.path.join(config.trainer.default_root_dir or ".", "lightning_logs")
+    if ckpt == "last":
+        run_dir = Path(root) / name
+        # Lightning's logger names an integer version version_<n>, a string one as it is.
+        given = config.version
+        given = f"version_{given}" if isinstance(given, int) else given
+        versions = [given] if given is not None else _versions_newest_first(run_dir)
+        found = [run_dir / str(v) / "checkpoints" / "last.ckpt" for v in versions]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            print(f"normbench: no last checkpoint under {run_dir}; starting the run fresh", file=sys.stderr)
+            return None
+        config.version = found[0].parent.parent.name
+        return str(found[0])
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"checkpoint {ckpt} not found; pass an existing .ckpt file or last")
+    path = Path(ckpt).resolve()
+    if subcommand == "fit" and path.parent.name == "checkpoints" and config.name is None and config.version is None:
+        config.name, config.version = path.parents[2].name, path.parents[1].name
+        if config.trainer.default_root_dir is None and path.parents[3].name == "lightning_logs":
+            config.trainer.default_root_dir = str(path.parents[4])
+    return ckpt
+
+
+def _versions_newest_first(run_dir: Path) -> list[str]:
+    def number(p: Path) -> int:
+        tail = p.name.removeprefix("version_")
+        return int(tail) if tail.isdigit() else -1
+
+    return [p.name for p in sorted(run_dir.glob("*"), key=lambda p: (number(p), p.stat().st_mtime), reverse=True)]
