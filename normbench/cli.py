@@ -9,6 +9,7 @@ modules. No command module is imported here; ``normbench.main`` is the table of 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -314,4 +315,13 @@ def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> No
     """
     with reported(DATA_MODULE_NAMES):
         check_config_files([str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:])
-        NormBenchCLI(args=args, commands=commands)
+        try:
+            NormBenchCLI(args=args, commands=commands)
+        except SystemExit as done:
+            if isinstance(done.__context__, KeyboardInterrupt):
+                # Lightning turns Ctrl-C into exit status 1 once the run is recorded as
+                # interrupted, and ignores SIGINT from then on: it is Ctrl-C again, for
+                # normbench.main (exit 130, how to resume) or a sweep (it stops).
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt from None
+            raise

@@ -100,3 +100,16 @@ def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_
     again = _normbench(tmp_path / "cwd", *args, "--allow_failures", "true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "sweep: callback_raises failed: RuntimeError: callback bug at step 1" in again.stderr.splitlines()
+
+
+def test_ctrl_c_of_a_fit_records_it_interrupted_and_exits_130(fake_data, tmp_path):
+    work = tmp_path / "work"
+    callback = {"class_path": "killer.InterruptAtStep", "init_args": {"step": 1, "marker": str(tmp_path / "hit")}}
+    done = _normbench(work, "fit", "--config", BASE, "--data.data_dir", str(fake_data), "--data.download", "false",
+                      "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+                      "--trainer.callbacks+", json.dumps(callback), "--trainer.enable_progress_bar", "false",
+                      "--trainer.enable_model_summary", "false")  # fmt: skip
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("normbench: interrupted; run the same command again")
+    (record,) = [json.loads(p.read_text()) for p in (work / "lightning_logs").rglob("metrics.json")]
+    assert record["status"] == "interrupted"
