@@ -14,11 +14,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torchvision import datasets, transforms
 
-from normbench.datasets import SPECS, DatasetSpec, TransformedSubset, open_dataset
+from normbench.datasets import SPECS, DatasetSpec, TransformedSubset, first_images, open_dataset, split_off
 from normbench.loaders import InMemoryLoader, memory_loader
 from normbench.options import check_restricted
 
@@ -192,41 +192,19 @@ class ImageDataModule(LightningDataModule):
                 validate and None, the test set always.
         """
         if self.test_set is None:
-            if self.test_subset is None:
-                self.test_set = self._open(False, download=False, transform=self.eval_transform())
-            else:
-                test = self._open(False, download=False, transform=None)
-                if self.test_subset > len(test):
-                    raise ValueError(
-                        f"test_subset={self.test_subset} exceeds the {len(test)} test images of "
-                        f"{self.dataset_cls.__name__}; use at most {len(test)} or null"
-                    )
-                self.test_set = TransformedSubset(test, list(range(self.test_subset)), self.eval_transform())
+            test = self._open(False, download=False, transform=None if self.test_subset else self.eval_transform())
+            self.test_set = first_images(test, self.test_subset, "test_subset", self.eval_transform(), "test")
         if stage not in (None, "fit", "validate") or self.train_set is not None:
             return
         full = self._open(True, download=False, transform=None)
-        n = len(full)
-        if self.train_subset is not None and self.train_subset > n:
-            raise ValueError(
-                f"train_subset={self.train_subset} exceeds the {n} training images of "
-                f"{self.dataset_cls.__name__}; use at most {n} or null"
-            )
-        indices = list(range(n if self.train_subset is None else self.train_subset))
+        indices = list(range(len(first_images(full, self.train_subset, "train_subset", None, "training"))))
         if self.val_split == 0:
             self.train_set = TransformedSubset(full, indices, self.train_transform())
             self.val_set = self.test_set
             return
-        n_val = round(self.val_split * len(indices))
-        if not 0 < n_val < len(indices):
-            raise ValueError(
-                f"val_split={self.val_split} of {len(indices)} training images leaves {n_val} for validation; "
-                "choose a val_split that holds out at least one image and keeps at least one for training"
-            )
-        # A seeded generator, not the global RNG, so every rank and every run draws the same split.
-        generator = torch.Generator().manual_seed(self.split_seed)
-        train_part, val_part = random_split(indices, [len(indices) - n_val, n_val], generator=generator)
-        self.train_set = TransformedSubset(full, [indices[i] for i in train_part.indices], self.train_transform())
-        self.val_set = TransformedSubset(full, [indices[i] for i in val_part.indices], self.eval_transform())
+        train_part, val_part = split_off(indices, self.val_split, self.split_seed)
+        self.train_set = TransformedSubset(full, train_part, self.train_transform())
+        self.val_set = TransformedSubset(full, val_part, self.eval_transform())
 
     def _loader(
         self, dataset: Dataset | None, batch_size: int, shuffle: bool, sharded: bool = True

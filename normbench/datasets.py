@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, random_split
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
@@ -144,3 +145,32 @@ def open_dataset(
         else:
             reason = f"download failed: {line}"
         raise not_found(spec, data_dir, reason) from None
+
+
+def first_images(dataset: Dataset, count: int | None, option: str, transform: Callable[[Any], Any] | None,
+                 kind: str) -> Dataset:  # fmt: skip
+    """The first ``count`` images of ``dataset`` (None: all of it, as it is), with ``transform``;
+    more than it has is a one-line error naming ``option`` and the split (``kind``: training or
+    test)."""
+    if count is None:
+        return dataset
+    if count > len(dataset):
+        raise ValueError(
+            f"{option}={count} exceeds the {len(dataset)} {kind} images of {type(dataset).__name__}; "
+            f"use at most {len(dataset)} or null"
+        )
+    return TransformedSubset(dataset, list(range(count)), transform or (lambda image: image))
+
+
+def split_off(indices: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, validation) parts of ``indices``: ``fraction`` of them held out at random, by a
+    seeded generator, not the global RNG, so that every rank and every run draws the same split."""
+    n_val = round(fraction * len(indices))
+    if not 0 < n_val < len(indices):
+        raise ValueError(
+            f"val_split={fraction} of {len(indices)} training images leaves {n_val} for validation; "
+            "choose a val_split that holds out at least one image and keeps at least one for training"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    train_part, val_part = random_split(indices, [len(indices) - n_val, n_val], generator=generator)
+    return [indices[i] for i in train_part.indices], [indices[i] for i in val_part.indices]
