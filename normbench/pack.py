@@ -30,7 +30,7 @@ from torchmetrics import MaxMetric
 from normbench.cli import NormBenchCLI, callback_name
 from normbench.devices import world_size
 from normbench.loaders import PackedLoader
-from normbench.module import classification_metrics, note_first_nonfinite
+from normbench.steps import classification_metrics, note_first_nonfinite
 from normbench.nets import PackedRuns, packed_losses
 from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware, summary, update_record
 from normbench.seeding import seed_everything

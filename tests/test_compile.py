@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import normbench.module
 from normbench.callbacks import NormDiagnostics
-from normbench.module import NormBenchModule, compiled_net_call
+from normbench.module import NormBenchModule
+from normbench.steps import compiled_net_call
 
 STEPS = 50
 

@@ -40,6 +40,7 @@ LAYERS = [
     ["normbench.diagnostics.figures"],
     ["normbench.diagnostics.timing", "normbench.diagnostics"],
     ["normbench.module"],
+    ["normbench.steps"],
     ["normbench.experiments", "normbench.baseline"],
     ["normbench.devices"],
     ["normbench.data"],
