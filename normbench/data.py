@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torchvision import datasets, transforms
 
 from normbench.datasets import SPECS, DatasetSpec, TransformedSubset, first_images, open_dataset, split_off

@@ -49,8 +49,9 @@ SPECS: dict[str, DatasetSpec] = {
         DatasetSpec("mnist", datasets.MNIST, 10, 1, 28, (0.1307,), (0.3081,)),
         DatasetSpec("fashion_mnist", datasets.FashionMNIST, 10, 1, 28, (0.2860,), (0.3530,)),
         DatasetSpec("cifar10", datasets.CIFAR10, 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-        DatasetSpec("cifar100", datasets.CIFAR100, 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                    True),  # fmt: skip
+        DatasetSpec(
+            "cifar100", datasets.CIFAR100, 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True
+        ),  # fmt: skip
     )
 }
 

@@ -13,8 +13,8 @@ import yaml
 from jsonargparse import ArgumentError
 
 from normbench.cli import NormBenchCLI
-from normbench.devices import world_size
 from normbench.data import DATA_MODULE_NAMES, DATAMODULES, dataset_name
+from normbench.devices import world_size
 from normbench.errors import one_line
 from normbench.pack import check_packable
 from normbench.results import (

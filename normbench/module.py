@@ -9,25 +9,25 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from normbench.errors import CheckpointMismatchError
-from normbench.steps import classification_metrics, compiled_net_call, note_first_nonfinite
-from normbench.options import check_restricted
 from normbench.nets import NETS, ActivationName, NetName, WSName
 from normbench.norms import (
     NormName,
+    adaptive_clip_grad,
     check_norm_batch,
     convert_sync_norms,
     create_norm,
-    adaptive_clip_grad,
     norm_batch_factory,
     tracks_running_stats,
 )
+from normbench.options import check_restricted
+from normbench.steps import classification_metrics, compiled_net_call, note_first_nonfinite
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
 ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")

@@ -30,10 +30,10 @@ from torchmetrics import MaxMetric
 from normbench.cli import NormBenchCLI, callback_name
 from normbench.devices import world_size
 from normbench.loaders import PackedLoader
-from normbench.steps import classification_metrics, note_first_nonfinite
 from normbench.nets import PackedRuns, packed_losses
 from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware, summary, update_record
 from normbench.seeding import seed_everything
+from normbench.steps import classification_metrics, note_first_nonfinite
 
 # Trainer settings a pack takes from its runs' configs (all equal within a pack).
 TRAINER_KEYS = ("max_epochs", "max_steps", "accelerator", "limit_train_batches", "limit_val_batches",

@@ -30,8 +30,8 @@ from normbench.results import (
     RUNNING,
     code_revision,
     hardware,
-    summary,
     read_record,
+    summary,
     update_record,
 )
 

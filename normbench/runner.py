@@ -25,7 +25,6 @@ from typing import Any, Literal
 from normbench.cli import run_cli
 from normbench.grid import Cell, packs
 from normbench.pack import fit_pack
-from normbench.workers import Slot, auto_workers, cpu_slots, enter_slot, gpu_slots, layout, worker_threads
 from normbench.results import (
     DONE,
     INTERRUPTED,
@@ -35,6 +34,7 @@ from normbench.results import (
     record_failure,
     start_attempt,
 )
+from normbench.workers import Slot, auto_workers, cpu_slots, enter_slot, gpu_slots, layout, worker_threads
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normbench import baseline, bench
+from normbench import baseline, bench, bench_sections, bench_tools
 from normbench.main import main
 from normbench.results import cpu_cores
 
@@ -63,9 +63,9 @@ def test_bench_needs_nothing_outside_the_package(fake_data, tmp_path, monkeypatc
 def test_bench_runs_the_shipped_config_as_it_is(tmp_path):
     # The config it runs is the committed file, byte for byte.
     for bs in (2, 16, 128):
-        written = bench.shipped_config(tmp_path, "bn", bs)
+        written = bench_tools.shipped_config(tmp_path, "bn", bs)
         assert written.read_text() == (ROOT / "configs" / written.name).read_text()
-    cmd = bench.normbench_cmd(written, tmp_path, tmp_path, 10000, 2000)
+    cmd = bench_tools.normbench_cmd(written, tmp_path, tmp_path, 10000, 2000)
     assert cmd[cmd.index("--config") + 1] == str(written) and "--trainer.callbacks" not in cmd
     assert cmd[cmd.index("--data.test_subset") + 1] == "2000"
 
@@ -84,8 +84,8 @@ def test_bench_grid_overhead_and_compile_sections_run(fake_data, tmp_path, monke
                         "--grid_test_subset", "32"])  # fmt: skip
     # The loop's row, then one per layout the bench defines for this machine's cores, each with
     # every run of the grid finished: norms x batch sizes x seeds.
-    layouts = bench.grid_layouts(len(cpu_cores()))
-    grid_runs = len(bench.GRID_NORMS) * 1 * 1
+    layouts = bench_sections.grid_layouts(len(cpu_cores()))
+    grid_runs = len(bench_sections.GRID_NORMS) * 1 * 1
     assert len(rows["grid"]) == 1 + len(layouts)
     assert [(r["workers"], r["threads"], r["runs_per_worker"]) for r in rows["grid"][1:]] == layouts
     assert [r["runs"] for r in rows["grid"]] == [grid_runs] * (1 + len(layouts))

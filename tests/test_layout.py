@@ -22,6 +22,8 @@ LAYERS = [
     ["normbench.workers"],
     ["normbench.grid"],
     ["normbench.bench"],
+    ["normbench.bench_sections"],
+    ["normbench.bench_tools"],
     ["normbench.report"],  # the package's __init__, the names it shows
     ["normbench.report.command"],
     ["normbench.report.figures", "normbench.report.verdicts", "normbench.report.why"],

@@ -205,4 +205,3 @@ class StepFigures(Timed, L.Callback):
             writer.add_scalar(f"grad/block_{i}", g, step)
         if len(self._grads) > 1:
             writer.add_scalar("grad/last_over_first", self._grads[-1] / self._grads[0], step)
-

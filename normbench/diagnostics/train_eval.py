@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
 
 import lightning as L
 import torch
@@ -99,7 +98,6 @@ class OneDeviceEval(Timed):
         return correct / max(seen, 1), seen
 
 
-
 class BatchStatsAccuracy(OneDeviceEval, L.Callback):
     """At each validation (or every ``every``-th; the first always),
     ``train_eval/val_acc_batch_stats``: the accuracy with the norm layers in training mode
@@ -154,7 +152,6 @@ class BatchStatsAccuracy(OneDeviceEval, L.Callback):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(" + BATCH_STATS_ACC)
             pl_module.log(BATCH_STATS_ACC, acc, rank_zero_only=True)
-
 
 
 class PreciseBNAccuracy(OneDeviceEval, L.Callback):
@@ -241,5 +238,3 @@ def norm_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     per_device = int(getattr(trainer.datamodule, "batch_size", 0) or 1)
     synced = bool(getattr(pl_module, "sync_norms", False)) and trainer.world_size > 1
     return per_device * trainer.world_size if synced else per_device
-
-

@@ -23,6 +23,8 @@ from jsonargparse import ArgumentParser
 
 from normbench.report.figures import STUDY2_NOTE, plots, study1_sections, study2_figure
 from normbench.report.records import CONTEXT, Run, Unreadable, read_runs
+from normbench.report.study3 import SECTION_INTRO as STUDY3_INTRO
+from normbench.report.study3 import study3_sections
 from normbench.report.tables import (
     LEARNED,
     aggregate,
@@ -33,8 +35,6 @@ from normbench.report.tables import (
     precision_tables,
 )
 from normbench.report.verdicts import judge
-from normbench.report.study3 import SECTION_INTRO as STUDY3_INTRO
-from normbench.report.study3 import study3_sections
 from normbench.report.why import gradient_sections, why_sections
 from normbench.results import RECORD
 

@@ -27,9 +27,10 @@ from dataclasses import replace
 
 from normbench.report.claims import ALPHA, BEATS, CLOSE, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, holm, interaction, p_text, slope
-from normbench.report.study3 import CLAIMS as STUDY3_CLAIMS
 from normbench.report.records import Run
+from normbench.report.study3 import CLAIMS as STUDY3_CLAIMS
 from normbench.report.tables import Comparison, Stat, aggregate, sorted_values
+
 
 def judge(runs: list[Run]) -> list[Verdict]:
     """Every claim's verdict, the tested ones decided on their Holm-adjusted p-values."""
@@ -140,7 +141,7 @@ def bn_needs_batch(runs: list[Run]) -> Verdict:
         return Verdict(claim, "not enough data", "needs bn and gn at 2 or more common batch sizes")
     parts, ps, holds, used = [], [], [], []
     for ds in datasets:
-        log2 = lambda stats: {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds}  # noqa: E731
+        log2 = lambda stats: {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds}
         fit = interaction(log2(bn), log2(gn))
         if fit is None:
             return Verdict(claim, "not enough data", f"{ds}: too few bn and gn runs for the interaction's fit")
