@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
+
+from normbench.errors import CheckpointMismatchError, first_line
+from normbench.module import ARCHITECTURE
 
 
 def checkpoint_step(path: str) -> int:
@@ -61,3 +65,32 @@ def _versions_newest_first(run_dir: Path) -> list[str]:
         return int(tail) if tail.isdigit() else -1
 
     return [p.name for p in sorted(run_dir.glob("*"), key=lambda p: (number(p), p.stat().st_mtime), reverse=True)]
+
+
+def saved_settings(path: str) -> dict[str, Any]:
+    """The model settings a checkpoint was saved with; an unreadable file is a one-line error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read ({first_line(err)}); pass a .ckpt file saved by normbench fit"
+        ) from None
+
+
+def _equal_settings(a: Any, b: Any) -> bool:
+    """Two values of one model setting are the same setting (an empty and a missing dict too)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return dict(a or {}) == dict(b or {})
+    return a == b
+
+
+def check_same_model(path: str, saved: dict[str, Any], model: Namespace) -> None:
+    """The network this command asks for (``model``) is the one the checkpoint at ``path`` holds
+    (``saved``): a setting of ``ARCHITECTURE`` that differs is a one-line error that names it."""
+    for key in ARCHITECTURE:
+        if key in saved and key in model and _equal_settings(saved[key], model[key]) is False:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} is of another model: it has {key}={saved[key]!r}, this run "
+                f"{key}={model[key]!r}; drop --model.{key} or give {saved[key]!r}, or pass a checkpoint of this "
+                "model"
+            )

@@ -24,12 +24,12 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from normbench.budget import Budget, apply_budget
-from normbench.checkpoints import checkpoint_step, resolve_resume
+from normbench.checkpoints import check_same_model, checkpoint_step, resolve_resume, saved_settings
 from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
 from normbench.devices import world_size
-from normbench.errors import CheckpointMismatchError, check_config_files, first_line, one_line, reported
+from normbench.errors import check_config_files, one_line, reported
 from normbench.experiments import experiment_name
-from normbench.module import ARCHITECTURE, NormBenchModule
+from normbench.module import NormBenchModule
 from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
 from normbench.seeding import seed_everything
@@ -57,13 +57,6 @@ def callback_name(callback: Any) -> str:
     if isinstance(callback, L.Callback):
         return type(callback).__name__
     return str(getattr(callback, "class_path", callback)).rsplit(".", 1)[-1]
-
-
-def _equal_settings(a: Any, b: Any) -> bool:
-    """Two values of one model setting are the same setting (an empty and a missing dict too)."""
-    if isinstance(a, dict) or isinstance(b, dict):
-        return dict(a or {}) == dict(b or {})
-    return a == b
 
 
 class NormBenchCLI(LightningCLI):
@@ -142,23 +135,11 @@ class NormBenchCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if not path or not Path(path).is_file():
             return
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise CheckpointMismatchError(
-                f"checkpoint {path} cannot be read ({first_line(err)}); pass a .ckpt file saved by normbench fit"
-            ) from None
+        saved = saved_settings(path)
         if not self._model_given:
             super()._parse_ckpt_path()
             return
-        model = self.config[sub].model
-        for key in ARCHITECTURE:
-            if key in saved and key in model and _equal_settings(saved[key], model[key]) is False:
-                raise CheckpointMismatchError(
-                    f"checkpoint {path} is of another model: it has {key}={saved[key]!r}, this run "
-                    f"{key}={model[key]!r}; drop --model.{key} or give {saved[key]!r}, or pass a checkpoint of this "
-                    "model"
-                )
+        check_same_model(path, saved, self.config[sub].model)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
