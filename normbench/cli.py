@@ -166,17 +166,6 @@ class NormBenchCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
 
-    @staticmethod
-    def _add_default(config: Namespace, switch: str, class_path: str, **init_args) -> None:
-        """Append callback ``class_path`` unless ``trainer.<switch>`` is false or a callback of
-        that kind is configured already."""
-        callbacks = config.trainer.callbacks or []
-        # A callback of the kind: TQDMProgressBar's switch is also off with a RichProgressBar.
-        kind = callback_name(class_path).removeprefix("TQDM")
-        if config.trainer[switch] is False or any(callback_name(c).endswith(kind) for c in callbacks):
-            return
-        NormBenchCLI._append_callback(config, class_path, **init_args)
-
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
@@ -200,16 +189,16 @@ class NormBenchCLI(LightningCLI):
         # still write one at the end): a development run leaves nothing to resume from.
         dev_run = bool(trainer.fast_dev_run)
         if not dev_run:
-            self._add_default(config, "enable_checkpointing", CHECKPOINT, monitor="val/acc", mode="max",
+            add_default(config, "enable_checkpointing", CHECKPOINT, monitor="val/acc", mode="max",
                               save_last=True, filename="best-{epoch}", save_on_train_epoch_end=True,
                               enable_version_counter=False)  # fmt: skip
-        if not dev_run and config.checkpoint_every_n_steps and not self._has_periodic_checkpoint(config):
+        if not dev_run and config.checkpoint_every_n_steps and not has_periodic_checkpoint(config):
             # last.ckpt in the middle of epochs too: at batch size 2 an epoch is 25,000 steps.
             # Both write last.ckpt; without the version counter they replace it, not add last-v1.ckpt.
-            self._append_callback(config, CHECKPOINT, every_n_train_steps=config.checkpoint_every_n_steps,
+            append_callback(config, CHECKPOINT, every_n_train_steps=config.checkpoint_every_n_steps,
                                   save_top_k=0, save_last=True, enable_version_counter=False)  # fmt: skip
         # Lightning's bar redraws every step; at batch size 2 that is thousands a second.
-        self._add_default(config, "enable_progress_bar", PROGRESS_BAR, refresh_rate=PROGRESS_REFRESH, leave=False)
+        add_default(config, "enable_progress_bar", PROGRESS_BAR, refresh_rate=PROGRESS_REFRESH, leave=False)
         if "ckpt_path" in config and config.ckpt_path is not None:
             ckpt = resolve_resume(config, self.subcommand, config.name or run_name(config))
             config.ckpt_path = ckpt
@@ -259,20 +248,35 @@ class NormBenchCLI(LightningCLI):
                     callback.dirpath = os.path.realpath(os.path.join(logger.log_dir, "checkpoints"))
         return trainer
 
-    @staticmethod
-    def _append_callback(config: Namespace, class_path: str, **init_args) -> None:
-        callbacks = config.trainer.callbacks or []
-        config.trainer.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
 
-    @staticmethod
-    def _has_periodic_checkpoint(config: Namespace) -> bool:
-        if config.trainer.enable_checkpointing is False:
-            return True
-        return any(
-            callback_name(c) == "ModelCheckpoint"
-            and getattr(getattr(c, "init_args", None), "every_n_train_steps", None)
-            for c in config.trainer.callbacks or []
-        )
+# -- the default callbacks, in a config before its classes are built -------------------------
+
+
+def add_default(config: Namespace, switch: str, class_path: str, **init_args) -> None:
+    """Append callback ``class_path`` unless ``trainer.<switch>`` is false or a callback of
+    that kind is configured already."""
+    callbacks = config.trainer.callbacks or []
+    # A callback of the kind: TQDMProgressBar's switch is also off with a RichProgressBar.
+    kind = callback_name(class_path).removeprefix("TQDM")
+    if config.trainer[switch] is False or any(callback_name(c).endswith(kind) for c in callbacks):
+        return
+    append_callback(config, class_path, **init_args)
+
+
+def append_callback(config: Namespace, class_path: str, **init_args) -> None:
+    """Append callback ``class_path`` with ``init_args`` to the config's trainer callbacks."""
+    callbacks = config.trainer.callbacks or []
+    config.trainer.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
+
+
+def has_periodic_checkpoint(config: Namespace) -> bool:
+    """Whether checkpointing is off or a ModelCheckpoint already saves every N steps."""
+    if config.trainer.enable_checkpointing is False:
+        return True
+    return any(
+        callback_name(c) == "ModelCheckpoint" and getattr(getattr(c, "init_args", None), "every_n_train_steps", None)
+        for c in config.trainer.callbacks or []
+    )
 
 
 def run_logger_args(config: Namespace) -> dict[str, Any]:

@@ -8,7 +8,6 @@ datasets without touching the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -18,7 +17,16 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from normbench.datasets import SPECS, DatasetSpec, TransformedSubset, first_images, open_dataset, split_off
+from normbench.datasets import (
+    SPECS,
+    DatasetSpec,
+    TransformedSubset,
+    first_images,
+    image_transform,
+    mean_std,
+    open_dataset,
+    split_off,
+)
 from normbench.loaders import InMemoryLoader, memory_loader
 from normbench.options import check_restricted
 
@@ -42,7 +50,6 @@ def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, wo
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-
 
 
 class ImageDataModule(LightningDataModule):
@@ -153,36 +160,22 @@ class ImageDataModule(LightningDataModule):
     # -- transforms --------------------------------------------------------------------------
 
     def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (mean, std) of the chosen normalization."""
-        if self.normalization == "half":
-            return (0.5,) * self.in_channels, (0.5,) * self.in_channels
-        if self.normalization == "none":
-            return (0.0,) * self.in_channels, (1.0,) * self.in_channels
-        return self.mean, self.std
-
-    def _normalize(self) -> list[Callable[[Any], Any]]:
-        return [] if self.normalization == "none" else [transforms.Normalize(*self._mean_std())]
+        return mean_std(self.spec, self.normalization)
 
     def eval_transform(self) -> transforms.Compose:
         """PIL image -> normalized float tensor (C, H, W)."""
-        return transforms.Compose([transforms.ToTensor(), *self._normalize()])
+        return image_transform(self.spec, self.normalization, augment=False)
 
     def train_transform(self) -> transforms.Compose:
         """``eval_transform``, preceded by random crop and flip when augmenting this dataset."""
-        steps: list[Callable[[Any], Any]] = []
-        if self.augment and self.augmentable:
-            steps += [transforms.RandomCrop(self.image_size, padding=4), transforms.RandomHorizontalFlip()]
-        return transforms.Compose([*steps, transforms.ToTensor(), *self._normalize()])
-
-    def _open(self, train: bool, download: bool, transform: Callable[[Any], Any] | None) -> Dataset:
-        return open_dataset(self.spec, self.data_dir, train, download, transform)
+        return image_transform(self.spec, self.normalization, augment=self.augment)
 
     # -- LightningDataModule hooks -----------------------------------------------------------
 
     def prepare_data(self) -> None:
         """Download the train and test splits if allowed and missing; the only method that downloads."""
         for train in (True, False):
-            self._open(train, download=self.download, transform=None)
+            open_dataset(self.spec, self.data_dir, train, self.download, None)
 
     def setup(self, stage: str | None = None) -> None:
         """Build ``train_set``, ``val_set`` and ``test_set`` from files on disk (never downloads).
@@ -192,11 +185,13 @@ class ImageDataModule(LightningDataModule):
                 validate and None, the test set always.
         """
         if self.test_set is None:
-            test = self._open(False, download=False, transform=None if self.test_subset else self.eval_transform())
+            test = open_dataset(
+                self.spec, self.data_dir, False, False, None if self.test_subset else self.eval_transform()
+            )
             self.test_set = first_images(test, self.test_subset, "test_subset", self.eval_transform(), "test")
         if stage not in (None, "fit", "validate") or self.train_set is not None:
             return
-        full = self._open(True, download=False, transform=None)
+        full = open_dataset(self.spec, self.data_dir, True, False, None)
         indices = list(range(len(first_images(full, self.train_subset, "train_subset", None, "training"))))
         if self.val_split == 0:
             self.train_set = TransformedSubset(full, indices, self.train_transform())

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, random_split
-from torchvision import datasets
+from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
 from normbench.errors import DatasetNotFoundError, first_line
@@ -175,3 +175,23 @@ def split_off(indices: list[int], fraction: float, seed: int) -> tuple[list[int]
     generator = torch.Generator().manual_seed(seed)
     train_part, val_part = random_split(indices, [len(indices) - n_val, n_val], generator=generator)
     return [indices[i] for i in train_part.indices], [indices[i] for i in val_part.indices]
+
+
+def mean_std(spec: DatasetSpec, normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of a normalization: ``half`` maps [0, 1] to [-1, 1], ``none``
+    leaves it, ``dataset`` uses the dataset's own."""
+    if normalization == "half":
+        return (0.5,) * spec.in_channels, (0.5,) * spec.in_channels
+    if normalization == "none":
+        return (0.0,) * spec.in_channels, (1.0,) * spec.in_channels
+    return spec.mean, spec.std
+
+
+def image_transform(spec: DatasetSpec, normalization: str, augment: bool) -> transforms.Compose:
+    """PIL image -> normalized float tensor (C, H, W), preceded by random crop (padding 4) and
+    horizontal flip when ``augment`` and the dataset takes them."""
+    steps: list[Callable[[Any], Any]] = []
+    if augment and spec.augmentable:
+        steps += [transforms.RandomCrop(spec.image_size, padding=4), transforms.RandomHorizontalFlip()]
+    normalize = [] if normalization == "none" else [transforms.Normalize(*mean_std(spec, normalization))]
+    return transforms.Compose([*steps, transforms.ToTensor(), *normalize])
