@@ -153,8 +153,12 @@ def test_two_processes_with_a_norm_batch_train_and_score_as_one(norm, tmp_path):
     assert one["layout"]["norm_stats_images"] == two["layout"]["norm_stats_images"] == 2
     assert one["global_step"] == two["global_step"] == 24
     for e1, e2 in zip(one["epochs"], two["epochs"], strict=True):
-        for key in ("val/acc", "val/loss", "train/loss"):
+        for key in ("val/loss", "train/loss", "train/acc"):
             assert e1[key] == pytest.approx(e2[key], rel=1e-4, abs=1e-6), (key, e1, e2)
+        # The fake images are noise: the network stays at chance (loss ln 10), its 10 logits all
+        # but tied, so the rounding below (the conv biases) may flip the argmax of an image. At
+        # most one of the 64 test images, as the loss, equal to 1e-4, says it is the same network.
+        assert abs(e1["val/acc"] - e2["val/acc"]) <= 1 / 64 + 1e-9, (e1, e2)
     # The weights, to the rounding of a sum over 8 images taken in two halves, which Adam then
     # scales. Left out: the conv biases just before a norm, whose gradient is zero but for
     # rounding (the norm subtracts their effect) and which Adam's normalized steps of +-lr turn
