@@ -22,16 +22,9 @@ class NormDiagnostics(L.Callback):
     ``PreciseBNAccuracy`` (``normbench.diagnostics``) as one callback, each Lightning hook handed
     to them in that order; the run record's ``diagnostics`` joins what they say.
 
-    Every ``every_n_steps`` training steps (on the batch just trained on, captured by forward
-    pre-hooks that return at once on other steps):
-
-    - ``running_stats/<layer>/mean``, ``/var``: mean over channels of running_mean and
-      running_var (as study 2 prints them), and their histograms.
-    - ``batch_vs_running/<layer>/mean_gap``, ``/std_ratio``: mean over channels of
-      |mu_B - mu_run| / sigma_run and sigma_B / sigma_run, what BRN clips.
-    - ``brn/<layer>/r_max``, ``/d_max``, ``/r_clip_fraction``, ``/d_clip_fraction``.
-    - ``grad/block_<i>``: mean |gradient| of each block's conv weight, and
-      ``grad/last_over_first``: study 2's gradient magnitude reduction with depth.
+    Every ``every_n_steps`` training steps, the per-step figures of the norm layers and the
+    gradient per block (``running_stats/``, ``batch_vs_running/``, ``brn/``, ``grad/``; the list
+    is ``StepFigures``').
 
     At each validation (or every ``batch_stats_every``-th), ``train_eval/val_acc_batch_stats``:
     the accuracy with the norm layers in training mode (batch statistics of each evaluation
