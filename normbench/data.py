@@ -28,7 +28,7 @@ from normbench.datasets import (
     split_off,
 )
 from normbench.loaders import InMemoryLoader, memory_loader
-from normbench.options import check_restricted
+from normbench.options import check_restricted, plain
 
 
 def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
@@ -124,11 +124,8 @@ class ImageDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_restricted(ImageDataModule.__init__, locals(), "data")
-        # Plain ints from here on: jsonargparse's restricted types are int subclasses that
-        # hparams.yaml would tag.
-        batch_size, num_workers = int(batch_size), int(num_workers)
-        eval_batch_size, train_subset, test_subset = (
-            None if v is None else int(v) for v in (eval_batch_size, train_subset, test_subset)
+        batch_size, num_workers, eval_batch_size, train_subset, test_subset = plain(
+            batch_size, num_workers, eval_batch_size, train_subset, test_subset
         )
         if not 0.0 <= val_split < 1.0:
             raise ValueError(
@@ -158,9 +155,6 @@ class ImageDataModule(LightningDataModule):
         self.test_set: Dataset | None = None
 
     # -- transforms --------------------------------------------------------------------------
-
-    def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return mean_std(self.spec, self.normalization)
 
     def eval_transform(self) -> transforms.Compose:
         """PIL image -> normalized float tensor (C, H, W)."""
@@ -215,8 +209,9 @@ class ImageDataModule(LightningDataModule):
             return torch_loader(dataset, batch_size, shuffle, rank, world_size, self.num_workers, drop_last)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         augment = shuffle and self.augment and self.augmentable
-        return memory_loader(dataset, self._tensors, batch_size, shuffle, device, *self._mean_std(), augment,
-                             rank, world_size, drop_last)  # fmt: skip
+        mean, std = mean_std(self.spec, self.normalization)
+        return memory_loader(dataset, self._tensors, batch_size, shuffle, device, mean, std, augment, rank,
+                             world_size, drop_last)  # fmt: skip
 
     def _eval_batch_size(self) -> int:
         if self.eval_batch_size is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -23,11 +22,11 @@ from normbench.norms import (
     check_norm_batch,
     convert_sync_norms,
     create_norm,
+    freeze_running_stats,
     norm_batch_factory,
-    tracks_running_stats,
 )
-from normbench.options import check_restricted
-from normbench.steps import classification_metrics, compiled_net_call, note_first_nonfinite
+from normbench.options import check_restricted, plain
+from normbench.steps import NetCall, NonFiniteWatch, classification_metrics
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
 ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
@@ -43,44 +42,35 @@ class NormBenchModule(L.LightningModule):
     Args:
         norm: registry name of the norm layer (see ``normbench.norms.NORMS``).
         norm_kwargs: the norm's options, e.g. ``{num_groups: 4}`` for gn.
-        net: ``seed_cnn`` (study 2's network), ``dilated_cnn`` (study 1's) or ``resnet`` (CIFAR
-            ResNet).
+        net: ``seed_cnn`` (study 2's network), ``dilated_cnn`` (study 1's) or ``resnet`` (CIFAR's).
         width: channels of seed_cnn's or dilated_cnn's blocks, or of the resnet's first stage.
-        num_blocks: seed_cnn's or dilated_cnn's blocks, or the resnet's blocks per stage (3:
-            ResNet-20).
+        num_blocks: seed_cnn's or dilated_cnn's blocks, or the resnet's per stage (3: ResNet-20).
         activation: activation after each norm.
         weight_standardization: weight-standardized convolutions (e.g. GN+WS).
         num_classes: classes; linked from the data module.
         in_channels: image channels; linked from the data module.
         optimizer: optimizer factory; Adam with lr 1e-3 as in study 2.
         lr_scheduler: optional scheduler factory, stepped every epoch.
-        sync_norms: on several devices, compute norm batch statistics over all of them
-            (``normbench.norms.convert_sync_norms``). Use it instead of ``trainer.sync_batchnorm``,
-            which knows only torch's BatchNorm.
+        sync_norms: on several devices, norm batch statistics over all of them
+            (``normbench.norms.convert_sync_norms``; not ``trainer.sync_batchnorm``: torch's BN only).
         channels_last: keep weights and activations in channels-last memory order, which
             oneDNN and cuDNN convolutions run faster; same math.
-        compile: run the network under ``torch.compile`` (inductor) in training and evaluation;
-            the loss, metrics and optimizer stay eager. The first step of each mode compiles (the
-            README's speed section says what that costs). Checkpoints are the same as without it.
-            Forward hooks on the network's layers run, also those added later; they are compiled
-            into the graph, so a hook that dynamo cannot trace (a host timer) splits it and
-            recompiles.
-        check_finite_every_n_steps: how often the host reads the device-side record of the first
-            step whose loss was NaN or inf; a run that diverged stops there and is recorded as
-            ``diverged`` with that exact step. None: every step on CPU, where reading is free,
-            every 20 on accelerators, where each read waits for the device.
+        compile: run the network under ``torch.compile`` (inductor; ``normbench.steps.NetCall``);
+            loss, metrics and optimizer stay eager, checkpoints are unchanged, and forward hooks,
+            also later ones, are compiled in (docs/speed.md says what the first step costs).
+        check_finite_every_n_steps: how often the host reads the first step whose loss was NaN
+            or inf (``normbench.steps.NonFiniteWatch``); the run stops and is recorded as
+            ``diverged`` at that exact step. None: every step on CPU, every 20 on accelerators.
         norm_batch: images each norm layer normalizes over in training, apart from the SGD
             batch (``normbench.norms.norm_batch_factory``: bn, and bnrs and brn on one device;
             it must divide ``data.batch_size``). None: the whole per-device batch (or the
             global one with ``sync_norms`` on several devices).
-        freeze_norms_after: FrozenBN for the last part of training (Wu & Johnson 2021, Sec. 4):
-            from this fraction of the run's optimizer steps on, the norms that track running
-            statistics normalize by them in training too and stop updating them (their affine
-            still learns). None: never.
-        agc: adaptive gradient clipping's lambda (Brock et al. 2021, "High-performance
-            large-scale image recognition without normalization", Sec. 3): each unit's gradient
-            is scaled down to at most lambda times its weight's norm (0.01 in the
-            normalizer-free recipe); the last linear layer is left out, as in the paper. None: off.
+        freeze_norms_after: FrozenBN (Wu & Johnson 2021, Sec. 4) from this fraction of the run's
+            optimizer steps on: norms with running statistics normalize by them in training too
+            and stop updating them (``normbench.norms.freeze_running_stats``). None: never.
+        agc: adaptive gradient clipping's lambda (Brock et al. 2021, Sec. 3): each unit's
+            gradient is scaled to at most lambda times its weight's norm (0.01 in the
+            normalizer-free recipe), the last linear layer left out as in the paper. None: off.
     """
 
     def __init__(
@@ -106,69 +96,38 @@ class NormBenchModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_restricted(NormBenchModule.__init__, locals(), "model")
-        # Plain numbers from here on (hparams.yaml would tag jsonargparse's restricted types).
-        width = int(width)
-        check_finite_every_n_steps, freeze_norms_after, agc = (
-            None if v is None else t(v) for v, t in ((check_finite_every_n_steps, int), (freeze_norms_after, float),
-                                                     (agc, float))
-        )  # fmt: skip
+        width, check_finite_every_n_steps, freeze_norms_after, agc = plain(
+            width, check_finite_every_n_steps, freeze_norms_after, agc
+        )
         # In checkpoints; logged by RunRecorder with the experiment's variables first.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
         self.norm_name = norm
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        factory = partial(create_norm, norm, **(norm_kwargs or {}))
-        if norm_batch is not None:
-            check_norm_batch(norm, norm_batch, None)
-            factory = norm_batch_factory(norm, norm_batch, norm_kwargs or {})
-        self.norm_batch = norm_batch
-        self.freeze_norms_after = freeze_norms_after
-        self.agc = agc
-        self.net = NETS[net](
-            factory,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            width=width,
-            num_blocks=num_blocks,
-            activation=activation,
-            weight_standardization=weight_standardization,
-        )
-        self.sync_norms = sync_norms
+        self.norm_batch, self.freeze_norms_after = norm_batch, freeze_norms_after
+        self.agc, self.sync_norms = agc, sync_norms
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = self.net.to(memory_format=self.memory_format)
-        # Not self.compile, which is nn.Module's method. The compiled function is made on the first
-        # forward and kept out of the module tree (a plain attribute, dropped when pickled).
+        shape = dict(in_channels=in_channels, num_classes=num_classes, width=width, num_blocks=num_blocks,
+                     activation=activation, weight_standardization=weight_standardization)  # fmt: skip
+        self.net = build_net(net, norm, norm_kwargs or {}, norm_batch, **shape).to(memory_format=self.memory_format)
+        # Not self.compile, which is nn.Module's method; the compiled call stays out of the module tree.
         self.compile_net = compile
-        self._compiled_net: Callable[[nn.Module, Tensor], Tensor] | None = None
-        (self.train_acc, self.train_loss), (self.val_acc, self.val_loss), (self.test_acc, self.test_loss) = (
-            classification_metrics(num_classes) for _ in range(3)
-        )
-        self.val_acc_best = MaxMetric()
+        self.net_call = NetCall(compile)
         # In checkpoints, so that a run resumed in the middle of an epoch ends with the same
         # epoch means and best accuracy as one never interrupted.
-        for metric in (self.train_acc, self.val_acc, self.test_acc, self.train_loss, self.val_loss, self.test_loss):
-            metric.persistent(True)
+        (self.train_acc, self.train_loss), (self.val_acc, self.val_loss), (self.test_acc, self.test_loss) = (
+            classification_metrics(num_classes, persistent=True) for _ in range(3)
+        )
+        self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
-        self.check_finite_every_n_steps = check_finite_every_n_steps
-        # The global step of the first non-finite loss, -1 while there is none; on the device.
-        # Not a buffer: DDP would overwrite each rank's with rank zero's.
-        self.first_nonfinite_step: Tensor | None = None
+        self.nonfinite = NonFiniteWatch(check_finite_every_n_steps)
         self.diverged_at: int | None = None
         self._train_metrics_epoch: int | None = None  # the epoch the training metrics hold
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
-        if not self.compile_net:
-            return self.net(x)
-        if self._compiled_net is None:
-            self._compiled_net = compiled_net_call()
         # The network is an argument, so sync norms swapped in by setup() are compiled too.
-        return self._compiled_net(self.net, x)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_compiled_net"] = None
-        return state
+        return self.net_call(self.net, x)
 
     def setup(self, stage: str) -> None:
         # The network's options against the data's image size, before any step.
@@ -192,12 +151,9 @@ class NormBenchModule(L.LightningModule):
         # FrozenBN: the stat-tracking norms in eval mode normalize by their running statistics
         # and leave them be. Lightning puts the model back in train mode after each validation,
         # so this holds them every step; a host comparison of integers, no device read.
-        if self.freeze_norms_after is not None:
-            start = int(self.freeze_norms_after * self.trainer.estimated_stepping_batches)
-            if self.global_step >= start:
-                for m in self.net.modules():
-                    if tracks_running_stats(m):
-                        m.eval()
+        frozen_from = self.freeze_norms_after
+        if frozen_from is not None and self.global_step >= int(frozen_from * self.trainer.estimated_stepping_batches):
+            freeze_running_stats(self.net)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val:  # the Trainer's own clipping, when set
@@ -210,35 +166,18 @@ class NormBenchModule(L.LightningModule):
         checkpoint["normbench"] = {"train_metrics_epoch": self._train_metrics_epoch}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called before Lightning loads the weights: say in one line what does not fit, instead
-        # of torch's list of every missing and unexpected key.
-        theirs, ours = checkpoint.get("state_dict", {}), self.state_dict()
-        missing = [k for k in ours if k not in theirs]
-        unexpected = [k for k in theirs if k not in ours]
-        mismatched = [k for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
-        if missing or unexpected or mismatched:
-            hp = checkpoint.get("hyper_parameters", {})
-            # The architecture's main settings (norm, net, width, num_blocks) and the classes.
-            named = (*ARCHITECTURE[:1], *ARCHITECTURE[2:5], "num_classes")
-            saved = ", ".join(f"{k}={hp[k]}" for k in named if k in hp)
-            example = (mismatched or missing or unexpected)[0]
-            raise CheckpointMismatchError(
-                f"the checkpoint does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(mismatched)} differently shaped tensors, e.g. {example}); "
-                f"it was saved with {saved or 'other settings'}: "
-                "pass those --model settings, or a checkpoint of this model"
-            )
+        # Called before Lightning loads the weights: one line on what does not fit, instead of
+        # torch's list of every missing and unexpected key.
+        check_state_fits(checkpoint, self.state_dict())
         self._train_metrics_epoch = checkpoint.get("normbench", {}).get("train_metrics_epoch")
 
     def _step(self, batch, loss_metric, acc_metric) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        # Metrics accumulate on the device; they are read once per epoch, not per step. The loss
-        # metric takes every image's loss, so that its mean weighs images, not batches: a last,
-        # smaller batch counts for its images, and the ranks' uneven evaluation shards sum to
-        # the mean of one device. (A weight= argument would be a host-to-device copy per step,
-        # and MeanMetric with nan_strategy="disable" drops it.)
+        # Metrics accumulate on the device and are read once per epoch. The loss metric takes
+        # every image's loss, so that a last, smaller batch and the ranks' uneven evaluation
+        # shards count for their images (a weight= argument would be a copy to the device).
         loss_metric.update(F.cross_entropy(logits.detach(), y, reduction="none"))
         acc_metric.update(logits.detach(), y)
         return loss
@@ -248,24 +187,16 @@ class NormBenchModule(L.LightningModule):
     # Lightning Python work per call, a large part of a whole batch-2 step on a CPU.
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss = self._step(batch, self.train_loss, self.train_acc)
-        # Remembered on the device, read every check_finite_every_n_steps: no host sync here.
-        first = self.first_nonfinite_step
-        if first is None or first.device != loss.device:
-            first = self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        note_first_nonfinite(first, loss, self.global_step)
+        self.nonfinite.note(loss, self.global_step)  # on the device: no host sync here
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        every = self.check_finite_every_n_steps or (1 if self.device.type == "cpu" else 20)
-        if self.global_step % every:
-            return
-        step = int(self.first_nonfinite_step) if self.first_nonfinite_step is not None else -1
-        # All ranks stop together when any of them saw a non-finite loss.
-        if self.trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
-            self.diverged_at = step if step >= 0 else self.global_step
+        step = self.nonfinite.check(self.trainer, self.global_step, self.device)
+        if step is not None:
+            self.diverged_at = step
             self.trainer.should_stop = True
             rank_zero_warn(
-                f"the training loss became NaN or inf at step {self.diverged_at}; the run stops here and is "
+                f"the training loss became NaN or inf at step {step}; the run stops here and is "
                 "recorded as diverged (try a smaller learning rate or another norm)"
             )
 
@@ -299,7 +230,44 @@ class NormBenchModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
-        }
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def check_state_fits(checkpoint: dict[str, Any], ours: dict[str, Tensor]) -> None:
+    """Raise a one-line ``CheckpointMismatchError`` when ``checkpoint``'s weights do not fit a
+    model whose state_dict is ``ours``: how many tensors are missing, unexpected or differently
+    shaped, one of them, and the architecture settings the checkpoint was saved with.
+
+    Args:
+        checkpoint: a Lightning checkpoint (``state_dict``, ``hyper_parameters``).
+        ours: the state_dict of the model that would load it.
+    """
+    theirs = checkpoint.get("state_dict", {})
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    mismatched = [k for k in ours if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    hp = checkpoint.get("hyper_parameters", {})
+    # The architecture's main settings (norm, net, width, num_blocks) and the classes.
+    named = (*ARCHITECTURE[:1], *ARCHITECTURE[2:5], "num_classes")
+    saved = ", ".join(f"{k}={hp[k]}" for k in named if k in hp)
+    example = (mismatched or missing or unexpected)[0]
+    raise CheckpointMismatchError(
+        f"the checkpoint does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(mismatched)} differently shaped tensors, e.g. {example}); "
+        f"it was saved with {saved or 'other settings'}: "
+        "pass those --model settings, or a checkpoint of this model"
+    )
+
+
+def build_net(net: str, norm: str, norm_kwargs: dict[str, Any], norm_batch: int | None, **shape: Any) -> nn.Module:
+    """The network ``net`` (a ``NETS`` name) with ``norm`` in every norm slot, normalizing over
+    ``norm_batch`` images in training when set; ``shape``: the network's own keywords (width,
+    num_blocks, activation, ...)."""
+    factory = partial(create_norm, norm, **norm_kwargs)
+    if norm_batch is not None:
+        check_norm_batch(norm, norm_batch, None)
+        factory = norm_batch_factory(norm, norm_batch, norm_kwargs)
+    return NETS[net](factory, **shape)

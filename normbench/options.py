@@ -43,3 +43,10 @@ def check_restricted(fn: Callable, values: dict[str, Any], prefix: str) -> None:
             if not ok:
                 words = PLAIN[kind] + (" or null" if type(None) in alternatives else "")
                 raise ValueError(f"{name} must be {words}, got {value!r}; set --{prefix}.{name} to {words}")
+
+
+def plain(*values: Any) -> tuple[Any, ...]:
+    """``values`` as plain ints and floats (None stays None): jsonargparse's restricted types
+    are subclasses of them that hparams.yaml would tag."""
+    return tuple(v if v is None or type(v) in (bool, int, float) else float(v) if isinstance(v, float) else int(v)
+                 for v in values)  # fmt: skip

@@ -15,16 +15,20 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
-def classification_metrics(num_classes: int) -> tuple[MulticlassAccuracy, MeanMetric]:
+def classification_metrics(num_classes: int, persistent: bool = False) -> tuple[MulticlassAccuracy, MeanMetric]:
     """(top-1 accuracy, mean loss) metrics of one split: torchmetrics' micro accuracy, and the
     mean of every image's loss (so that it weighs images, not batches). No input checks: theirs
     call .any() on the device, a host sync every step.
 
     Args:
         num_classes: the classifier's classes.
+        persistent: keep the metrics' states in the owner's state_dict (and checkpoints).
     """
     accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
-    return accuracy, MeanMetric(nan_strategy="disable")
+    loss = MeanMetric(nan_strategy="disable")
+    for metric in (accuracy, loss):
+        metric.persistent(persistent)
+    return accuracy, loss
 
 
 def note_first_nonfinite(first: Tensor, loss: Tensor, step: int) -> None:
@@ -37,6 +41,38 @@ def note_first_nonfinite(first: Tensor, loss: Tensor, step: int) -> None:
         step: this step's global step.
     """
     first.copy_(torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first))
+
+
+class NonFiniteWatch:
+    """The first training step whose loss was NaN or inf, kept on the device and read by the
+    host only every ``every`` steps; all ranks agree on it.
+
+    Args:
+        every: steps between host reads; None: every step on CPU, where reading is free, every
+            20 on accelerators, where each read waits for the device.
+    """
+
+    def __init__(self, every: int | None = None) -> None:
+        self.every = every
+        # The global step of the first non-finite loss, -1 while there is none. Not a module
+        # buffer: DDP would overwrite each rank's with rank zero's.
+        self.first: Tensor | None = None
+
+    def note(self, loss: Tensor, step: int) -> None:
+        """Remember ``step`` if ``loss`` is the first non-finite one; no host sync."""
+        if self.first is None or self.first.device != loss.device:
+            self.first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        note_first_nonfinite(self.first, loss, step)
+
+    def check(self, trainer: Any, step: int, device: torch.device) -> int | None:
+        """On a reading step, the first non-finite step if any rank saw one (``step`` itself
+        when only another rank did), else None; between readings, None without a read."""
+        if step % (self.every or (1 if device.type == "cpu" else 20)):
+            return None
+        first = int(self.first) if self.first is not None else -1
+        if trainer.strategy.reduce_boolean_decision(first >= 0, all=False):
+            return first if first >= 0 else step
+        return None
 
 
 def _net_call(net: nn.Module, x: Tensor) -> Tensor:
@@ -68,3 +104,26 @@ def compiled_net_call(**options: Any) -> Callable[[nn.Module, Tensor], Tensor]:
     # first call (NormDiagnostics registers its forward pre-hooks at fit start) would never run,
     # and one removed would still run. With the guards, adding or removing a hook recompiles.
     return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)(torch.compile(fn, **options))
+
+
+class NetCall:
+    """``net(x)``, eagerly or, with ``compile``, under ``torch.compile`` (inductor) through
+    ``compiled_net_call``, made on the first call and dropped when pickled or copied.
+
+    Args:
+        compile: compile the call.
+    """
+
+    def __init__(self, compile: bool = False) -> None:
+        self.compile = compile
+        self._fn: Callable[[nn.Module, Tensor], Tensor] | None = None
+
+    def __call__(self, net: nn.Module, x: Tensor) -> Tensor:
+        if not self.compile:
+            return net(x)
+        if self._fn is None:
+            self._fn = compiled_net_call()
+        return self._fn(net, x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"compile": self.compile, "_fn": None}

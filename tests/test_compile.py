@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import normbench.module
+import normbench.steps
 from normbench.callbacks import NormDiagnostics
 from normbench.module import NormBenchModule
 from normbench.steps import compiled_net_call
@@ -111,7 +111,7 @@ def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
 def test_norm_diagnostics_log_the_same_figures_compiled(tmp_path, monkeypatch):
     # AOTAutograd without inductor: the graphs, hooks and buffer updates that inductor gets, in
     # seconds; the figures then equal eager ones up to float rounding.
-    monkeypatch.setattr(normbench.module, "compiled_net_call", partial(compiled_net_call, backend="aot_eager"))
+    monkeypatch.setattr(normbench.steps, "compiled_net_call", partial(compiled_net_call, backend="aot_eager"))
     g = torch.Generator().manual_seed(0)
     train = TensorDataset(torch.randn(48, 1, 12, 12, generator=g), torch.randint(0, 10, (48,), generator=g))
     val = TensorDataset(torch.randn(32, 1, 12, 12, generator=g), torch.randint(0, 10, (32,), generator=g))

@@ -16,7 +16,7 @@ from normbench.norms.identity import NoNorm
 from normbench.norms.instance_norm import InstanceNorm
 from normbench.norms.layer_norm import LayerNorm
 from normbench.norms.norm_batch import BATCH_NORMS, NormBatch, check_norm_batch, norm_batch_factory
-from normbench.norms.precise_bn import tracks_running_stats, update_bn_stats
+from normbench.norms.precise_bn import freeze_running_stats, tracks_running_stats, update_bn_stats
 from normbench.norms.registry import NORMS, NormName, create_norm
 from normbench.norms.rms_norm import RmsNorm2d
 from normbench.norms.stats import RunningStatsNorm
@@ -57,6 +57,7 @@ __all__ = [
     "check_norm_batch",
     "convert_sync_norms",
     "create_norm",
+    "freeze_running_stats",
     "local_norms",
     "norm_batch_factory",
     "tracks_running_stats",

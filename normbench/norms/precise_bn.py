@@ -18,6 +18,15 @@ def tracks_running_stats(module: nn.Module) -> bool:
     return getattr(module, "running_var", None) is not None and hasattr(module, "momentum")
 
 
+def freeze_running_stats(net: nn.Module) -> None:
+    """FrozenBN (Wu & Johnson 2021, Sec. 4): put every layer of ``net`` that tracks running
+    statistics in eval mode, so that in training too it normalizes by them and leaves them be;
+    its affine still learns."""
+    for m in net.modules():
+        if tracks_running_stats(m):
+            m.eval()
+
+
 def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
