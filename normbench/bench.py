@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
 
 from normbench.bench_sections import bench_compile, bench_grid, bench_pack
 from normbench.bench_tools import (
@@ -152,25 +153,23 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
         help="a copy of the study's loop to run as the baseline (default: normbench.baseline, shipped)",
     )
     p.add_argument("--sections", type=list[str], default=["runs", "overhead", "grid"], help=f"of {', '.join(SECTIONS)}")
-    p.add_argument("--batch_sizes", type=list[int], default=[2, 16, 128])
-    p.add_argument("--train_subset", type=int, default=10000, help="training images per run (runs, compile)")
-    p.add_argument("--test_subset", type=int, default=2000, help="test images per evaluation (runs, compile)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each; the median counts")
-    p.add_argument("--overhead_batch_sizes", type=list[int], default=[2, 16])
-    p.add_argument("--grid_batch_sizes", type=list[int], default=[2, 16])
-    p.add_argument("--grid_seeds", type=int, default=3)
-    p.add_argument("--grid_train_subset", type=int, default=2000)
-    p.add_argument("--grid_test_subset", type=int, default=400)
-    p.add_argument("--pack", type=int, default=5, help="runs per pack")
-    p.add_argument("--pack_steps", type=int, default=200, help="steps per run for the packed comparison")
-    p.add_argument("--pack_batch_size", type=int, default=2)
+    p.add_argument("--batch_sizes", type=list[PositiveInt], default=[2, 16, 128])
+    p.add_argument("--train_subset", type=PositiveInt, default=10000, help="training images per run (runs, compile)")
+    p.add_argument("--test_subset", type=PositiveInt, default=2000, help="test images per evaluation (runs, compile)")
+    p.add_argument("--repeats", type=PositiveInt, default=3, help="alternating runs of each; the median counts")
+    p.add_argument("--overhead_batch_sizes", type=list[PositiveInt], default=[2, 16])
+    p.add_argument("--grid_batch_sizes", type=list[PositiveInt], default=[2, 16])
+    p.add_argument("--grid_seeds", type=PositiveInt, default=3)
+    p.add_argument("--grid_train_subset", type=PositiveInt, default=2000)
+    p.add_argument("--grid_test_subset", type=PositiveInt, default=400)
+    p.add_argument("--pack", type=PositiveInt, default=5, help="runs per pack")
+    p.add_argument("--pack_steps", type=PositiveInt, default=200, help="steps per run for the packed comparison")
+    p.add_argument("--pack_batch_size", type=PositiveInt, default=2)
     p.add_argument("--output", type=str | None, default=None, help="also write the rows to this JSON file")
     cfg = p.parse_args(args)
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
-    if cfg.repeats < 1:
-        raise ValueError(f"--repeats {cfg.repeats} must be >= 1")
     script = Path(cfg.seed_loop) if cfg.seed_loop else None
     if script is not None and not script.is_file():
         raise FileNotFoundError(f"--seed_loop {script} not found; leave it out to use normbench.baseline")

@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from normbench.diagnostics.figures import StepFigures
 from normbench.diagnostics.train_eval import SUBSETS, BatchStatsAccuracy, PreciseBNAccuracy
+from normbench.options import check_restricted, plain
 
 # The Lightning hooks NormDiagnostics hands to its parts, in the parts' order.
 HOOKS = ("on_fit_start", "on_fit_end", "on_exception", "on_train_batch_start", "on_before_optimizer_step",
@@ -64,23 +66,17 @@ class NormDiagnostics(L.Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: PositiveInt = 50,
         histograms: bool = True,
         batch_stats_eval: bool = True,
-        batch_stats_every: int = 1,
-        eval_images: int | None = 500,
-        precise_bn_images: int | list[int] = 512,
+        batch_stats_every: PositiveInt = 1,
+        eval_images: PositiveInt | None = 500,
+        precise_bn_images: NonNegativeInt | list[PositiveInt] = 512,
     ) -> None:
-        counts = [precise_bn_images] if isinstance(precise_bn_images, int) else list(precise_bn_images)
-        checks = [("every_n_steps", every_n_steps, 1), ("batch_stats_every", batch_stats_every, 1),
-                  ("eval_images", 1 if eval_images is None else eval_images, 1)]  # fmt: skip
-        checks += [("precise_bn_images", c, 0 if isinstance(precise_bn_images, int) else 1) for c in counts]
-        for name, value, least in checks:
-            if value < least:
-                raise ValueError(
-                    f"NormDiagnostics {name}={value} must be >= {least}; "
-                    f"set --trainer.callbacks.init_args.{name} to an integer >= {least}"
-                )
+        check_restricted(NormDiagnostics.__init__, locals(), "trainer.callbacks.init_args")
+        every_n_steps, batch_stats_every, eval_images = plain(every_n_steps, batch_stats_every, eval_images)
+        counts = [int(c) for c in ([precise_bn_images] if not isinstance(precise_bn_images, list) else precise_bn_images)]
+        precise_bn_images = counts[0] if not isinstance(precise_bn_images, list) else counts
         self.eval_images = eval_images
         self.precise_bn_images = precise_bn_images
         self.figures = StepFigures(every_n_steps, histograms)

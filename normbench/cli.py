@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import NonNegativeInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -33,6 +34,16 @@ from normbench.module import NormBenchModule
 from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
 from normbench.seeding import seed_everything
+
+# The private API of Lightning and jsonargparse that normbench relies on, all of it, here: none of
+# it has a public equivalent. pyproject.toml bounds both packages to the versions it is known in
+# (lightning < 2.7, jsonargparse < 5), and tests/test_cli.py checks each still exists.
+PRIVATE_API = {
+    "lightning.pytorch.cli.LightningCLI._set_seed": "overridden: 64-bit seeds (Lightning's refuses above 2**32 - 1)",
+    "lightning.pytorch.cli.LightningCLI._add_subcommands": "extended: normbench's own commands in --help",
+    "lightning.pytorch.cli.LightningCLI._parse_ckpt_path": "overridden: a checkpoint must agree with the command",
+    "jsonargparse.ArgumentParser._subcommands_action": "where _add_subcommands adds normbench's own commands",
+}
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
@@ -95,7 +106,8 @@ class NormBenchCLI(LightningCLI):
 
     def _set_seed(self) -> None:
         # Lightning's own refuses seeds above 2**32 - 1; normbench takes 64-bit seeds.
-        seed = self._get(self.config, "seed_everything")
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        seed = config.get("seed_everything")
         if seed is False or seed is True or seed is None:
             return super()._set_seed()
         seed_everything(seed)
@@ -157,7 +169,7 @@ class NormBenchCLI(LightningCLI):
         )
         parser.add_argument(
             "--checkpoint_every_n_steps",
-            type=int,
+            type=NonNegativeInt,
             default=1000,
             help="Also refresh checkpoints/last.ckpt every this many training steps, so an interrupted "
             "run resumes mid-epoch (0: only at the end of each epoch)",
@@ -176,11 +188,6 @@ class NormBenchCLI(LightningCLI):
             raise ValueError(
                 "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "
                 "a positive number of epochs, or give --trainer.max_steps"
-            )
-        if config.checkpoint_every_n_steps < 0:
-            raise ValueError(
-                f"checkpoint_every_n_steps must be >= 0, got {config.checkpoint_every_n_steps}; "
-                "use 0 to checkpoint only at the end of each epoch"
             )
         # Defaults that the user's own callbacks or switches replace, as Lightning's do.
         # The best checkpoint by validation accuracy, and last.ckpt, at the end of every training
@@ -230,7 +237,8 @@ class NormBenchCLI(LightningCLI):
         a directory of their own go to the run directory's ``checkpoints/``."""
         trainer = super().instantiate_trainer(**kwargs)
         config = self.config[self.subcommand] if self.subcommand else self.config
-        configured = kwargs.get("logger", self._get(self.config_init, "trainer", default={}).get("logger"))
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configured = kwargs.get("logger", init.get("trainer", {}).get("logger"))
         loggers = configured if isinstance(configured, list) else [configured]
         logger = next((lg for lg in loggers if isinstance(lg, (TensorBoardLogger, CSVLogger))), None)
         if logger is None and configured is False:
@@ -241,7 +249,8 @@ class NormBenchCLI(LightningCLI):
             if isinstance(callback, RunRecorder):
                 callback.logger = logger
                 if trainer.fast_dev_run or configured is False:
-                    callback.config = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+                    dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                    callback.config = dumped[self.subcommand] if self.subcommand else dumped
         if logger not in trainer.loggers:
             for callback in trainer.checkpoint_callbacks:
                 if callback.dirpath is None:

@@ -4,7 +4,8 @@ enter here.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (``normbench.cli``); ``sweep``,
 ``report`` and ``bench`` are normbench's own, each a function of its module that takes the
-arguments after its name.
+arguments after its name, imported when that command runs: a fit never loads the report's
+statistics and plots, the sweep machinery or the benchmark.
 """
 
 from __future__ import annotations
@@ -16,12 +17,28 @@ from collections.abc import Callable
 
 from lightning.pytorch.cli import ArgsType
 
-from normbench.bench import bench
 from normbench.cli import run_cli
 from normbench.data import DATA_MODULE_NAMES
 from normbench.errors import check_config_files, reported
-from normbench.report import report
-from normbench.sweep import sweep
+
+
+def sweep(args: list[str]) -> object:
+    from normbench.sweep import sweep
+
+    return sweep(args)
+
+
+def report(args: list[str]) -> object:
+    from normbench.report import report
+
+    return report(args)
+
+
+def bench(args: list[str]) -> object:
+    from normbench.bench import bench
+
+    return bench(args)
+
 
 # normbench's own commands: name -> (the one line --help gives it, the function that runs it).
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], object]]] = {

@@ -106,8 +106,8 @@ class NormBenchModule(L.LightningModule):
         self.norm_batch, self.freeze_norms_after = norm_batch, freeze_norms_after
         self.agc, self.sync_norms = agc, sync_norms
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        shape = dict(in_channels=in_channels, num_classes=num_classes, width=width, num_blocks=num_blocks,
-                     activation=activation, weight_standardization=weight_standardization)  # fmt: skip
+        shape = {"in_channels": in_channels, "num_classes": num_classes, "width": width, "num_blocks": num_blocks,
+                 "activation": activation, "weight_standardization": weight_standardization}  # fmt: skip
         self.net = build_net(net, norm, norm_kwargs or {}, norm_batch, **shape).to(memory_format=self.memory_format)
         # Not self.compile, which is nn.Module's method; the compiled call stays out of the module tree.
         self.compile_net = compile

@@ -30,19 +30,34 @@ def check_restricted(fn: Callable, values: dict[str, Any], prefix: str) -> None:
         prefix: the options' prefix on the command line (``data`` for ``--data.batch_size``).
     """
     for name, hint in typing.get_type_hints(fn).items():
-        alternatives = typing.get_args(hint) or (hint,)
+        alternatives = typing.get_args(hint) if typing.get_origin(hint) is not list else (hint,)
+        alternatives = alternatives or (hint,)
+        value = values.get(name)
+        if value is None:
+            continue
+        # The alternative that matches the value's shape: an element type for a list, else a scalar type.
         for kind in alternatives:
-            value = values.get(name)
-            if not isinstance(kind, type) or kind not in PLAIN or value is None:
+            of_list = typing.get_origin(kind) is list
+            if of_list != isinstance(value, list):
                 continue
-            try:
-                kind(value)
-                ok = not isinstance(value, bool)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                words = PLAIN[kind] + (" or null" if type(None) in alternatives else "")
-                raise ValueError(f"{name} must be {words}, got {value!r}; set --{prefix}.{name} to {words}")
+            item = typing.get_args(kind)[0] if of_list else kind
+            if not isinstance(item, type) or item not in PLAIN:
+                continue
+            bad = next((v for v in (value if of_list else [value]) if not _conforms(item, v)), None)
+            if bad is not None or (of_list and not value):
+                words = PLAIN[item] + (" or null" if type(None) in alternatives else "")
+                shown = f"{bad!r} in {value!r}" if of_list and value else f"{value!r}"
+                what = f"a list of {PLAIN[item].removeprefix('a ').removeprefix('an ')}s" if of_list else words
+                raise ValueError(f"{name} must be {what}, got {shown}; set --{prefix}.{name} to {what}")
+
+
+def _conforms(kind: Any, value: Any) -> bool:
+    """Whether ``value`` is of the restricted type ``kind`` (a bool is no number)."""
+    try:
+        kind(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
 
 
 def plain(*values: Any) -> tuple[Any, ...]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from normbench.grid import Cell, expand, validate
 from normbench.results import (
@@ -45,7 +46,6 @@ from normbench.results import (
     write_json_atomic,
 )
 from normbench.runner import run_local, run_ray
-from normbench.workers import check_threads_per_run
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:
@@ -87,7 +87,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
     parser.add_argument(
         "--workers",
-        type=int | Literal["auto"],
+        type=PositiveInt | Literal["auto"],
         default="auto",
         help="runs at once (local backend). auto: one worker process per GPU, or on CPU one per core (per "
         "--threads_per_run cores), at most one per run; 1 runs them one after another in this process with "
@@ -95,28 +95,28 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--threads_per_run",
-        type=int | None,
+        type=PositiveInt | None,
         default=None,
         help="torch threads per run, each pinned to cores of its own on CPU (local backend; default: cores // "
         "workers, or torch's default with one worker)",
     )
     parser.add_argument(
         "--runs_per_worker",
-        type=int | None,
+        type=PositiveInt | None,
         default=None,
         help="with --workers > 1, runs a worker process trains before a fresh one replaces it (default: no limit, "
         "each worker imports torch and Lightning once; 1: a fresh process per run)",
     )
     parser.add_argument(
         "--gpus",
-        type=int | None,
+        type=NonNegativeInt | None,
         default=None,
         help="GPUs the workers own, one each in turn, as CUDA_VISIBLE_DEVICES of the worker's process (default: all)",
     )
     parser.add_argument("--ray_address", type=str | None, default=None, help="Ray cluster (default: local)")
     parser.add_argument("--cpus_per_run", type=float, default=1.0, help="Ray resources per run")
     parser.add_argument("--gpus_per_run", type=float, default=0.0, help="Ray resources per run")
-    parser.add_argument("--cell", type=int | None, default=None, help="run only this cell (e.g. a SLURM array task)")
+    parser.add_argument("--cell", type=NonNegativeInt | None, default=None, help="run only this cell (e.g. a SLURM array task)")
     parser.add_argument(
         "--pack",
         type=bool,
@@ -148,16 +148,6 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         SystemExit: 1 when a run of the sweep failed or diverged, unless ``--allow_failures``.
     """
     cfg = build_parser().parse_args(args)
-    if cfg.workers != "auto" and cfg.workers < 1:
-        raise ValueError(
-            f"--workers must be >= 1 or auto, got {cfg.workers}; use 1 to run one after another, or leave it out"
-        )
-    check_threads_per_run(cfg.threads_per_run, 1 if cfg.workers == "auto" else cfg.workers)
-    if cfg.runs_per_worker is not None and cfg.runs_per_worker < 1:
-        raise ValueError(
-            f"--runs_per_worker must be >= 1, got {cfg.runs_per_worker}; leave it out to keep each worker for the "
-            "whole sweep, or give 1 for a fresh process per run"
-        )
     config_files = cfg.get("config") or []
     name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
     sweep_dir = Path(cfg.output).resolve() / name

@@ -54,16 +54,6 @@ def worker_threads(workers: int, gpus: int, threads_per_run: int | None) -> int 
     return max(1, len(cpu_cores()) // workers)
 
 
-def check_threads_per_run(threads_per_run: int | None, workers: int) -> None:
-    """A bad ``--threads_per_run`` stops the sweep with one line, before anything runs."""
-    if threads_per_run is not None and threads_per_run < 1:
-        default = max(1, len(cpu_cores()) // max(1, workers))
-        raise ValueError(
-            f"--threads_per_run must be >= 1, got {threads_per_run}; give a positive number of threads per run, "
-            f"or leave it out for cores // workers ({default} here)"
-        )
-
-
 def cpu_slots(workers: int, threads: int) -> list[list[int]]:
     """The cores each of ``workers`` concurrent runs is pinned to: consecutive blocks of
     ``threads`` cores, disjoint while ``workers * threads`` cores exist, wrapping around

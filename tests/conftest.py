@@ -32,3 +32,29 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mnist")
     shutil.copytree(SHARED_MNIST, root / "MNIST" / "raw")
     return root
+
+
+@pytest.fixture(scope="session")
+def norm_run(fake_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``norm_run(norm)``: the run directory of one short fit of that norm through the CLI (study
+    2's quick MNIST config with its NormDiagnostics, 2 epochs of 3 steps, 2 validation batches),
+    trained on first use and shared by the tests that check what such a run writes."""
+    from quick_configs import mnist_config
+
+    from normbench.main import main
+
+    root = tmp_path_factory.mktemp("norm_runs")
+    runs: dict[str, Path] = {}
+
+    def run(norm: str) -> Path:
+        if norm not in runs:
+            main(["fit", "--config", mnist_config("bn", 16), "--model.norm", norm,
+                  "--data.data_dir", str(fake_data), "--data.download", "false", "--data.num_workers", "0",
+                  "--trainer.default_root_dir", str(root / norm), "--trainer.max_epochs", "2",
+                  "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+                  "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                  "--trainer.enable_model_summary", "false"])  # fmt: skip
+            runs[norm] = root / norm / "lightning_logs" / f"mnist_{norm}_bs16" / "version_0"
+        return runs[norm]
+
+    return run

@@ -43,6 +43,9 @@ def test_the_shipped_loop_trains_and_prints_its_json_line(fake_data, capsys):
     assert out["epochs"] == 1 and out["images_per_s"] > 0 and 0 <= out["best_test_acc"] <= 100
 
 
+# 16 s on 2 cores (it times the study's loop, a shipped run and a bare one as processes); with
+# -m slow. test_bench_runs_the_shipped_config_as_it_is checks its commands in the default suite.
+@pytest.mark.slow
 def test_bench_needs_nothing_outside_the_package(fake_data, tmp_path, monkeypatch, capsys):
     # As for a user who installed normbench: no ../shared folder beside it, no configs/ folder.
     monkeypatch.chdir(tmp_path)

@@ -60,6 +60,9 @@ def cold_inductor_cache(tmp_path):
         yield
 
 
+# Inductor from a cold cache, 15 s on 2 cores; with -m slow. The aot_eager test below checks the
+# compiled call's hooks and figures in the default suite.
+@pytest.mark.slow
 def test_compiled_training_follows_eager_step_by_step_and_keeps_checkpoints(cold_inductor_cache, tmp_path):
     eager, compiled = _model(False), _model(True, seed=1)
     assert compiled.memory_format == torch.channels_last  # the default, compiled too

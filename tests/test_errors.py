@@ -127,19 +127,19 @@ CASES = {
     ),
     "sweep threads_per_run 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--threads_per_run", "0"],
-        ["--threads_per_run must be >= 1, got 0", "leave it out for cores // workers"],
+        ["threads_per_run: '0' is not a positive integer or null"],
     ),
     "sweep threads_per_run negative": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--threads_per_run", "-3"],
-        ["got -3", "positive number of threads"],
+        ["threads_per_run: '-3' is not a positive integer or null"],
     ),
     "sweep workers 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--workers", "0"],
-        ["--workers must be >= 1 or auto, got 0", "use 1 to run one after another, or leave it out"],
+        ["workers: '0' is not a positive integer or one of auto"],
     ),
     "sweep runs_per_worker 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--runs_per_worker", "0"],
-        ["--runs_per_worker must be >= 1, got 0", "a fresh process per run"],
+        ["runs_per_worker: '0' is not a positive integer or null"],
     ),
     "checkpoint of another norm": (
         lambda r: fit(r, "--model.norm", "gn", "--ckpt_path", ckpt(r)),

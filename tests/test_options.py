@@ -36,7 +36,7 @@ def options(args: tuple[str, ...]) -> dict[str, str | None]:
     """--option -> its type as --help states it (None for options that take no typed value:
     help, config files, flags, groups)."""
     found = {}
-    for m in re.finditer(r"^  (--[\w.]+)[^\n]*\n((?:(?!  --)[^\n]*\n)*)", _help(list(args)), re.M):
+    for m in re.finditer(r"^  (--[\w.]+)[^\n]*\n((?:(?!  --)[^\n]*\n)*)", _help(list(args)), re.MULTILINE):
         typed = re.search(r"\(type: (.*?), default:", " ".join(m.group(0).split()))
         found[m.group(1)] = typed.group(1) if typed else None
     return found
@@ -98,9 +98,8 @@ def fit_parser():
 def _said(run) -> tuple[int, str]:
     """(exit status, stderr) of ``run()`` inside ``reported``, as ``normbench`` says user errors."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as ended:
-        with reported(DATA_MODULE_NAMES):
-            run()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as ended, reported(DATA_MODULE_NAMES):
+        run()
     return ended.value.code, err.getvalue()
 
 

@@ -68,7 +68,13 @@ def page_links(page: str) -> list[str]:
 
 
 PATHS = [(page, path) for page in PAGES for path in readme_paths(page)]
-COMMANDS = [(page, args) for page in PAGES for args in readme_commands(page)]
+# A command that several pages give (with or without --dry-run, which every check adds) is
+# parsed once, under the first page that gives it.
+_FIRST: dict[tuple[str, ...], tuple[str, list[str]]] = {}
+for _page in PAGES:
+    for _args in readme_commands(_page):
+        _FIRST.setdefault(tuple(a for a in _args if a not in ("--dry-run", "--dry_run")), (_page, _args))
+COMMANDS = list(_FIRST.values())
 LINKS = [(page, target) for page in PAGES for target in page_links(page)]
 
 

@@ -15,9 +15,9 @@ import pytest
 from normbench.data import DATAMODULES
 from normbench.main import main
 from normbench.report import find_runs
-from normbench.report.verdicts import CLAIMS, judge
 from normbench.report.inference import p_text
 from normbench.report.tables import Stat
+from normbench.report.verdicts import CLAIMS, judge
 
 
 def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, curve=None, status="finished",

@@ -462,6 +462,9 @@ def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
     assert seen == [False]
 
 
+# Two sweep processes, 13 s on 2 cores; with -m slow. A fit's Ctrl-C (test_recorder) and a
+# killed run's resume (test_resume) are checked in the default suite.
+@pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_path):
     cmd = _stopped_sweep(fake_data, tmp_path, "killer.InterruptAtStep")
     first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)

@@ -91,8 +91,8 @@ def budget_lines(runs: list[Run]) -> list[str]:
         "scaled_lr": f"the config's epochs with the learning rate scaled by the {budget.get('rule')} rule from batch "
                      f"size {budget.get('reference_batch_size')} (lr {budget.get('reference_lr')} there)",
     }.get(protocols[0] if protocols else "study", protocols[0] if protocols else "study")  # fmt: skip
-    return [f"Budget held (`budget.protocol: {protocols[0] if protocols else 'study'}`): {held}; the finished runs "
-            f"took {steps} optimizer steps at learning rate {lrs}. The tables give each cell's steps and lr."]
+    return [(f"Budget held (`budget.protocol: {protocols[0] if protocols else 'study'}`): {held}; the finished runs "
+             f"took {steps} optimizer steps at learning rate {lrs}. The tables give each cell's steps and lr.")]
 
 
 def _sweep_lines(paths: list[str]) -> list[str]:

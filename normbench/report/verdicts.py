@@ -141,7 +141,7 @@ def bn_needs_batch(runs: list[Run]) -> Verdict:
         return Verdict(claim, "not enough data", "needs bn and gn at 2 or more common batch sizes")
     parts, ps, holds, used = [], [], [], []
     for ds in datasets:
-        log2 = lambda stats: {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds}
+        log2 = lambda stats, ds=ds: {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds}
         fit = interaction(log2(bn), log2(gn))
         if fit is None:
             return Verdict(claim, "not enough data", f"{ds}: too few bn and gn runs for the interaction's fit")
@@ -269,8 +269,8 @@ def depth_activation(runs: list[Run]) -> Verdict:
         holds.append(fits["sigmoid"].estimate < 0 < fits["relu"].estimate)
         ps.append(max(f.p for f in fits.values()))
         used += [r for r in runs if (r.dataset, r.norm, r.batch_size) == ctx and r.activation in fits]
-        text = [f"{where}: accuracy per doubling of the blocks, relu {fits['relu'].text('points')}; sigmoid "
-                f"{fits['sigmoid'].text('points')}"]  # fmt: skip
+        text = [(f"{where}: accuracy per doubling of the blocks, relu {fits['relu'].text('points')}; sigmoid "
+                 f"{fits['sigmoid'].text('points')}")]  # fmt: skip
         for act in ("relu", "sigmoid"):
             shallow, deep = min(cells[act]), max(cells[act])
             text.append(f"{act} {deep} − {shallow} blocks: {Comparison(cells[act][deep], cells[act][shallow]).text()}")
