@@ -50,6 +50,7 @@ from normbench.bench_tools import (
     shipped_config,
     timed,
 )
+from normbench.options import plain_config
 
 SECTIONS = ("runs", "overhead", "grid", "compile", "pack", "bf16")
 
@@ -166,7 +167,7 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--pack_steps", type=PositiveInt, default=200, help="steps per run for the packed comparison")
     p.add_argument("--pack_batch_size", type=PositiveInt, default=2)
     p.add_argument("--output", type=str | None, default=None, help="also write the rows to this JSON file")
-    cfg = p.parse_args(args)
+    cfg = plain_config(p.parse_args(args))
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")

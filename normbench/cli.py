@@ -202,7 +202,7 @@ class NormBenchCLI(LightningCLI):
         if not dev_run and config.checkpoint_every_n_steps and not has_periodic_checkpoint(config):
             # last.ckpt in the middle of epochs too: at batch size 2 an epoch is 25,000 steps.
             # Both write last.ckpt; without the version counter they replace it, not add last-v1.ckpt.
-            append_callback(config, CHECKPOINT, every_n_train_steps=config.checkpoint_every_n_steps,
+            append_callback(config, CHECKPOINT, every_n_train_steps=int(config.checkpoint_every_n_steps),
                                   save_top_k=0, save_last=True, enable_version_counter=False)  # fmt: skip
         # Lightning's bar redraws every step; at batch size 2 that is thousands a second.
         add_default(config, "enable_progress_bar", PROGRESS_BAR, refresh_rate=PROGRESS_REFRESH, leave=False)

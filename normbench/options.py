@@ -8,6 +8,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from jsonargparse import Namespace
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveFloat, PositiveInt
 
 # Each restricted type in plain words.
@@ -65,3 +66,15 @@ def plain(*values: Any) -> tuple[Any, ...]:
     are subclasses of them that hparams.yaml would tag."""
     return tuple(v if v is None or type(v) in (bool, int, float) else float(v) if isinstance(v, float) else int(v)
                  for v in values)  # fmt: skip
+
+
+def plain_config(cfg: Any) -> Any:
+    """A parsed config with every restricted int and float as a plain one, in lists and nested
+    namespaces too: what YAML, pickles and run records can hold without jsonargparse."""
+    if isinstance(cfg, list):
+        return [plain_config(v) for v in cfg]
+    if isinstance(cfg, Namespace):
+        for key, value in list(cfg.items(branches=True)):
+            cfg[key] = plain_config(value)
+        return cfg
+    return plain(cfg)[0] if isinstance(cfg, (int, float)) else cfg

@@ -37,6 +37,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from normbench.grid import Cell, expand, validate
+from normbench.options import plain_config
 from normbench.results import (
     DIVERGED,
     DONE,
@@ -147,7 +148,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     Raises:
         SystemExit: 1 when a run of the sweep failed or diverged, unless ``--allow_failures``.
     """
-    cfg = build_parser().parse_args(args)
+    cfg = plain_config(build_parser().parse_args(args))
     config_files = cfg.get("config") or []
     name = cfg.name or (Path(str(config_files[-1])).stem if config_files else "sweep")
     sweep_dir = Path(cfg.output).resolve() / name

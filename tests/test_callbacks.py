@@ -81,7 +81,10 @@ def test_each_norm_family_writes_its_tags(norm, norm_run):
     assert ("val_acc_precise_bn" in record) == ("train_eval" in EXPECTED[norm])
 
 
-@pytest.mark.parametrize("norm", ["bn", "brn", "ghost_bn"])
+# brn, whose diagnostics touch the most (its r/d clip figures besides the running statistics), in
+# the default suite; bn and ghost_bn with -m slow (3 s each on 2 cores).
+@pytest.mark.parametrize("norm", [pytest.param("bn", marks=pytest.mark.slow), "brn",
+                                  pytest.param("ghost_bn", marks=pytest.mark.slow)])  # fmt: skip
 def test_diagnostics_do_not_change_training(norm, fake_data, tmp_path):
     # Every step logged, batch-statistics evaluation and PreciseBN on: the most they can touch.
     loud = ["--trainer.callbacks.init_args.every_n_steps", "1"]

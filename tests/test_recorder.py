@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from quick_configs import mnist_config
 from test_sweep import quick_overrides
+
+from normbench.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -47,16 +50,32 @@ def _normbench(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
+def _in_process(cwd: Path, monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``normbench ARGS`` run in this process from ``cwd``: its exit status and its stderr (a
+    process of its own costs 5 s of imports; the tests that need one, for signals, use
+    ``_normbench``)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    return code, capsys.readouterr().err
+
+
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_fast_dev_run_alone_records_its_run_in_its_own_directory(fake_data, tmp_path):
+def test_fast_dev_run_alone_records_its_run_in_its_own_directory(fake_data, tmp_path, monkeypatch, capsys):
     work = tmp_path / "work"
-    done = _normbench(work, "fit", "--config", BASE, "--data.data_dir", str(fake_data), "--data.download", "false",
-                      "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.fast_dev_run", "true",
-                      "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, err = _in_process(work, monkeypatch, capsys, "fit", "--config", BASE, "--data.data_dir", str(fake_data),
+                            "--data.download", "false", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+                            "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false",
+                            "--trainer.enable_model_summary", "false")  # fmt: skip
+    assert code == 0, err[-2000:]
     # The record and nothing else: no checkpoints/ in the working directory, none in the run's.
     assert _files(work) == ["lightning_logs/mnist_bn_bs16/version_0/metrics.json"]
     record = json.loads((work / "lightning_logs/mnist_bn_bs16/version_0/metrics.json").read_text())
@@ -64,13 +83,19 @@ def test_fast_dev_run_alone_records_its_run_in_its_own_directory(fake_data, tmp_
     assert record["config"]["model"]["norm"] == "bn" and record["config"]["trainer"]["fast_dev_run"] is True
 
 
-def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_so(fake_data, tmp_path):
+# What Lightning says of the modes themselves (no validation to monitor, overfit_batches turning
+# shuffling off), in this process now that the sweep runs here.
+@pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find the monitored key")
+@pytest.mark.filterwarnings("ignore:You requested to overfit but enabled")
+def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_so(
+    fake_data, tmp_path, monkeypatch, capsys
+):
     grid = {"mode": {name: settings for name, (settings, _, _) in MODES.items()}}
     config = tmp_path / "modes.yaml"
     config.write_text(yaml.safe_dump({"base": BASE, "overrides": quick_overrides(fake_data), "grid": grid}))
     args = ["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"]
-    done = _normbench(tmp_path / "cwd", *args)
-    assert done.returncode == 1, done.stderr[-3000:]
+    code, err = _in_process(tmp_path / "cwd", monkeypatch, capsys, *args)
+    assert code == 1, err[-3000:]
     sweep_dir = tmp_path / "out" / "modes"
     for name, (_, status, steps) in MODES.items():
         record = json.loads((sweep_dir / "lightning_logs" / name / "version_0" / "metrics.json").read_text())
@@ -81,7 +106,7 @@ def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_
         assert record["config"]["model"]["net"] == "seed_cnn", name  # its config, also without config.yaml
     diverged = json.loads((sweep_dir / "lightning_logs/diverges/version_0/metrics.json").read_text())
     # One line per run that failed or diverged, then the summary, which counts them truly.
-    lines = done.stderr.splitlines()
+    lines = err.splitlines()
     assert [x for x in lines if x.startswith("sweep: ") and ("failed" in x or "diverged" in x)] == [
         "sweep: callback_raises failed: RuntimeError: callback bug at step 1",
         f"sweep: diverges diverged at step {diverged['diverged_at_step']}",
@@ -97,9 +122,9 @@ def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_
 
     # An exploratory sweep accepts its failures: the failed run runs again, fails again, and is
     # said; the exit status is 0.
-    again = _normbench(tmp_path / "cwd", *args, "--allow_failures", "true")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "sweep: callback_raises failed: RuntimeError: callback bug at step 1" in again.stderr.splitlines()
+    code, err = _in_process(tmp_path / "cwd", monkeypatch, capsys, *args, "--allow_failures", "true")
+    assert code == 0, err[-3000:]
+    assert "sweep: callback_raises failed: RuntimeError: callback bug at step 1" in err.splitlines()
 
 
 def test_ctrl_c_of_a_fit_records_it_interrupted_and_exits_130(fake_data, tmp_path):

@@ -124,6 +124,9 @@ def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_
     assert len(scalar_steps(run_dir, "grad/block_0")) == EPOCHS * STEPS_PER_EPOCH
 
 
+# A killed process and its resume, 6 s on 2 cores; with -m slow. The kill in the middle of an
+# epoch (above) checks in the default suite that a resumed run equals the run left alone.
+@pytest.mark.slow
 def test_sigkill_right_after_a_checkpoint_loses_no_scalar_logged_before_it(fake_data, tmp_path):
     # A slow disk keeps TensorBoard's queue full, so the kill always finds events in it: only a
     # flush when the checkpoint is saved puts those logged before the checkpoint on disk.
@@ -163,6 +166,8 @@ def test_resuming_a_finished_run_with_more_epochs_continues_its_record(fake_data
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
 
 
+# Two processes, 6 s on 2 cores; with -m slow (study 1's iteration runs resumed).
+@pytest.mark.slow
 def test_iteration_run_resumed_at_a_validation_step_has_the_curves_of_the_run_left_alone(fake_data, tmp_path):
     """Study 1's config as it ships (max_steps, val_check_interval, the loss every n steps),
     SIGKILLed after step 12; its last checkpoint is from step 10, a validation step that Lightning

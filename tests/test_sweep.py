@@ -273,10 +273,11 @@ def test_two_sweep_processes_on_one_directory_run_each_cell_once(fake_data, tmp_
     assert pids <= {p.pid for p in procs}
 
 
-# The default layout (no --workers: auto) runs in the default suite; --workers 2 with the
-# --threads_per_run override with -m slow (each case starts worker processes that import torch
-# and Lightning: 12 s).
-@pytest.mark.parametrize("override", [False, pytest.param(True, marks=pytest.mark.slow)])
+# Both cases with -m slow (each starts worker processes that import torch and Lightning: 10 s);
+# test_a_worker_process_trains_run_after_run checks in the default suite that two workers' runs
+# get cores // 2 threads each on cores of their own, and test_auto_workers_... the auto rule.
+@pytest.mark.slow
+@pytest.mark.parametrize("override", [False, True])
 def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(override, fake_data, tmp_path):
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     assert cpu_cores() == cores
@@ -352,14 +353,26 @@ def test_a_worker_process_trains_run_after_run(runs_per_worker, fake_data, tmp_p
     main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "2", *extra])
     runs = sorted((tmp_path / "out" / "reuse" / "lightning_logs").glob("*/version_0"))
     assert [r.parent.name for r in runs] == ["bn", "brn", "gn"]
-    pids = []
+    pids, cores_of = [], {}
+    cores = cpu_cores()
+    threads = max(1, len(cores) // 2)  # the cores shared out between the two workers
     for run in runs:
         record = json.loads((run / "metrics.json").read_text())
         probe = json.loads((run / "threads.json").read_text())
         assert record["status"] == "finished" and record["config"]["model"]["norm"] == run.parent.name
         assert record["attempts"][0]["pid"] == probe["pid"] != os.getpid()
+        assert record["hardware"].endswith(f", {threads} threads"), record["hardware"]
+        assert probe["intra_op"] == probe["inter_op"] == threads, probe
+        assert probe["env"] == {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if hasattr(os, "sched_setaffinity"):
+            assert len(probe["cores"]) == threads and set(probe["cores"]) <= set(cores), probe
+        cores_of.setdefault(probe["pid"], set()).update(probe["cores"])
         pids.append(probe["pid"])
     assert len(set(pids)) == (2 if runs_per_worker is None else 3), pids
+    if hasattr(os, "sched_setaffinity") and len(cores) >= 2 and runs_per_worker is None:
+        # The two workers ran on cores of their own, not on each other's.
+        first, second = cores_of.values()
+        assert not first & second, cores_of
 
 
 def test_sweep_help_shows_threads_per_run(capsys):
