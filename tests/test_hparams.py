@@ -48,6 +48,9 @@ def test_a_sweeps_tab_shows_its_axes_and_accuracies_first(fake_data, tmp_path):
     grid = {"norm": {"bn": {"model.norm": "bn"}, "gn": {"model.norm": "gn", "model.norm_kwargs": {"num_groups": 4}}},
             "data.batch_size": [8, 16], "seed_everything": [0, 1]}  # fmt: skip
     config = write_sweep(tmp_path / "s.yaml", fake_data, grid)
+    spec = yaml.safe_load(config.read_text())
+    spec["overrides"].update({"trainer.max_epochs": 1, "trainer.limit_train_batches": 1})  # 8 runs of one step
+    config.write_text(yaml.safe_dump(spec))
     main(["sweep", "--config", str(config), "--output", str(tmp_path), "--workers", "1"])
     logs = tmp_path / "s" / "lightning_logs"
     hparams, metrics, experiment = tab(logs)
