@@ -33,7 +33,8 @@ def test_the_study_protocol_takes_the_configs_epochs_and_lr(fake_data, tmp_path)
     assert config["budget"]["protocol"] == "study"
 
 
-@pytest.mark.parametrize("batch_size", [4, 32])
+# Batch size 32 (3 s: 8 passes over the fake set) with -m slow.
+@pytest.mark.parametrize("batch_size", [4, pytest.param(32, marks=pytest.mark.slow)])
 def test_held_steps_take_the_same_optimizer_steps_at_any_batch_and_evaluate_evenly(fake_data, tmp_path, batch_size):
     record, config = _fit(fake_data, tmp_path, batch_size, "--budget.protocol", "steps", "--budget.steps", "12",
                           "--budget.evaluations", "3")  # fmt: skip

@@ -171,6 +171,9 @@ def test_validation_on_two_processes_equals_one_device_on_the_same_images(ddp_ru
     assert last["val/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), abs=1e-6)
 
 
+# `normbench test` on 2 processes (5 s: two more interpreters); with -m slow. The validation on
+# two processes above checks the same unpadded sharding in the default suite.
+@pytest.mark.slow
 def test_test_on_two_processes_equals_one_process(ddp_run, data_dir, tmp_path):
     ckpt = str(ddp_run / "checkpoints" / "last.ckpt")
     probe = ["--trainer.callbacks+=ddp_probe.SaveTestMetrics", f"--trainer.callbacks.out_dir={tmp_path}"]

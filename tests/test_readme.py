@@ -115,9 +115,13 @@ def _dry(args: list[str], tmp_path: Path) -> list[str]:
     return args if "--print_config" in args else [*args, "--print_config"]
 
 
+# The 198-run every_norm sweep's dry run (5 s of jsonargparse parsing) with -m slow.
 @pytest.mark.parametrize(
-    "page, args", COMMANDS, ids=[f"{page}: {' '.join(args)}"[:100] for page, args in COMMANDS]
-)
+    "page, args",
+    [pytest.param(page, args, marks=[pytest.mark.slow] if "configs/sweeps/every_norm.yaml" in args else [])
+     for page, args in COMMANDS],
+    ids=[f"{page}: {' '.join(args)}"[:100] for page, args in COMMANDS],
+)  # fmt: skip
 def test_every_readme_command_parses(page, args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
