@@ -48,7 +48,7 @@ def norm_run(fake_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
     def run(norm: str) -> Path:
         if norm not in runs:
-            main(["fit", "--config", mnist_config("bn", 16), "--model.norm", norm,
+            main(["fit", "--config", mnist_config("bn", 16), "--model.norm", norm, "--model.width", "32",
                   "--data.data_dir", str(fake_data), "--data.download", "false", "--data.num_workers", "0",
                   "--trainer.default_root_dir", str(root / norm), "--trainer.max_epochs", "2",
                   "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",

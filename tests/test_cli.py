@@ -226,6 +226,25 @@ def test_help_lists_every_subcommand_with_one_line(capsys, monkeypatch):
         assert next(x for x in out.splitlines() if x.split()[:1] == [name]).split(None, 1)[1].startswith(line)
 
 
+@pytest.mark.parametrize("sub", ["fit", "validate", "test", "predict"])
+def test_a_command_builds_only_its_subcommands_parser(sub, capsys, monkeypatch):
+    # Each of Lightning's subcommand parsers takes 0.1 s to build; a command needs its own only.
+    built = []
+    own = NormBenchCLI.subcommands
+    monkeypatch.setattr(NormBenchCLI, "subcommands", lambda self: built.append(list(own(self))) or own(self))
+    with pytest.raises(SystemExit) as exit_info:
+        main([sub, "--config", mnist_config("bn", 16), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["norm"] == "bn" and printed["data"]["init_args"]["batch_size"] == 16
+    assert built and all(names == [sub] for names in built), built
+    # Without one named first (``normbench --help``), every subcommand is built and listed.
+    built.clear()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert built and all(names == ["fit", "validate", "test", "predict"] for names in built), built
+
+
 def test_a_seed_of_64_bits_trains_with_augmentation(fake_data, tmp_path, capsys):
     seed = 2**63 - 1  # Lightning's own seed_everything refuses seeds above 2**32 - 1
     main(["fit", "--config", mnist_config("bn", 16), "--data", "CIFAR10DataModule", "--data.augment", "true",
