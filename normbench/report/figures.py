@@ -8,31 +8,16 @@ import shutil
 import statistics
 from pathlib import Path
 
+from normbench.report.plotting import pyplot, save_figure
 from normbench.report.records import CONTEXT, Run
 from normbench.report.reference import study1_reference
 from normbench.report.tables import Stat, aggregate, markdown_table, sorted_values
 
 
-def _save(fig, ax, path: Path) -> str:
-    """Legend, grid, layout, then the PNG; returns its file name."""
-    import matplotlib.pyplot as plt
-
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
 def plots(runs: list[Run], out: Path) -> list[str]:
     """Accuracy per epoch (a line per norm, a band over seeds) and best accuracy against batch
     size (error bars), as PNGs in ``out``; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     main = [r for r in runs if r.ok and not r.iterations]
     # Accuracy against epoch, per dataset and batch size: a line per norm, a band over seeds.
@@ -51,7 +36,7 @@ def plots(runs: list[Run], out: Path) -> list[str]:
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
         ds, net, act, blocks, bs = ctx
         ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{ds}, batch size {bs}")
-        written.append(_save(fig, ax, out / f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"))
+        written.append(save_figure(fig, ax, out / f"acc_vs_epoch_{ds}_{net}_{act}_{blocks}blocks_bs{bs}.png"))
     # Best accuracy against batch size, per context, with error bars over seeds; not for study 1's
     # runs in iterations, whose lengths differ by batch size (runs held to the same steps are in).
     stats = aggregate([r for r in runs if r.across_batches], (*CONTEXT, "norm", "batch_size"))
@@ -66,7 +51,7 @@ def plots(runs: list[Run], out: Path) -> list[str]:
                         marker="o", capsize=3, label=norm)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="best test accuracy (%)", title=f"{ctx[0]}: accuracy vs batch size")
-        written.append(_save(fig, ax, out / f"acc_vs_batch_size_{ctx[0]}_{ctx[1]}_{ctx[2]}_{ctx[3]}blocks.png"))
+        written.append(save_figure(fig, ax, out / f"acc_vs_batch_size_{ctx[0]}_{ctx[1]}_{ctx[2]}_{ctx[3]}blocks.png"))
     return written
 
 
@@ -88,11 +73,7 @@ def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[
 def _study1_figure(group: list[Run], path: Path, title: str) -> str:
     """Study 1's figure for one (dataset, batch size): training loss (log scale) and test accuracy
     against iterations, a line per norm (the mean over seeds; a band of one std for accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for norm in sorted_values({r.norm for r in group}):
         runs = [r for r in group if r.norm == norm]
@@ -109,15 +90,9 @@ def _study1_figure(group: list[Run], path: Path, title: str) -> str:
     ax_loss.set_yscale("log")
     ax_loss.set(title="Training loss", xlabel="iteration", ylabel="loss of the batch (mean over seeds)")
     ax_acc.set(title="Test accuracy", xlabel="iteration", ylabel="test accuracy (%)")
-    for ax in (ax_loss, ax_acc):
-        if ax.get_legend_handles_labels()[0]:  # runs without a curve draw no line
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    # Runs without a curve draw no line, and their axis no legend.
+    return save_figure(fig, (ax_loss, ax_acc), path, dpi=100)
 
 
 def _accuracy_at_step(runs: list[Run], step: int) -> Stat:
@@ -203,11 +178,7 @@ def study2_figure(runs: list[Run], out: Path) -> str | None:
     datasets = sorted_values({d for d, n, _ in stats if n == "bn"} & {d for d, n, _ in stats if n == "gn"})
     if not datasets or len({b for _, _, b in stats}) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ours, theirs) = plt.subplots(1, 2, figsize=(10, 3.8))
     for norm, color in (("bn", "C0"), ("gn", "C1")):
         for ds in datasets:
@@ -221,10 +192,4 @@ def study2_figure(runs: list[Run], out: Path) -> str | None:
     for ax, title in ((ours, f"ours: {', '.join(datasets)}"), (theirs, "the study: CIFAR-10, another scale")):
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="best test accuracy (%)", title=title)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "study2_beside_the_study.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, (ours, theirs), out / "study2_beside_the_study.png")

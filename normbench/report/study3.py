@@ -23,6 +23,7 @@ from collections import defaultdict
 from normbench.norms import BATCH_NORMS
 from normbench.report.claims import CLOSE, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, p_text, slope
+from normbench.report.plotting import pyplot, save_figure
 from normbench.report.records import Run
 from normbench.report.tables import PairedComparison, Stat, sorted_values
 
@@ -166,12 +167,7 @@ def evaluation_table(cells: dict[int, list[Run]]) -> tuple[list[str], list[list[
 def norm_batch_figure(cells: dict[int, list[Run]], controls: dict[str, Stat], path) -> str:
     """Best accuracy against the normalization batch (bn, error bars over seeds) with each
     batch-free control as a flat line and its ± std band; returns the file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     nbs = sorted(cells)
     stats = [Stat([r.best for r in cells[nb]]) for nb in nbs]
     ax.errorbar(nbs, [s.mean for s in stats], yerr=[s.std or 0.0 for s in stats], marker="o", capsize=3,
@@ -185,12 +181,7 @@ def norm_batch_figure(cells: dict[int, list[Run]], controls: dict[str, Stat], pa
     ax.set_xscale("log", base=2)
     ax.set_xticks(nbs, [str(nb) for nb in nbs])
     ax.set(xlabel="normalization batch (images)", ylabel="best test accuracy (%)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, ax, path, legend_size=7)
 
 
 def study3_sections(runs: list[Run], out) -> list[str]:
