@@ -48,17 +48,20 @@ RUN_SUFFIX = ".hparams"
 SWEEP_SUFFIX = ".normbench-sweep"
 
 
-def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any = None,
+                       seed: int | None = None) -> dict[str, Any]:  # fmt: skip
     """The settings of a run for the HPARAMS tab: the experiment's variables (norm and its
     options, the global batch size, the normalization batch where set, dataset, network, width,
     blocks, activation, learning rate, optimizer, seed), then the model's and the data's other
     settings and the batch layout. Internal keys (LightningCLI's ``_class_path`` and
     ``_instantiator``) and settings that do not change what is measured (``data_dir``, ...)
-    are left out."""
+    are left out. A packed run gives its own ``datamodule`` and ``seed`` (its Trainer is the
+    pack's, and this process's seed the last run's); a lone run's are the Trainer's and
+    ``seed_everything``'s."""
     model = {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_") and k not in NOT_HPARAMS}
-    dm = trainer.datamodule
+    dm = datamodule or trainer.datamodule
     data = {k: v for k, v in dict(getattr(dm, "hparams", {})).items() if not k.startswith("_") and k not in NOT_HPARAMS}
-    layout = batch_layout(trainer, pl_module)
+    layout = batch_layout(trainer, pl_module, dm)
     optimizer = trainer.optimizers[0] if trainer.optimizers else None
     first: dict[str, Any] = {"norm": model.pop("norm", None)}
     first.update({f"norm/{k}": v for k, v in (model.pop("norm_kwargs", None) or {}).items()})
@@ -69,7 +72,7 @@ def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict
     first["dataset"] = getattr(dm, "name", None)
     first.update({k: model.pop(k, None) for k in ("net", "width", "num_blocks", "activation")})
     first.update(lr=optimizer.param_groups[0]["lr"] if optimizer else None,
-                 optimizer=type(optimizer).__name__ if optimizer else None, seed=run_seed())  # fmt: skip
+                 optimizer=type(optimizer).__name__ if optimizer else None, seed=run_seed() if seed is None else seed)  # fmt: skip
     return {
         **first,
         **{f"model/{k}": v for k, v in model.items()},

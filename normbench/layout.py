@@ -11,17 +11,19 @@ from normbench.diagnostics.train_eval import norm_batch
 from normbench.norms import tracks_running_stats
 
 
-def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any = None) -> dict[str, Any]:
     """What a run's batch means on this machine, for its record: devices, nodes, processes, the
     per-device and global batch size (the images of one optimizer step), and how many images
     each norm's statistics cover (``norm_stats_images``, per device or over all of them when
-    synced; 1 for norms of one image, such as gn; None for no norm)."""
-    per_device = getattr(trainer.datamodule, "batch_size", None)
+    synced; 1 for norms of one image, such as gn; None for no norm). ``datamodule``: the run's,
+    where the Trainer has none (a packed run's)."""
+    datamodule = datamodule or trainer.datamodule
+    per_device = getattr(datamodule, "batch_size", None)
     world = trainer.world_size
     layers = [m for m in pl_module.modules() if tracks_running_stats(m)]
     synced = bool(getattr(pl_module, "sync_norms", False)) and world > 1
     if layers:
-        images = norm_batch(trainer, pl_module) if per_device else None
+        images = norm_batch(trainer, pl_module, datamodule) if per_device else None
         ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
         if images is not None and ghost:
             images = min(images, *ghost)

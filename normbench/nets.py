@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -268,14 +269,13 @@ class PackedRuns(nn.Module):
     """K copies of one network, with stacked parameters and buffers, run with ``vmap``.
 
     The K networks' parameters and buffers are stacked along a new leading dim
-    (``torch.func.stack_module_state``) and the forward is vmapped over it with
-    ``torch.func.functional_call``. Each run sees its own batch and keeps its own running
-    statistics (the stacked buffers are updated in place, per run); with the loss the sum of the
-    runs' losses each run's gradient is its own, and elementwise optimizers (Adam, SGD with
-    momentum) on the stacked tensors are exactly K optimizers. Nothing couples the runs: no
-    shared statistics, and no global gradient-norm clipping over the pack. All runs share one
-    module definition, so a pack holds runs of the same network and norm that differ in seed
-    (initialization and data order).
+    (``torch.func.stack_module_state``) and the forward is vmapped over it with ``functional_call``.
+    Each run sees its own batch and keeps its own running statistics (the stacked buffers are
+    updated in place, per run); with the loss the sum of the runs' losses each run's gradient is
+    its own, and elementwise optimizers (Adam, SGD with momentum) on the stacked tensors are
+    exactly K optimizers. Nothing couples the runs: no shared statistics, no global gradient-norm
+    clipping. A pack holds runs of one network and norm that differ in seed (initialization and
+    data order).
 
     Args:
         nets: the K networks, identical in structure (each with its own initialization).
@@ -289,16 +289,14 @@ class PackedRuns(nn.Module):
         params, buffers = stack_module_state(list(nets))
         self.k = len(nets)
         self.param_names, self.buffer_names = list(params), list(buffers)
-        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone()) for n in self.param_names)
+        # The default layout whatever the runs': under vmap, cuDNN cannot ask is_contiguous(channels_last).
+        plain = torch.contiguous_format
+        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone(memory_format=plain)) for n in self.param_names)
         for i, name in enumerate(self.buffer_names):
-            self.register_buffer(f"stacked_buffer_{i}", buffers[name].clone())
+            self.register_buffer(f"stacked_buffer_{i}", buffers[name].clone(memory_format=plain))
         # The shared definition, without storage of its own: functional_call supplies the tensors.
         # Kept out of the module tree, so that .to() and state_dict() see only the stacked ones.
         object.__setattr__(self, "base", copy.deepcopy(nets[0]).to("meta"))
-
-    def train(self, mode: bool = True) -> PackedRuns:
-        self.base.train(mode)
-        return super().train(mode)
 
     def _buffers_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, f"stacked_buffer_{i}") for i, name in enumerate(self.buffer_names)}
@@ -306,6 +304,10 @@ class PackedRuns(nn.Module):
     def forward(self, x: Tensor, shared_input: bool = False) -> Tensor:
         """Logits of every run: (K, B, ...) from x of (K, B, ...), or from one (B, ...) batch
         that every run sees (``shared_input``, e.g. evaluation)."""
+        # The definition trains or evaluates as this module does. Set here, not in train():
+        # Lightning restores each module's ``training`` flag after validation without train().
+        if self.base.training != self.training:
+            self.base.train(self.training)
         params = dict(zip(self.param_names, self.stacked))
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor) -> Tensor:
@@ -316,7 +318,7 @@ class PackedRuns(nn.Module):
             # loops over the runs for it: slower for that op, the same numbers.
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             return vmap(one, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
-                params, self._buffers_dict(), x
+                params, self._buffers_dict(), x.contiguous()
             )
 
     def run_state_dict(self, k: int) -> dict[str, Tensor]:

@@ -3,9 +3,10 @@
 Each run of the pack is built exactly as ``normbench fit`` builds it alone (its config parsed by
 the same CLI, its model initialized after its own ``seed_everything``, its data order from its
 own seed), then the K networks train in one process and one step through
-``normbench.nets.PackedRuns``. Each run keeps its own metrics, its own TensorBoard run and its
-own run record in its own run directory, as if it had run alone; a run whose loss turns NaN or
-inf is recorded as diverged at that step while the others go on (nothing couples the runs).
+``normbench.nets.PackedRuns``. Each run keeps its own metrics, TensorBoard run, HPARAMS entry and
+run record (``normbench.recorder.RunRecord``, as a lone run's ``RunRecorder`` keeps it) in its own
+run directory, as if it had run alone; a run whose loss turns NaN or inf is recorded as diverged
+at that step while the others go on (nothing couples the runs).
 
 A pack has no checkpoints of its own: an interrupted pack runs again from the start. Trainer
 callbacks of the runs' configs that only observe (NormDiagnostics) are not run for packed runs;
@@ -17,7 +18,6 @@ error naming the setting, so that a pack trains exactly the runs it stands for.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +29,22 @@ from torchmetrics import MaxMetric
 
 from normbench.cli import NormBenchCLI, callback_name
 from normbench.devices import world_size
+from normbench.hparams import experiment_hparams
+from normbench.layout import batch_layout
 from normbench.loaders import PackedLoader
 from normbench.nets import PackedRuns, packed_losses
-from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware, summary, update_record
+from normbench.recorder import RunRecord, log_run_hparams
+from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware
 from normbench.seeding import seed_everything
 from normbench.steps import classification_metrics, note_first_nonfinite
 
 # Trainer settings a pack takes from its runs' configs (all equal within a pack).
 TRAINER_KEYS = ("max_epochs", "max_steps", "accelerator", "limit_train_batches", "limit_val_batches",
-                "deterministic", "precision", "check_val_every_n_epoch")  # fmt: skip
+                "deterministic", "precision", "check_val_every_n_epoch", "log_every_n_steps")  # fmt: skip
 # Trainer settings that do not change what a run trains: the pack sets its own (one device, its
 # own logging, no checkpoints, no progress bar or sanity check) and the records say the same.
 TRAINER_OWN = ("devices", "logger", "callbacks", "default_root_dir", "enable_checkpointing", "enable_progress_bar",
-               "enable_model_summary", "num_sanity_val_steps", "log_every_n_steps")  # fmt: skip
+               "enable_model_summary", "num_sanity_val_steps")  # fmt: skip
 # Callbacks that only observe or save (the pack does not run them; see the module docstring).
 CALLBACKS_OBSERVING = ("NormDiagnostics", "ModelCheckpoint", "TQDMProgressBar", "RichProgressBar", "RunRecorder")
 
@@ -87,21 +90,23 @@ def check_packable(config, defaults, run: str) -> None:
 
 class PackedModule(L.LightningModule):
     """K runs of one NormBenchModule configuration in one step, with per-run metrics: each run
-    has the module's own torchmetrics (its accuracy and image-weighted mean loss, on the device)
-    and its own record of the first step whose loss was NaN or inf.
+    has the module's own torchmetrics (its accuracy and image-weighted mean loss, on the device),
+    its own record of the first step whose loss was NaN or inf, and its own ``RunRecord`` (the
+    record a lone run's ``RunRecorder`` keeps: epochs, validations, sampled training losses).
 
     Args:
         modules: the K runs' modules, built alone (same configuration, own initialization).
         run_dirs: each run's run directory, where its record is written.
         loggers: each run's TensorBoard logger (or None).
+        seeds: each run's seed.
     """
 
-    def __init__(self, modules: list[nn.Module], run_dirs: list[str], loggers: list[Any]) -> None:
+    def __init__(self, modules: list[nn.Module], run_dirs: list[str], loggers: list[Any], seeds: list[int]) -> None:
         super().__init__()
         self.k = len(modules)
         self.packed = PackedRuns([m.net for m in modules])
         self.optimizer_factory = modules[0].optimizer_factory
-        self.run_dirs, self.run_loggers = run_dirs, loggers
+        self.run_dirs, self.run_loggers, self.seeds = run_dirs, loggers, seeds
         num_classes = modules[0].hparams.num_classes
         for split in ("train", "val"):
             pairs = [classification_metrics(num_classes) for _ in range(self.k)]
@@ -109,7 +114,8 @@ class PackedModule(L.LightningModule):
             setattr(self, f"{split}_loss", nn.ModuleList(loss for _, loss in pairs))
         self.register_buffer("first_nonfinite", torch.full((self.k,), -1, dtype=torch.long), persistent=False)
         self.val_acc_best = nn.ModuleList(MaxMetric() for _ in range(self.k))  # best so far, as the module's
-        self.epochs: list[list[dict[str, float]]] = [[] for _ in range(self.k)]
+        self.records = [RunRecord() for _ in range(self.k)]
+        self._pending_losses: list[tuple[int, Tensor]] = []  # (step, the K runs' losses), on the device
         self._val_done = False
 
     def _update(self, split: str, logits: Tensor, y: Tensor) -> Tensor:
@@ -136,6 +142,9 @@ class PackedModule(L.LightningModule):
         x, y = batch
         per_run = self._update("train", self.packed(x), y)
         note_first_nonfinite(self.first_nonfinite, per_run, self.global_step)
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:  # as RunRecorder samples a lone run's losses
+            self._pending_losses.append((self.global_step, per_run.detach()))
         # The sum over runs: each run's gradient is its own mean loss's.
         return per_run.sum()
 
@@ -148,26 +157,42 @@ class PackedModule(L.LightningModule):
         if self.trainer.sanity_checking:
             self._compute_and_reset("val")
 
+    def _flush_losses(self, diverged: list[int]) -> None:
+        """The sampled losses to each run's record and TensorBoard run: one host sync; none after
+        the step a run diverged at (alone, it would have stopped there)."""
+        if not self._pending_losses:
+            return
+        steps = [step for step, _ in self._pending_losses]
+        values = torch.stack([v.float() for _, v in self._pending_losses]).tolist()
+        self._pending_losses = []
+        for step, row in zip(steps, values):
+            for k, value in enumerate(row):
+                if diverged[k] < 0 or step <= diverged[k]:
+                    self.records[k].losses.append([step, value])
+                    if self.run_loggers[k] is not None:
+                        self.run_loggers[k].log_metrics({"train/loss_step": value}, step=step)
+
     def on_train_epoch_end(self) -> None:
         diverged = self.first_nonfinite.tolist()
+        self._flush_losses(diverged)
         train_loss, train_acc = self._compute_and_reset("train")
         val_loss, val_acc = self._compute_and_reset("val") if self._val_done else (None, None)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         for k in range(self.k):
-            row: dict[str, float] = {
-                "epoch": self.current_epoch,
-                "train/loss": train_loss[k],
-                "train/acc": train_acc[k],
-            }
+            row: dict[str, float] = {"train/loss": train_loss[k], "train/acc": train_acc[k]}
             if val_acc is not None:
                 self.val_acc_best[k].update(val_acc[k])
                 best = self.val_acc_best[k].compute().item()
-                row.update({"val/loss": val_loss[k], "val/acc": val_acc[k], "val/acc_best": best})
+                val_row = {"val/loss": val_loss[k], "val/acc": val_acc[k], "val/acc_best": best}
+                row.update(val_row)
             if diverged[k] >= 0:
                 continue  # alone, a diverged run stops there: its record ends before that epoch
-            self.epochs[k].append(row)
+            if val_acc is not None:
+                self.records[k].add_eval(self.global_step, val_row)
+            self.records[k].add_epoch(self.current_epoch, row)
             if self.run_loggers[k] is not None:
-                self.run_loggers[k].log_metrics({m: v for m, v in row.items() if m != "epoch"}, step=self.global_step)
-            update_record(self.run_dirs[k], epochs=self.epochs[k], global_step=self.global_step, status=RUNNING)
+                self.run_loggers[k].log_metrics(row, step=self.global_step)
+            self.records[k].write(self.run_dirs[k], self.global_step, lr, self.seeds[k], status=RUNNING)
         self._val_done = False
         if all(step >= 0 for step in diverged):
             self.trainer.should_stop = True
@@ -179,12 +204,12 @@ class PackedModule(L.LightningModule):
 
 def fit_pack(cells: list[Any]) -> None:
     """Train the cells (identical but for ``seed_everything``) as one pack and write each run's
-    record and TensorBoard events in its own run directory.
+    record, TensorBoard events and HParams in its own run directory, as ``RunRecorder`` writes a
+    lone run's.
 
     Args:
         cells: ``normbench.sweep.Cell`` objects.
     """
-    start = time.time()
     clis = [NormBenchCLI(args=cell.args[1:], run=False) for cell in cells]  # each seeds, then builds its model
     first = clis[0].config
     defaults = clis[0].parser.get_defaults()
@@ -213,25 +238,31 @@ def fit_pack(cells: list[Any]) -> None:
     val_loader = clis[0].datamodule.val_dataloader()
     loggers = [cli.trainer.logger for cli in clis]
     run_dirs = [cell.run_dir for cell in cells]
-    for index, (cli, run_dir) in enumerate(zip(clis, run_dirs, strict=True)):
+    seeds = [cli.config.seed_everything for cli in clis]
+    module = PackedModule([cli.model for cli in clis], run_dirs, loggers, seeds)
+    for index, (cli, run_dir, record) in enumerate(zip(clis, run_dirs, module.records, strict=True)):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         config = cli.parser.dump(cli.config, skip_none=False)
         (Path(run_dir) / "config.yaml").write_text(config)
-        update_record(run_dir, status=RUNNING, config=yaml.safe_load(config), revision=code_revision(),
-                      seed=cli.config.seed_everything,
-                      packed={"runs": [c.name for c in cells], "index": index})  # fmt: skip
-    module = PackedModule([cli.model for cli in clis], run_dirs, loggers)
+        record.begin()
+        record.write(run_dir, 0, None, seeds[index], status=RUNNING, config=yaml.safe_load(config),
+                     revision=code_revision(), layout=batch_layout(trainer, cli.model, cli.datamodule),
+                     packed={"runs": [c.name for c in cells], "index": index})  # fmt: skip
     trainer.fit(module, train_dataloaders=PackedLoader(loaders), val_dataloaders=val_loader)
     diverged = module.first_nonfinite.tolist()
-    for k, run_dir in enumerate(run_dirs):
-        fields: dict[str, Any] = {"global_step": trainer.global_step, "hardware": hardware(module.device),
-                                  "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                                  "wall_time_s": round(time.time() - start, 3),
-                                  **summary(module.epochs[k])}  # fmt: skip
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    for k, (cli, run_dir, record) in enumerate(zip(clis, run_dirs, module.records, strict=True)):
+        metrics = record.figures()
         if diverged[k] >= 0:
-            fields["global_step"] = diverged[k] + 1  # where it would have stopped alone
-            update_record(run_dir, status=DIVERGED, diverged_at_step=diverged[k], **fields)
+            # Where it would have stopped alone.
+            record.write(run_dir, diverged[k] + 1, lr, seeds[k], status=DIVERGED, diverged_at_step=diverged[k],
+                         hardware=hardware(module.device), **metrics)  # fmt: skip
         else:
-            update_record(run_dir, status=FINISHED, **fields)
+            record.write(run_dir, trainer.global_step, lr, seeds[k], status=FINISHED,
+                         hardware=hardware(module.device), **metrics)  # fmt: skip
+            hparams = experiment_hparams(trainer, cli.model, cli.datamodule, seeds[k])
+            if loggers[k] is not None:
+                loggers[k].hparams.update(hparams)  # hparams.yaml (written at finalize), as a lone run's
+            log_run_hparams(run_dir, hparams, metrics)
         if loggers[k] is not None:
             loggers[k].finalize("success")

@@ -36,6 +36,62 @@ from normbench.results import (
 )
 
 
+class RunRecord:
+    """One run's record as it grows, the part a lone run (``RunRecorder``) and each run of a pack
+    (``normbench.pack``) share: its epoch rows, its validation rows (``evals``, each with its
+    ``step``), the sampled training losses (``train_loss_steps``) and its wall time, written to
+    ``metrics.json`` in its run directory through ``normbench.results.update_record``."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.losses: list[list[float]] = []
+        self.start = 0.0
+        self.elapsed = 0.0  # wall time of the attempts before a resume
+
+    def begin(self) -> None:
+        """Start the clock, after the attempts before it."""
+        self.start = time.time() - self.elapsed
+
+    def add_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        """One epoch's figures (once per epoch; nothing when ``row`` is empty)."""
+        if row and not any(e["epoch"] == epoch for e in self.epochs):
+            self.epochs.append({"epoch": epoch, **row})
+
+    def add_eval(self, step: int, row: dict[str, float]) -> None:
+        """One validation's figures at ``step`` optimizer steps; a resumed run may validate again
+        at its checkpoint's step: one row per step."""
+        self.evals = [e for e in self.evals if e["step"] != step] + [{"step": step, **row}]
+
+    def figures(self, precise_bn: float | None = None) -> dict[str, float]:
+        """The end-of-run figures: from every validation, else from the epochs."""
+        return summary(self.evals or self.epochs, precise_bn)
+
+    def write(self, run_dir: str | os.PathLike, global_step: int, lr: float | None, seed: int | None,
+              **fields: Any) -> None:  # fmt: skip
+        """The record so far, with the budget the run took (its optimizer steps and learning
+        rate), its seed, its wall time and ``fields``, to ``run_dir``."""
+        update_record(run_dir, epochs=self.epochs, evals=self.evals, train_loss_steps=self.losses,
+                      global_step=global_step, lr=lr, seed=seed,
+                      wall_time_s=round(time.time() - self.start, 3) if self.start else 0.0, **fields)  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": copy.deepcopy(self.epochs), "evals": copy.deepcopy(self.evals),
+                "train_loss_steps": copy.deepcopy(self.losses), "wall_time_s": time.time() - self.start}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = copy.deepcopy(state_dict["epochs"])
+        self.evals = copy.deepcopy(state_dict.get("evals", []))
+        self.losses = copy.deepcopy(state_dict.get("train_loss_steps", []))
+        self.elapsed = float(state_dict["wall_time_s"])
+
+
+def log_run_hparams(run_dir: str | os.PathLike, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """A finished run's settings and figures to TensorBoard's HPARAMS tab; a sweep's runs leave
+    the experiment summary to the sweep (``normbench.hparams``)."""
+    write_run_hparams(run_dir, hparams, metrics, in_sweep="sweep" in read_record(run_dir))
+
+
 class RunRecorder(L.Callback):
     """Writes the run record, ``metrics.json`` in the run directory, and TensorBoard's HParams.
 
@@ -58,12 +114,8 @@ class RunRecorder(L.Callback):
     """
 
     def __init__(self) -> None:
-        self._epochs: list[dict[str, float]] = []
-        self._evals: list[dict[str, float]] = []
-        self._losses: list[list[float]] = []
+        self._record = RunRecord()
         self._pending_losses: list[tuple[int, Tensor]] = []
-        self._start = 0.0
-        self._elapsed = 0.0  # wall time of the attempts before a resume
         self._restored = False
         self._pending: int | None = None  # an epoch whose training ended but is not collected yet
         self._trainer: L.Trainer | None = None
@@ -87,18 +139,10 @@ class RunRecorder(L.Callback):
             self._collect(self._trainer, self._pending)
         if self._trainer is not None:
             self._flush_losses(self._trainer)
-        return {
-            "epochs": copy.deepcopy(self._epochs),
-            "evals": copy.deepcopy(self._evals),
-            "train_loss_steps": copy.deepcopy(self._losses),
-            "wall_time_s": time.time() - self._start,
-        }
+        return self._record.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epochs = copy.deepcopy(state_dict["epochs"])
-        self._evals = copy.deepcopy(state_dict.get("evals", []))
-        self._losses = copy.deepcopy(state_dict.get("train_loss_steps", []))
-        self._elapsed = float(state_dict["wall_time_s"])
+        self._record.load_state_dict(state_dict)
         self._restored = True
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -112,8 +156,9 @@ class RunRecorder(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._restored:
-            self._epochs, self._evals, self._losses, self._elapsed = [], [], [], 0.0
-        self._start, self._trainer, self._pending = time.time() - self._elapsed, trainer, None
+            self._record = RunRecord()
+        self._record.begin()
+        self._trainer, self._pending = trainer, None
         self._pending_losses = []
         log_dir = self.run_dir(trainer)
         config_file = os.path.join(log_dir, "config.yaml") if log_dir else ""
@@ -146,8 +191,7 @@ class RunRecorder(L.Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith(("val/", "train_eval/")) and _float(v) is not None
         }
-        # A resumed run may validate again at its checkpoint's step: keep one row per step.
-        self._evals = [e for e in self._evals if e["step"] != step] + [{"step": step, **row}]
+        self._record.add_eval(step, row)
         self._flush_losses(trainer)
         self._save(trainer, status=RUNNING)
 
@@ -160,7 +204,7 @@ class RunRecorder(L.Callback):
         self._pending_losses = []
         writer = tensorboard_writer(trainer) if trainer.is_global_zero else None
         for step, value in zip(steps, values):
-            self._losses.append([step, value])
+            self._record.losses.append([step, value])
             if writer is not None:
                 writer.add_scalar("train/loss_step", value, step)
 
@@ -185,7 +229,7 @@ class RunRecorder(L.Callback):
             self._collect(trainer, self._pending)
         self._flush_losses(trainer)
         # Every validation, also those between epoch ends (val_check_interval), else the epochs.
-        metrics = summary(self._evals or self._epochs, _float(trainer.callback_metrics.get(PRECISE_BN_ACC)))
+        metrics = self._record.figures(_float(trainer.callback_metrics.get(PRECISE_BN_ACC)))
         if diverged_at is not None:
             self._save(trainer, status=DIVERGED, diverged_at_step=diverged_at, **metrics)
             return
@@ -194,11 +238,8 @@ class RunRecorder(L.Callback):
 
     def _collect(self, trainer: L.Trainer, epoch: int) -> None:
         self._pending = None
-        if any(e["epoch"] == epoch for e in self._epochs):
-            return
         row = {k: _float(v) for k, v in trainer.callback_metrics.items() if "/" in k and _float(v) is not None}
-        if row:
-            self._epochs.append({"epoch": epoch, **row})
+        self._record.add_epoch(epoch, row)
 
     def _save(self, trainer: L.Trainer, **fields: Any) -> None:
         # The run directory is a broadcast: every rank must ask for it, only rank zero writes.
@@ -208,18 +249,8 @@ class RunRecorder(L.Callback):
         diagnostics = [cb.record() for cb in trainer.callbacks if isinstance(cb, NormDiagnostics)]
         if diagnostics:
             fields.setdefault("diagnostics", diagnostics[0])
-        update_record(
-            log_dir,
-            epochs=self._epochs,
-            evals=self._evals,
-            train_loss_steps=self._losses,
-            global_step=trainer.global_step,
-            # The budget the run took: its optimizer steps (global_step) and learning rate.
-            lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
-            seed=run_seed(),
-            wall_time_s=round(time.time() - self._start, 3) if self._start else 0.0,
-            **fields,
-        )
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        self._record.write(log_dir, trainer.global_step, lr, run_seed(), **fields)
 
     @rank_zero_only
     def _set_logged_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -231,9 +262,7 @@ class RunRecorder(L.Callback):
     def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
-                # A sweep's runs leave the experiment summary to the sweep (normbench.hparams).
-                in_sweep = "sweep" in read_record(lg.log_dir)
-                write_run_hparams(lg.log_dir, experiment_hparams(trainer, pl_module), metrics, in_sweep)
+                log_run_hparams(lg.log_dir, experiment_hparams(trainer, pl_module), metrics)
 
 
 def _float(value: Any) -> float | None:

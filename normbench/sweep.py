@@ -122,7 +122,7 @@ def build_parser() -> ArgumentParser:
         "--pack",
         type=bool,
         default=False,
-        help="train runs that differ only in seed_everything as one pack (normbench.packed_fit; local "
+        help="train runs that differ only in seed_everything as one pack (normbench.pack; local "
         "backend). Opt-in; the README's speed section says where it pays",
     )
     parser.add_argument(

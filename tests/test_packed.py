@@ -103,3 +103,43 @@ def test_run_k_of_a_pack_equals_the_run_alone(norm, opt_name):
 def test_packs_refuse_different_shapes():
     with pytest.raises(ValueError, match="same names and shapes"):
         PackedRuns([build("bn", 0), NormBenchModule(norm="bn", width=16, num_blocks=2, in_channels=1).net])
+
+
+def test_a_channels_last_pack_hands_vmap_only_tensors_of_the_default_layout():
+    # vmap cannot answer a channels-last layout query (torch raises NYI, on CPU as on CUDA), and
+    # cuDNN asks one of any input or weight whose per-run layout is channels-last: so a pack of
+    # channels-last runs failed on CUDA. Every tensor the pack hands vmap is in the default layout.
+    nets = [NormBenchModule(norm="bn", width=8, num_blocks=2, in_channels=3).net for _ in SEEDS]
+    assert nets[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the shipped default
+    with pytest.raises(RuntimeError, match="is_contiguous inside of vmap"):
+        torch.func.vmap(lambda t: torch.tensor(t.is_contiguous(memory_format=torch.channels_last)))(
+            torch.stack([n.conv1.weight for n in nets])
+        )
+    packed = PackedRuns(nets)
+    for name, tensor in [*zip(packed.param_names, packed.stacked), *packed._buffers_dict().items()]:
+        assert all(tensor[k].is_contiguous() for k in range(len(SEEDS))), name
+    seen = []
+    x = torch.randn(len(SEEDS), 4, 3, 10, 10).contiguous(memory_format=torch.channels_last_3d)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous()) if isinstance(module, torch.nn.Conv2d) else None
+    )
+    try:
+        packed(x)
+    finally:
+        handle.remove()
+    assert seen[0]  # the input batch, given in another layout, reaches the first convolution plain
+
+
+def test_a_pack_trains_again_after_lightning_restores_its_mode():
+    # After validation Lightning sets each module's `training` flag back without calling train();
+    # the pack's definition (outside the module tree) must train again all the same.
+    images, _ = data()
+    x = (images[:8].float() / 255).expand(len(SEEDS), -1, -1, -1, -1).contiguous()
+    packed = PackedRuns([build("bn", seed) for seed in SEEDS])
+    packed.eval()
+    packed(x)
+    for module in packed.modules():
+        module.training = True  # as lightning.pytorch.utilities.model_helpers._ModuleMode.restore
+    before = packed._buffers_dict()["blocks.0.norm.running_mean"].clone()
+    packed(x)
+    assert not torch.equal(packed._buffers_dict()["blocks.0.norm.running_mean"], before)  # batch statistics used

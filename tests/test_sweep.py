@@ -435,6 +435,58 @@ def test_packed_sweep_runs_equal_the_same_runs_alone(fake_data, tmp_path):
     assert packed["gn_seed0"][0]["epochs"][-1]["train/loss"] != packed["gn_seed1"][0]["epochs"][-1]["train/loss"]
 
 
+def _close(a, b, where) -> None:
+    """Two record values equal up to float order: numbers within rel 1e-3 (abs 1e-5), the rest exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _close(a[key], b[key], (*where, key))
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, (*where, i))
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-5), where
+    else:
+        assert a == b, where
+
+
+def test_a_packed_sweep_at_the_shipped_memory_format_writes_what_the_runs_alone_write(fake_data, tmp_path):
+    # channels_last as shipped (true): the pack must not hand vmap a channels-last tensor, whose
+    # layout query vmap cannot answer (it failed on CUDA); each run alone trains channels-last.
+    config = write_sweep(tmp_path / "pack.yaml", fake_data, {"seed_everything": [0, 1]})
+    spec = yaml.safe_load(config.read_text())
+    spec["overrides"].update({"model.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
+                              "trainer.log_every_n_steps": 1})  # fmt: skip
+    config.write_text(yaml.safe_dump(spec))
+    for pack in ("false", "true"):
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / pack), "--pack", pack, "--workers", "1"])
+    logs = {pack: tmp_path / pack / "pack" / "lightning_logs" for pack in ("false", "true")}
+    alone, packed = records(tmp_path / "false" / "pack"), records(tmp_path / "true" / "pack")
+    assert sorted(alone) == sorted(packed) == ["seed0", "seed1"]
+    for name in alone:
+        (a,), (p,) = alone[name], packed[name]
+        assert a["config"]["model"]["channels_last"] is p["config"]["model"]["channels_last"] is True
+        assert p["packed"] == {"runs": ["seed0", "seed1"], "index": int(name[-1])} and "packed" not in a
+        # One record, one schema: every field a run alone writes, with the same values.
+        assert set(p) - {"packed"} == set(a) - {"attempts"} | {"attempts"} & set(p), (set(a) ^ set(p))
+        for key in ("status", "seed", "global_step", "lr", "layout", "hardware"):
+            assert p[key] == a[key], key
+        for key in ("model", "data", "budget", "seed_everything"):  # the rest names each sweep's folder
+            assert p["config"][key] == a["config"][key], key
+        assert [s for s, _ in p["train_loss_steps"]] == [s for s, _ in a["train_loss_steps"]] == [0, 1, 2, 3]
+        for key in ("epochs", "evals", "train_loss_steps", "val_acc_best", "val_acc_final"):
+            _close(a[key], p[key], (name, key))
+        # The HPARAMS tab: the same settings (hparams.yaml) and figures for the run.
+        hparams = [yaml.safe_load((logs[pack] / name / "version_0" / "hparams.yaml").read_text()) for pack in logs]
+        assert hparams[0] == hparams[1] and hparams[1]["seed"] == a["seed"], hparams
+        for run in (logs[pack] / name / "version_0" for pack in logs):
+            assert {"hparams/val_acc_best", "hparams/val_acc_final", "train/loss_step"} <= set(
+                EventAccumulator(str(run)).Reload().Tags()["scalars"]
+            ), run
+    assert packed["seed0"][0]["epochs"][-1]["train/loss"] != packed["seed1"][0]["epochs"][-1]["train/loss"]
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import lightning as L
 import torch
@@ -229,12 +230,13 @@ def _images(loader) -> int:
     return len(targets) if targets is not None else 0
 
 
-def norm_batch(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+def norm_batch(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any = None) -> int:
     """Images one batch statistic of the norms covered in training: the module's norm batch
     when it sets one, else the per-device batch, or the global batch when the norms reduce their
-    statistics over all devices (sync_norms)."""
+    statistics over all devices (sync_norms). ``datamodule``: the run's, where the Trainer has
+    none (a packed run's)."""
     if getattr(pl_module, "norm_batch", None):
         return int(pl_module.norm_batch)
-    per_device = int(getattr(trainer.datamodule, "batch_size", 0) or 1)
+    per_device = int(getattr(datamodule or trainer.datamodule, "batch_size", 0) or 1)
     synced = bool(getattr(pl_module, "sync_norms", False)) and trainer.world_size > 1
     return per_device * trainer.world_size if synced else per_device
