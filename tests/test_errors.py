@@ -217,11 +217,20 @@ def test_bad_input_gets_one_line_and_exit_status_2(case, workspace, capsys, monk
 
 
 def test_the_console_script_exits_2_with_only_the_line(workspace):
-    cmd = [sys.executable, "-m", "normbench", *fit(workspace, "--data.batch_size", "0")]
+    # -X importtime: every module the command imported, one line each on stderr.
+    cmd = [sys.executable, "-X", "importtime", "-m", "normbench", *fit(workspace, "--data.batch_size", "0")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if "error" in line.lower()] == [
         "normbench: error: data.batch_size: '0' is not a positive integer"
     ]
-    assert proc.stderr.strip().splitlines()[-1].startswith("normbench: error:")
+    assert stderr.strip().splitlines()[-1].startswith("normbench: error:")
+    # The fit path's fixed cost: it imports no sweep, report or bench machinery, statistics or
+    # Ray (Lightning itself brings scipy.signal and matplotlib, through torchmetrics).
+    assert "normbench.cli" in imported and "normbench.module" in imported and "normbench.recorder" in imported
+    unused = ("normbench.report", "normbench.sweep", "normbench.runner", "normbench.grid", "normbench.bench",
+              "normbench.pack", "normbench.workers", "statsmodels", "ray", "pandas")  # fmt: skip
+    assert [m for m in imported if m.split(".")[0] in unused or m.startswith(unused)] == []
