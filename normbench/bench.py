@@ -20,7 +20,13 @@ copy given with ``--seed_loop``). Sections (``--sections``):
   study's loop over the same grid one run after another.
 - ``compile``: the shipped config with ``--model.compile true`` against eager, from an empty
   compile cache and again from the cache that run left.
-- ``pack``: K packed runs against the same K runs one after another (steps only).
+- ``pack``: K packed runs against the same K runs one after another (steps only), ``repeats``
+  times.
+- ``step``: one training step in steady state, normbench's module against the study's loop, on
+  the bench's device (``normbench.bench_steps``).
+
+Without ``--sections``, a machine with a GPU runs ``runs``, ``step`` and ``pack`` on it (the GPU
+section); a CPU-only machine runs ``runs``, ``overhead`` and ``grid``.
 
 It prints a Markdown table per section, with the machine, and returns the rows.
 """
@@ -38,6 +44,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveInt
 
 from normbench.bench_sections import bench_compile, bench_grid, bench_pack
+from normbench.bench_steps import bench_step
 from normbench.bench_tools import (
     BARE,
     BF16,
@@ -52,7 +59,10 @@ from normbench.bench_tools import (
 )
 from normbench.options import plain_config
 
-SECTIONS = ("runs", "overhead", "grid", "compile", "pack", "bf16")
+SECTIONS = ("runs", "overhead", "grid", "compile", "pack", "bf16", "step")
+CPU_SECTIONS = ["runs", "overhead", "grid"]
+GPU_SECTIONS = ["runs", "step", "pack"]
+NEEDS_NO_MNIST = ("pack", "step")  # they train on random batches
 
 
 RUN_KINDS = {"seed_loop": "study's loop", "shipped": "shipped", "bare": "bare", "bf16": "shipped bf16-mixed"}
@@ -153,7 +163,9 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
         default=None,
         help="a copy of the study's loop to run as the baseline (default: normbench.baseline, shipped)",
     )
-    p.add_argument("--sections", type=list[str], default=["runs", "overhead", "grid"], help=f"of {', '.join(SECTIONS)}")
+    p.add_argument("--sections", type=list[str] | None, default=None,
+                   help=f"of {', '.join(SECTIONS)} (default: {', '.join(GPU_SECTIONS)} with a GPU, "
+                   f"{', '.join(CPU_SECTIONS)} without)")  # fmt: skip
     p.add_argument("--batch_sizes", type=list[PositiveInt], default=[2, 16, 128])
     p.add_argument("--train_subset", type=PositiveInt, default=10000, help="training images per run (runs, compile)")
     p.add_argument("--test_subset", type=PositiveInt, default=2000, help="test images per evaluation (runs, compile)")
@@ -166,8 +178,13 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--pack", type=PositiveInt, default=5, help="runs per pack")
     p.add_argument("--pack_steps", type=PositiveInt, default=200, help="steps per run for the packed comparison")
     p.add_argument("--pack_batch_size", type=PositiveInt, default=2)
+    p.add_argument("--step_steps", type=PositiveInt, default=50, help="steps per timed block (step)")
     p.add_argument("--output", type=str | None, default=None, help="also write the rows to this JSON file")
     cfg = plain_config(p.parse_args(args))
+    if cfg.sections is None:
+        import torch
+
+        cfg.sections = GPU_SECTIONS if torch.cuda.is_available() else CPU_SECTIONS
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
@@ -181,7 +198,7 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     with tempfile.TemporaryDirectory(prefix="normbench-bench-") as tmp:
         work = Path(tmp)
         for section in cfg.sections:
-            if section != "pack" and not real:
+            if section not in NEEDS_NO_MNIST and not real:
                 print(f"\n{section}: skipped, it needs the MNIST files (--data_dir, --mnist_raw)")
                 continue
             if section == "runs":
@@ -196,6 +213,8 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
                 out[section] = bench_grid(cfg, data_dir, work, script)
             elif section == "compile":
                 out[section] = bench_compile(cfg, data_dir, work)
+            elif section == "step":
+                out[section] = bench_step(cfg, work)
             else:
                 out[section] = bench_pack(cfg, data_dir, real)
             sys.stdout.flush()

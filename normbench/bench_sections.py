@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -180,8 +181,14 @@ def bench_pack(cfg, data_dir: Path, real: bool) -> list[dict]:
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (cfg.train_subset, 3, 32, 32), generator=g, dtype=torch.uint8)
         targets = torch.randint(0, 10, (cfg.train_subset,), generator=g)
-    packed, sequential = packed_vs_sequential(images, targets, cfg.pack, cfg.pack_batch_size, cfg.pack_steps, device)
-    print(f"\npacked K={cfg.pack} at batch size {cfg.pack_batch_size}: {packed:.1f} img/s against "
-          f"{sequential:.1f} img/s for {cfg.pack} runs one after another: {packed / sequential:.2f}x")  # fmt: skip
-    return [{"pack": cfg.pack, "batch_size": cfg.pack_batch_size, "packed": round(packed, 1),
-             "sequential": round(sequential, 1), "ratio": round(packed / sequential, 3)}]  # fmt: skip
+    rates = [packed_vs_sequential(images, targets, cfg.pack, cfg.pack_batch_size, cfg.pack_steps, device)
+             for _ in range(cfg.repeats)]  # fmt: skip
+    ratios = [p / s for p, s in rates]
+    packed, sequential = (statistics.median(r[i] for r in rates) for i in (0, 1))
+    ratio = statistics.median(ratios)
+    print(f"\npacked K={cfg.pack} at batch size {cfg.pack_batch_size} on {device.type}: {packed:.1f} img/s against "
+          f"{sequential:.1f} img/s for {cfg.pack} runs one after another: {ratio:.2f}x "
+          f"(median of {cfg.repeats}; {min(ratios):.2f}x to {max(ratios):.2f}x)")  # fmt: skip
+    return [{"pack": cfg.pack, "batch_size": cfg.pack_batch_size, "device": device.type, "n": cfg.repeats,
+             "packed": round(packed, 1), "sequential": round(sequential, 1), "ratio": round(ratio, 3),
+             "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}]  # fmt: skip

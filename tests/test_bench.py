@@ -102,3 +102,40 @@ def test_bench_help_works(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
     assert exit_info.value.code == 0 and "--seed_loop" in capsys.readouterr().out
+
+
+def test_the_step_section_times_both_steps_on_this_device(tmp_path, monkeypatch, capsys):
+    from normbench import bench_steps
+
+    monkeypatch.chdir(tmp_path)
+    rows = bench.bench(["--data_dir", str(tmp_path / "none"), "--sections", "[step]", "--batch_sizes", "[2, 4]",
+                        "--step_steps", "2", "--repeats", "2"])["step"]  # fmt: skip
+    assert [r["batch_size"] for r in rows] == [2, 4] and {r["device"] for r in rows} == {"cpu"}
+    for r in rows:
+        assert r["study_range_ms"][0] <= r["study_ms"] <= r["study_range_ms"][1]
+        assert r["normbench_range_ms"][0] <= r["normbench_ms"] <= r["normbench_range_ms"][1]
+        assert r["ratio"] == round(r["study_ms"] / r["normbench_ms"], 2)
+    assert "| 4 |" in capsys.readouterr().out
+    # normbench's step is the module the shipped config builds, and it trains: the optimizer
+    # moves the weights and the norms' running statistics move.
+    config = bench_tools.shipped_config(tmp_path, "bn", 4)
+    step, module = bench_steps.normbench_step(config, 4, torch.device("cpu"))
+    assert module.memory_format == torch.channels_last and module.hparams.width == 64
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    step()
+    moved = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+    assert "net.blocks.0.norm.running_mean" in moved and "net.fc.weight" in moved
+
+
+def test_without_sections_a_gpu_machine_runs_the_gpu_section(tmp_path, monkeypatch):
+    ran = []
+    for name in ("bench_runs", "bench_step", "bench_pack", "bench_overhead", "bench_grid"):
+        monkeypatch.setattr(bench, name, lambda *a, name=name, **k: ran.append(name) or [])
+    monkeypatch.setattr(bench, "prepare_mnist", lambda *a: True)
+    monkeypatch.setattr(bench, "machine", lambda: "a machine")
+    bench.bench(["--data_dir", str(tmp_path)])
+    assert ran == ["bench_runs", "bench_overhead", "bench_grid"]  # this CPU: as before
+    ran.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    bench.bench(["--data_dir", str(tmp_path)])
+    assert ran == ["bench_runs", "bench_step", "bench_pack"]

@@ -23,7 +23,7 @@ LAYERS = [
     ["normbench.workers"],
     ["normbench.grid"],
     ["normbench.bench"],
-    ["normbench.bench_sections"],
+    ["normbench.bench_sections", "normbench.bench_steps"],
     ["normbench.bench_tools"],
     ["normbench.report"],  # the package's __init__, the names it shows
     ["normbench.report.command"],
