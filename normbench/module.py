@@ -26,13 +26,13 @@ from normbench.norms import (
     norm_batch_factory,
 )
 from normbench.options import check_restricted, plain
-from normbench.steps import NetCall, NonFiniteWatch, classification_metrics
+from normbench.steps import CompileMode, HeldGrads, NetCall, NonFiniteWatch, classification_metrics
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
 ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
 
 
-class NormBenchModule(L.LightningModule):
+class NormBenchModule(HeldGrads, L.LightningModule):
     """Cross-entropy classifier whose every norm layer is ``norm``.
 
     Logs, every epoch, ``{train,val,test}/loss`` and ``/acc`` (plain top-1, torchmetrics'
@@ -55,9 +55,9 @@ class NormBenchModule(L.LightningModule):
             (``normbench.norms.convert_sync_norms``; not ``trainer.sync_batchnorm``: torch's BN only).
         channels_last: keep weights and activations in channels-last memory order, which
             oneDNN and cuDNN convolutions run faster; same math.
-        compile: run the network under ``torch.compile`` (inductor; ``normbench.steps.NetCall``);
-            loss, metrics and optimizer stay eager, checkpoints are unchanged, and forward hooks,
-            also later ones, are compiled in (docs/speed.md says what the first step costs).
+        compile: ``torch.compile`` the network (``normbench.steps.NetCall``): true or a mode
+            (``reduce-overhead``: forward and backward as CUDA graphs on CUDA, eager elsewhere);
+            loss, metrics and optimizer eager, checkpoints unchanged, hooks compiled in.
         check_finite_every_n_steps: how often the host reads the first step whose loss was NaN
             or inf (``normbench.steps.NonFiniteWatch``); the run stops and is recorded as
             ``diverged`` at that exact step. None: every step on CPU, every 20 on accelerators.
@@ -88,7 +88,7 @@ class NormBenchModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         sync_norms: bool = True,
         channels_last: bool = True,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
         check_finite_every_n_steps: PositiveInt | None = None,
         norm_batch: int | None = None,
         freeze_norms_after: ClosedUnitInterval | None = None,
@@ -96,9 +96,8 @@ class NormBenchModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_restricted(NormBenchModule.__init__, locals(), "model")
-        width, check_finite_every_n_steps, freeze_norms_after, agc = plain(
-            width, check_finite_every_n_steps, freeze_norms_after, agc
-        )
+        width, check_finite_every_n_steps, freeze_norms_after, agc = plain(width, check_finite_every_n_steps,
+                                                                          freeze_norms_after, agc)  # fmt: skip
         # In checkpoints; logged by RunRecorder with the experiment's variables first.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"], logger=False)
         self.norm_name = norm
@@ -138,6 +137,7 @@ class NormBenchModule(L.LightningModule):
         # is built; the conversion keeps every parameter object.
         if self.sync_norms and self.trainer.world_size > 1:
             self.net = convert_sync_norms(self.net, device=self.trainer.strategy.root_device)
+        self.hold_grads(stage)  # under DDP, in their parameters' layout before DDP's buckets exist
 
     def on_train_epoch_start(self) -> None:
         # A run resumed in the middle of an epoch keeps the epoch's running means from its
@@ -148,9 +148,8 @@ class NormBenchModule(L.LightningModule):
         self._train_metrics_epoch = self.current_epoch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # FrozenBN: the stat-tracking norms in eval mode normalize by their running statistics
-        # and leave them be. Lightning puts the model back in train mode after each validation,
-        # so this holds them every step; a host comparison of integers, no device read.
+        # FrozenBN, held every step (Lightning puts the model back in train mode after each
+        # validation): the stat-tracking norms in eval mode; a host comparison, no device read.
         frozen_from = self.freeze_norms_after
         if frozen_from is not None and self.global_step >= int(frozen_from * self.trainer.estimated_stepping_batches):
             freeze_running_stats(self.net)
@@ -158,7 +157,7 @@ class NormBenchModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val:  # the Trainer's own clipping, when set
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if self.agc is not None:
+        if self.agc is not None:  # the last linear layer left out, as in the paper
             head = {id(p) for p in self.net.fc.parameters()} if hasattr(self.net, "fc") else set()
             adaptive_clip_grad([p for p in self.net.parameters() if id(p) not in head], self.agc)
 
@@ -166,8 +165,7 @@ class NormBenchModule(L.LightningModule):
         checkpoint["normbench"] = {"train_metrics_epoch": self._train_metrics_epoch}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called before Lightning loads the weights: one line on what does not fit, instead of
-        # torch's list of every missing and unexpected key.
+        # Before Lightning loads the weights: one line on what does not fit, not torch's list.
         check_state_fits(checkpoint, self.state_dict())
         self._train_metrics_epoch = checkpoint.get("normbench", {}).get("train_metrics_epoch")
 
@@ -175,16 +173,14 @@ class NormBenchModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        # Metrics accumulate on the device and are read once per epoch. The loss metric takes
-        # every image's loss, so that a last, smaller batch and the ranks' uneven evaluation
-        # shards count for their images (a weight= argument would be a copy to the device).
+        # Metrics accumulate on the device, read once per epoch; the loss metric takes every
+        # image's loss, so that a last, smaller batch and uneven shards count for their images.
         loss_metric.update(F.cross_entropy(logits.detach(), y, reduction="none"))
         acc_metric.update(logits.detach(), y)
         return loss
 
-    # The metric objects are logged once, at the end of each epoch: Lightning computes them there
-    # (torchmetrics reduces across processes) and resets them. A self.log call per step costs
-    # Lightning Python work per call, a large part of a whole batch-2 step on a CPU.
+    # The metric objects are logged once, at each epoch's end (torchmetrics reduces across
+    # processes): a self.log call per step is a large part of a batch-2 step on a CPU.
     def training_step(self, batch, batch_idx: int) -> Tensor:
         loss = self._step(batch, self.train_loss, self.train_acc)
         self.nonfinite.note(loss, self.global_step)  # on the device: no host sync here

@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -75,6 +77,35 @@ class NonFiniteWatch:
         return None
 
 
+class HeldGrads:
+    """LightningModule mixin: under DDP, each parameter's gradient made before DDP wraps the
+    module, in the parameter's own memory layout, and zeroed in place from then on, never set to
+    None (``hold_grads(stage)`` from ``setup``).
+
+    DDP's reducer copies each gradient into a bucket view with its parameter's strides and
+    warns ("Grad strides do not match bucket view strides": an extra copy every step) when a
+    backward returns a gradient with other strides. Under channels_last a convolution weight
+    with a size-1 dimension (a 1-channel stem, a 1x1 convolution) is channels-last and
+    contiguous at once, and autograd keeps whichever strides the kernel returned. A gradient
+    that exists before the backward is added to in place and keeps its parameter's strides;
+    with ``gradient_as_bucket_view`` DDP makes it the bucket's view itself.
+    """
+
+    grads_held = False
+
+    def hold_grads(self, stage: str) -> None:
+        self.grads_held = stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy)
+        for p in self.parameters() if self.grads_held else ():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # Lightning calls it before fitting
+        super().zero_grad(set_to_none=set_to_none and not self.grads_held)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=not self.grads_held)
+
+
 def _net_call(net: nn.Module, x: Tensor) -> Tensor:
     return net(x)
 
@@ -106,24 +137,55 @@ def compiled_net_call(**options: Any) -> Callable[[nn.Module, Tensor], Tensor]:
     return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)(torch.compile(fn, **options))
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# The torch.compile mode whose only gain is CUDA graphs: off (eager) on other devices.
+GRAPH_MODE = "reduce-overhead"
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """The ``torch.compile`` mode that ``--model.compile`` asks for: None for false, "default"
+    for true, else the mode named."""
+    if compile is False:
+        return None
+    return "default" if compile is True else str(compile)
+
+
 class NetCall:
     """``net(x)``, eagerly or, with ``compile``, under ``torch.compile`` (inductor) through
     ``compiled_net_call``, made on the first call and dropped when pickled or copied.
 
+    ``compile="reduce-overhead"`` replays the network's forward and backward as CUDA graphs
+    (torch's CUDA graph trees: one launch each instead of one per kernel, parameters and
+    buffers, the norms' running statistics included, updated in place by the replay). The norms
+    compute their schedules on the device (``BatchRenorm.current_limits``), so a replay needs no
+    host value that changes between steps. CUDA graphs exist only on CUDA, so on another device
+    that mode runs eagerly instead of paying inductor's compile for nothing.
+
     Args:
-        compile: compile the call.
+        compile: False (eager), True (mode "default") or a ``torch.compile`` mode.
     """
 
-    def __init__(self, compile: bool = False) -> None:
+    def __init__(self, compile: bool | str = False) -> None:
         self.compile = compile
         self._fn: Callable[[nn.Module, Tensor], Tensor] | None = None
+        self._said_eager = False
+
+    def active(self, device: torch.device) -> bool:
+        """Whether a call with inputs on ``device`` runs compiled."""
+        mode = compile_mode(self.compile)
+        return mode is not None and not (mode == GRAPH_MODE and device.type != "cuda")
 
     def __call__(self, net: nn.Module, x: Tensor) -> Tensor:
-        if not self.compile:
+        if not self.active(x.device):
+            if self.compile == GRAPH_MODE and not self._said_eager:
+                self._said_eager = True
+                rank_zero_info(
+                    f"compile={GRAPH_MODE} captures CUDA graphs; on {x.device.type} the network runs eagerly"
+                )
             return net(x)
         if self._fn is None:
-            self._fn = compiled_net_call()
+            self._fn = compiled_net_call(mode=compile_mode(self.compile))
         return self._fn(net, x)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"compile": self.compile, "_fn": None}
+        return {"compile": self.compile, "_fn": None, "_said_eager": False}

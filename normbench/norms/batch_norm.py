@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from normbench.norms.stats import (
     RunningStatsNorm,
     batch_moments,
+    read_buffer,
     scale_shift,
     sync_active,
     update_running_stats,
@@ -68,7 +69,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (synced or cumulative):
             return super().forward(input)
         self._check_input_dim(input)
-        shift = self.running_mean if self.running_mean is not None else input.new_zeros(input.shape[1])
+        shift = read_buffer(self.running_mean) if self.running_mean is not None else input.new_zeros(input.shape[1])
         if not synced:
             # A cumulative average (momentum None): torch's BatchNorm reads num_batches_tracked on
             # the host for its factor, a host sync every step that vmap (packed runs) cannot

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from normbench.norms.stats import RunningStatsNorm, scale_shift, update_running_stats
+from normbench.norms.stats import RunningStatsNorm, read_buffer, scale_shift, update_running_stats
 
 
 class BatchRenorm(RunningStatsNorm):
@@ -107,7 +107,7 @@ class BatchRenorm(RunningStatsNorm):
 
     def _ramp(self, ramp_steps: int, final: float) -> Tensor:
         """Fraction of the way from the warm-up limit to the final one, as a device tensor."""
-        t = self.num_batches_tracked.to(torch.float32)
+        t = read_buffer(self.num_batches_tracked).to(torch.float32)
         if ramp_steps == 0 or math.isinf(final):
             return (t >= self.warmup_steps).to(torch.float32)
         return ((t - self.warmup_steps) / ramp_steps).clamp(0, 1)
@@ -130,10 +130,10 @@ class BatchRenorm(RunningStatsNorm):
             r_max, d_max = self.current_limits()
             if self.update_first:
                 update_running_stats(self, mean, var, count)
-            std = torch.sqrt(self.running_var + self.eps)
+            std = torch.sqrt(read_buffer(self.running_var) + self.eps)
             r = (std_b if self.r_eps else torch.sqrt(var)) / std
             r = torch.clamp(r, 1 / r_max, r_max)
-            d = torch.clamp((mean - self.running_mean) / std, -d_max, d_max)
+            d = torch.clamp((mean - read_buffer(self.running_mean)) / std, -d_max, d_max)
         # x_hat = (x - mu_B) * (r / sigma_B) + d, folded into one multiply-add over x.
         scale = r / std_b
         y = scale_shift(x, scale, d - mean * scale, self.weight, self.bias)
