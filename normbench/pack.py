@@ -60,7 +60,7 @@ def unpackable(config, defaults) -> str | None:
     if config.model.get("lr_scheduler") is not None:
         return f"model.lr_scheduler={config.model.lr_scheduler.class_path}"
     if config.model.get("compile"):
-        return f"model.compile={config.model.compile}"  # a pack runs its networks under vmap, uncompiled
+        return f"model.compile={str(config.model.compile).lower()}"  # a pack runs its networks under vmap, uncompiled
     for key in ("agc", "freeze_norms_after", "norm_batch"):  # the module's own training hooks and layers
         if config.model.get(key) is not None:
             return f"model.{key}={config.model[key]}"

@@ -498,8 +498,10 @@ def test_a_packed_sweep_at_the_shipped_memory_format_writes_what_the_runs_alone_
                                  "init_args": {"monitor": "val/acc"}}]}, "trainer.callbacks: lightning.pytorch.callbacks.EarlyStopping"),
         ({"trainer.devices": 2}, "trainer.devices=2 and trainer.num_nodes=1"),
         ({"model.compile": True}, "model.compile=true"),
+        ({"model.compile": "reduce-overhead"}, "model.compile=reduce-overhead"),
     ],
-    ids=["lr_scheduler", "gradient_clip_val", "accumulate_grad_batches", "callback", "devices", "compile"],
+    ids=["lr_scheduler", "gradient_clip_val", "accumulate_grad_batches", "callback", "devices", "compile",
+         "compile_mode"],
 )  # fmt: skip
 def test_a_pack_refuses_a_setting_it_would_not_apply(fake_data, tmp_path, capsys, override, named):
     config = write_sweep(tmp_path / "pack.yaml", fake_data, {"seed_everything": [0, 1]})
