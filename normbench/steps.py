@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -94,7 +94,10 @@ class HeldGrads:
     grads_held = False
 
     def hold_grads(self, stage: str) -> None:
-        self.grads_held = stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy)
+        strategy = self.trainer.strategy  # DeepSpeed, a DDPStrategy too, keeps its own gradients
+        self.grads_held = (
+            stage == "fit" and isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+        )
         for p in self.parameters() if self.grads_held else ():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)

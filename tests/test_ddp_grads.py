@@ -46,3 +46,30 @@ def test_ddp_with_channels_last_keeps_gradients_in_their_parameters_layout(tmp_p
         for a, b, c in zip(held[rank]["weights"], views[rank]["weights"], unheld[rank]["weights"], strict=True):
             assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(c, abs=1e-6)
     assert held[0]["weights"] == held[1]["weights"]  # the ranks agree
+
+
+def test_gradients_are_held_for_ddp_fits_only(monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    from normbench.module import NormBenchModule
+
+    cases = [
+        (DDPStrategy(), "fit", True),
+        (DDPStrategy(), "validate", False),
+        (SingleDeviceStrategy("cpu"), "fit", False),
+        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), "fit", False),  # DeepSpeed keeps its own
+    ]
+    for strategy, stage, held in cases:
+        model = NormBenchModule(in_channels=1, width=8, num_blocks=2)
+        monkeypatch.setattr(type(model), "trainer", property(lambda self, s=strategy: type("T", (), {"strategy": s})))
+        model.hold_grads(stage)
+        assert model.grads_held is held, (type(strategy).__name__, stage)
+        grads = [p.grad for p in model.parameters()]
+        if held:  # zeros in each parameter's own strides (channels_last), kept by zero_grad
+            assert all(
+                g is not None and g.stride() == p.stride() and not g.any() for g, p in zip(grads, model.parameters())
+            )
+            model.zero_grad()
+            assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+        else:
+            assert all(g is None for g in grads)
