@@ -48,6 +48,7 @@ from normbench.bench_steps import bench_step
 from normbench.bench_tools import (
     BARE,
     BF16,
+    bench_device,
     bench_record,
     machine,
     normbench_cmd,
@@ -182,9 +183,7 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     p.add_argument("--output", type=str | None, default=None, help="also write the rows to this JSON file")
     cfg = plain_config(p.parse_args(args))
     if cfg.sections is None:
-        import torch
-
-        cfg.sections = GPU_SECTIONS if torch.cuda.is_available() else CPU_SECTIONS
+        cfg.sections = GPU_SECTIONS if bench_device().type == "cuda" else CPU_SECTIONS
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")

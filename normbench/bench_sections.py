@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from normbench.bench_tools import (
+    bench_device,
     normbench_cmd,
     print_table,
     seed_loop_cmd,
@@ -171,7 +172,7 @@ def packed_vs_sequential(
 
 
 def bench_pack(cfg, data_dir: Path, real: bool) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     if real:
         from torchvision.datasets import MNIST
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from normbench.baseline import StudyNetwork
-from normbench.bench_tools import print_table, shipped_config
+from normbench.bench_tools import bench_device, print_table, shipped_config
 
 WARMUP = 10  # steps before timing: kernel choice, the allocator, Adam's state
 
@@ -86,7 +86,7 @@ def step_ms(step: Callable[[], None], steps: int, repeats: int, device: torch.de
 
 def bench_step(cfg, work: Path, device: torch.device | None = None) -> list[dict]:
     """The step section's rows, one per batch size, and its table."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or bench_device()
     rows = []
     for bs in cfg.batch_sizes:
         times = {"study": step_ms(study_step(bs, device), cfg.step_steps, cfg.repeats, device),

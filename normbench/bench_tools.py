@@ -25,6 +25,11 @@ BARE = ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", 
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
 
 
+def bench_device() -> torch.device:
+    """The device the in-process sections (pack, step) time on: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def prepare_mnist(data_dir: Path, raw: Path | None) -> bool:
     """Put the MNIST files under ``data_dir`` (copied from ``raw`` if needed), unpacked as
     torchvision reads them; False when there are none."""
@@ -66,7 +71,7 @@ def seed_loop_cmd(script: Path | None, data_dir: Path, batch_size: int, train: i
     entry = [str(script)] if script is not None else ["-m", "normbench.baseline"]
     cmd = [sys.executable, *entry, "--dataset", "mnist", "--data-dir", str(data_dir), "--batch-size", str(batch_size),
            "--norm", norm, "--epochs", "1", "--seed", str(seed),
-           "--device", "cuda" if torch.cuda.is_available() else "cpu"]  # fmt: skip
+           "--device", bench_device().type]  # fmt: skip
     cmd += ["--train-subset", str(train)] if train else []
     return cmd + (["--test-subset", str(test)] if test else [])
 

@@ -98,7 +98,9 @@ class HeldGrads:
         self.grads_held = (
             stage == "fit" and isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
         )
-        for p in self.parameters() if self.grads_held else ():
+        if not self.grads_held:
+            return
+        for p in self.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
 
