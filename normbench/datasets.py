@@ -51,7 +51,7 @@ SPECS: dict[str, DatasetSpec] = {
         DatasetSpec("cifar10", datasets.CIFAR10, 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
         DatasetSpec(
             "cifar100", datasets.CIFAR100, 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True
-        ),  # fmt: skip
+        ),
     )
 }
 
