@@ -74,23 +74,31 @@ class KillAfterCheckpoint(KillAtStep):
 
 class CtrlCAtStep(KillAtStep):
     """A terminal's Ctrl-C: SIGINT to the whole process group (the sweep and all its workers),
-    after step ``step``, once every one of ``runs`` runs has started training, so that all of
-    them are mid-training when it arrives.
+    after step ``step``, once every one of ``runs`` runs has passed step ``ready_step``, so that
+    all of them are mid-training when it arrives.
 
     Args:
         step: the global step after which to press Ctrl-C.
-        marker: file that records it; ``<marker>.<pid>`` says a run has started.
-        runs: how many runs must be training first.
+        marker: file that records it; ``<marker>.<pid>`` says a run has passed ``ready_step``.
+        runs: how many runs must be that far first.
+        ready_step: the step each run must have passed; 0: started training. Past a checkpoint's
+            step, every run has a checkpoint to resume from when the Ctrl-C arrives.
     """
 
-    def __init__(self, step: int, marker: str, runs: int) -> None:
+    def __init__(self, step: int, marker: str, runs: int, ready_step: int = 0) -> None:
         super().__init__(step, marker)
-        self.runs = runs
+        self.runs, self.ready_step = runs, ready_step
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def _ready(self) -> None:
         Path(f"{self.marker}.{os.getpid()}").touch()
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.ready_step == 0:
+            self._ready()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.ready_step and trainer.global_step == self.ready_step:
+            self._ready()
         if trainer.global_step == self.step and not self.marker.exists():
             deadline = time.time() + 120
             while len(list(self.marker.parent.glob(f"{self.marker.name}.*"))) < self.runs and time.time() < deadline:

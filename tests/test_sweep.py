@@ -559,8 +559,11 @@ def test_ctrl_c_stops_a_sweep_of_workers_and_the_next_run_of_it_resumes(fake_dat
         pytest.skip("one core: --workers auto runs one run at a time here (the test above)")
     marker = tmp_path / "ctrl_c"
     overrides = {**quick_overrides(fake_data), "trainer.limit_train_batches": 6, "checkpoint_every_n_steps": 4,
+                 # Ctrl-C once both runs are past step 5, so that each has its step-4 checkpoint: a run
+                 # still before it (the second worker starts later) would resume from nothing.
                  "trainer.callbacks": [{"class_path": "killer.CtrlCAtStep",
-                                        "init_args": {"step": 9, "marker": str(marker), "runs": 2}}]}  # fmt: skip
+                                        "init_args": {"step": 9, "marker": str(marker), "runs": 2,
+                                                      "ready_step": 5}}]}  # fmt: skip
     config = tmp_path / "cc.yaml"
     config.write_text(
         yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"model.norm": ["bn", "gn", "brn"]}})
