@@ -23,7 +23,8 @@ copy given with ``--seed_loop``). Sections (``--sections``):
 - ``pack``: K packed runs against the same K runs one after another (steps only), ``repeats``
   times.
 - ``step``: one training step in steady state, normbench's module against the study's loop, on
-  the bench's device (``normbench.bench_steps``).
+  the bench's device, and on CUDA also with ``--model.compile reduce-overhead``
+  (``normbench.bench_steps``).
 
 Without ``--sections``, a machine with a GPU runs ``runs``, ``step`` and ``pack`` on it (the GPU
 section); a CPU-only machine runs ``runs``, ``overhead`` and ``grid``.

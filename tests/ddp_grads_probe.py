@@ -1,9 +1,12 @@
-"""A script, not a test module: ``python ddp_grads_probe.py OUT``, for test_ddp_grads.
+"""A script, not a test module: ``python ddp_grads_probe.py OUT [cuda]``, for test_ddp_grads
+and test_gpu.
 
 Three fits of 4 steps on two gloo processes forked from this process, which runs no autograd
 itself (a process that has cannot fork ranks that use it): ``held`` (normbench's DDP as it
 ships), ``views`` (with ``gradient_as_bucket_view``) and ``unheld`` (``HeldGrads.hold_grads``
-made a no-op); each rank writes ``OUT/{fit}/rank{R}.json``.
+made a no-op); each rank writes ``OUT/{fit}/rank{R}.json``. On the CPU a gradient hook stands in
+for cuDNN's strides. With ``cuda``: the same fits on one GPU (DDP over NCCL, one process, the
+gradients as cuDNN returns them, no stand-in).
 """
 
 from __future__ import annotations
@@ -28,16 +31,16 @@ class Observe(L.Callback):
     """Per rank: the warnings of the fit, and after each backward the stem's gradient strides
     and storage, written to ``out/rank{R}.json``."""
 
-    def __init__(self, out) -> None:
-        self.out, self.seen = out, []
+    def __init__(self, out, stand_in: bool = True) -> None:
+        self.out, self.seen, self.stand_in = out, [], stand_in
 
     def setup(self, trainer, pl_module, stage) -> None:
         self.caught = warnings.catch_warnings(record=True)
         self.records = self.caught.__enter__()
         warnings.simplefilter("always")
         weight = pl_module.net.conv1.weight
-        # What cuDNN may return for a weight whose channel dimension has size 1.
-        weight.register_hook(lambda g: torch.empty_strided(g.shape, (9, 9, 3, 1)).copy_(g))
+        if self.stand_in:  # what cuDNN may return for a weight whose channel dimension has size 1
+            weight.register_hook(lambda g: torch.empty_strided(g.shape, (9, 9, 3, 1), device=g.device).copy_(g))
 
     def on_after_backward(self, trainer, pl_module) -> None:
         grad = pl_module.net.conv1.weight.grad
@@ -57,21 +60,24 @@ class Observe(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def _fit(out: Path, strategy) -> None:
+def _fit(out: Path, strategy, cuda: bool = False) -> None:
     out.mkdir()
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g))
     torch.manual_seed(0)
     model = NormBenchModule(norm="bn", in_channels=1, width=8, num_blocks=2)  # channels_last by default
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=4, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Observe(out)], use_distributed_sampler=True)  # fmt: skip
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1 if cuda else 2, strategy=strategy,
+                        max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Observe(out, stand_in=not cuda)],
+                        use_distributed_sampler=True)  # fmt: skip
     trainer.fit(model, DataLoader(data, batch_size=4))
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1])
-    _fit(root / "held", "ddp_fork")
-    _fit(root / "views", DDPStrategy(start_method="fork", gradient_as_bucket_view=True))
+    root, cuda = Path(sys.argv[1]), sys.argv[2:] == ["cuda"]
+    # On one GPU no rank is forked: DDP's subprocess launcher starts none for one device.
+    start = {} if cuda else {"start_method": "fork"}
+    _fit(root / "held", DDPStrategy(**start), cuda)
+    _fit(root / "views", DDPStrategy(**start, gradient_as_bucket_view=True), cuda)
     normbench.steps.HeldGrads.hold_grads = lambda self, stage: None
-    _fit(root / "unheld", "ddp_fork")
+    _fit(root / "unheld", DDPStrategy(**start), cuda)

@@ -127,6 +127,34 @@ def test_the_step_section_times_both_steps_on_this_device(tmp_path, monkeypatch,
     assert "net.blocks.0.norm.running_mean" in moved and "net.fc.weight" in moved
 
 
+def test_on_cuda_the_step_section_also_times_the_captured_step(tmp_path, monkeypatch, capsys):
+    from normbench import bench_steps
+
+    assert list(bench_steps.step_kinds(torch.device("cpu"))) == ["study", "normbench"]
+    assert bench_steps.step_kinds(torch.device("cuda")) == {"study": False, "normbench": False,
+                                                            "captured": "reduce-overhead"}  # fmt: skip
+    # The CUDA table on this CPU: the captured step runs eagerly here, so only its plumbing is
+    # checked; each step is the module built with its own --model.compile.
+    built = []
+    step_kinds, normbench_step = bench_steps.step_kinds, bench_steps.normbench_step
+
+    def recorded_step(*args):
+        step, module = normbench_step(*args)
+        built.append(module.net_call.compile)
+        return step, module
+
+    monkeypatch.setattr(bench_steps, "step_kinds", lambda device: step_kinds(torch.device("cuda")))
+    monkeypatch.setattr(bench_steps, "normbench_step", recorded_step)
+    monkeypatch.chdir(tmp_path)
+    (row,) = bench.bench(["--data_dir", str(tmp_path / "none"), "--sections", "[step]", "--batch_sizes", "[2]",
+                          "--step_steps", "2", "--repeats", "2"])["step"]  # fmt: skip
+    assert built == [False, "reduce-overhead"]
+    assert row["captured_range_ms"][0] <= row["captured_ms"] <= row["captured_range_ms"][1]
+    assert row["captured_ratio"] == round(row["study_ms"] / row["captured_ms"], 2)
+    out = capsys.readouterr().out
+    assert "normbench reduce-overhead ms" in out and f"{row['captured_ratio']:.2f}x |" in out
+
+
 def test_without_sections_a_gpu_machine_runs_the_gpu_section(tmp_path, monkeypatch):
     ran = []
     for name in ("bench_runs", "bench_step", "bench_pack", "bench_overhead", "bench_grid"):

@@ -152,7 +152,7 @@ CAPTURED = {
 CAPTURE_STEPS = 20
 
 
-def _captured_against_eager(case: str, backend: str) -> None:
+def _captured_against_eager(case: str, backend: str, device: str = "cpu") -> None:
     """20 training steps of the module's own step with the network under
     ``torch.compile(mode="reduce-overhead", fullgraph=True)`` against the same steps eager.
     Each step starts the compiled model from the eager run's state (weights, running
@@ -162,7 +162,7 @@ def _captured_against_eager(case: str, backend: str) -> None:
     steps (no recompile as BRN's limits open) and no graph break (fullgraph: no host read
     inside the network, which a CUDA graph could not replay). On CPU torch runs the mode without
     graphs, so this checks what dynamo, AOTAutograd and inductor make of each norm's in-place
-    updates; the replay itself needs CUDA."""
+    updates; the replay itself needs CUDA (``device="cuda"``, in test_gpu)."""
     norm, kwargs = CAPTURED[case]
     # Inductor reorders the reductions: gradients that are zero up to rounding (the conv biases
     # before a norm) differ by 2e-6 (measured); the bug this test found moved them by 3.5e-3.
@@ -170,14 +170,15 @@ def _captured_against_eager(case: str, backend: str) -> None:
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(NormBenchModule(norm=norm, norm_kwargs=kwargs, in_channels=1, width=8, num_blocks=2))
+        models.append(NormBenchModule(norm=norm, norm_kwargs=kwargs, in_channels=1, width=8, num_blocks=2).to(device))
     eager, captured = models
     captured.net_call = compiled_net_call(mode="reduce-overhead", fullgraph=True, backend=backend)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     optimizer = eager.configure_optimizers()
     for m in models:
         m.train()
-    for i, batch in enumerate(_batches()[:CAPTURE_STEPS]):
+    for i, (x, y) in enumerate(_batches()[:CAPTURE_STEPS]):
+        batch = x.to(device), y.to(device)
         captured.load_state_dict(eager.state_dict())
         losses = []
         for m in models:
@@ -194,7 +195,7 @@ def _captured_against_eager(case: str, backend: str) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1, case  # once, for training
     if norm != "gn":  # the statistics moved, and the step counter counted every step
         assert captured.net.blocks[0].norm.num_batches_tracked.item() == CAPTURE_STEPS
-        assert not torch.allclose(captured.net.blocks[0].norm.running_var, torch.ones(8))
+        assert not torch.allclose(captured.net.blocks[0].norm.running_var.cpu(), torch.ones(8))
     else:
         assert not list(captured.net.buffers())
 
