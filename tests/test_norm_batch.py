@@ -15,10 +15,11 @@ import fakedata
 import pytest
 import torch
 from quick_configs import mnist_config
+from torch import nn
 
 from normbench.loaders import InMemoryLoader
 from normbench.main import main
-from normbench.norms import NormBatch, create_norm
+from normbench.norms import NormBatch, create_norm, update_bn_stats
 
 C = 5
 
@@ -76,6 +77,38 @@ def test_bnrs_in_norm_batches_normalizes_each_group_by_the_statistics_before_it(
     torch.testing.assert_close(layer(x).detach(), torch.cat(expected))
     torch.testing.assert_close(layer.norm.running_mean, mean)
     torch.testing.assert_close(layer.norm.running_var, var)
+
+
+def test_brn_in_norm_batches_opens_its_limits_by_training_steps_not_groups():
+    # Ioffe 2017, Algorithm 1 per group of 2 images, by hand, with r_max and d_max scheduled by
+    # the training step (Sec. 4): 1 and 0 for 2 steps, then linear ramps to 2 over 4 steps and
+    # to 1 over 2. Counted per group (4 a step), the limits would be open from step 1.
+    warmup, r_ramp, d_ramp, r_final, d_final = 2, 4, 2, 2.0, 1.0
+    layer = NormBatch(_affine(create_norm("brn", C, r_max=r_final, d_max=d_final, warmup_steps=warmup,
+                                          r_max_ramp_steps=r_ramp, d_max_ramp_steps=d_ramp)), 2).train()  # fmt: skip
+    w, b = (p.detach().double().view(1, C, 1, 1) for p in (layer.norm.weight, layer.norm.bias))
+    mean, var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    clipped = 0
+    for step in range(8):
+        r_max = 1 + (r_final - 1) * min(max((step - warmup) / r_ramp, 0), 1)
+        d_max = d_final * min(max((step - warmup) / d_ramp, 0), 1)
+        x = sample(8, C, 3, 3, seed=step) * (1 + step) + step  # statistics that outrun the averages
+        expected = []
+        for part in x.double().split(2):
+            mu_b, var_b = part.mean((0, 2, 3)), part.var((0, 2, 3), unbiased=False)
+            sigma_b, sigma = (var_b + 1e-5).sqrt(), (var + 1e-5).sqrt()
+            r = (sigma_b / sigma).clamp(1 / r_max, r_max)
+            d = ((mu_b - mean) / sigma).clamp(-d_max, d_max)
+            clipped += int(((sigma_b / sigma - r).abs() > 1e-9).any())
+            x_hat = (part - mu_b.view(1, C, 1, 1)) / sigma_b.view(1, C, 1, 1) * r.view(1, C, 1, 1) + d.view(1, C, 1, 1)
+            expected.append(x_hat * w + b)
+            mean, var = 0.9 * mean + 0.1 * mu_b, 0.9 * var + 0.1 * part.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(layer(x).detach().double(), torch.cat(expected), rtol=1e-4, atol=1e-4)
+    assert clipped > 0  # the limits bound r on some steps: the schedule is what was compared
+    assert layer.steps.item() == 8 and layer.norm.num_batches_tracked.item() == 32
+    # PreciseBN's recalibration holds the schedule's step count where training left it.
+    update_bn_stats(nn.Sequential(layer), [sample(2, C, 3, 3, seed=s) for s in range(3)], 3)
+    assert layer.steps.item() == 8 and layer.norm.num_batches_tracked.item() == 32
 
 
 @pytest.mark.parametrize("norm", ["bn", "bnrs", "brn"])

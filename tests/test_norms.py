@@ -104,6 +104,21 @@ def test_bn_equals_torch_batchnorm(shape, ref_cls):
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("shape, ref_cls", [((6, C, 5, 4), nn.BatchNorm2d), ((6, C), nn.BatchNorm1d)])
+def test_bn_with_a_cumulative_average_equals_torch(shape, ref_cls):
+    # momentum=None: running statistics as the plain average over the batches so far (its own
+    # code path: 1 / num_batches_tracked as a device tensor), against torch's.
+    ours, ref = make("bn", momentum=None), ref_cls(C, momentum=None)
+    ref.load_state_dict(ours.state_dict())
+    for step in range(4):
+        x = sample(*shape, seed=step) * (1 + step)  # statistics that move, so that the average shows
+        torch.testing.assert_close(ours(x), ref(x))
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+
+
 def _torch_twin(name, layer, x):
     if name == "gn":
         ref = nn.GroupNorm(4, C)
@@ -303,8 +318,16 @@ def test_frn_matches_equations():
     nu2 = x.detach().pow(2).mean((2, 3), keepdim=True)
     y = layer.weight.reshape(bshape(x)) * x.detach() / (nu2 + 1e-6).sqrt() + layer.bias.reshape(bshape(x))
     torch.testing.assert_close(layer(x), torch.max(y, layer.tau.reshape(bshape(x))))
+    # An (N, C) input: nu^2 = x^2 per value (the paper's Sec. 3.1 case for a learned eps).
+    x2 = sample(4, C)
+    y2 = layer.weight * x2.detach() / (x2.detach().square() + 1e-6).sqrt() + layer.bias
+    torch.testing.assert_close(layer(x2), torch.max(y2, layer.tau))
+    # A learned eps: eps + |eps_l|, the constant eps its floor.
     learned = make("frn", learnable_eps=True)
-    assert learned(sample(3, C)).isfinite().all() and learned.eps_l is not None
+    with torch.no_grad():
+        learned.eps_l.fill_(-0.3)
+    y2 = learned.weight * x2.detach() / (x2.detach().square() + 1e-6 + 0.3).sqrt() + learned.bias
+    torch.testing.assert_close(learned(x2), torch.max(y2, learned.tau))
 
 
 def test_evonorm_b0_matches_equation():

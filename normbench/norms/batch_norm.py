@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from normbench.norms.stats import (
     RunningStatsNorm,
     batch_moments,
-    read_buffer,
     scale_shift,
     sync_active,
     update_running_stats,
@@ -69,16 +68,15 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (synced or cumulative):
             return super().forward(input)
         self._check_input_dim(input)
-        shift = read_buffer(self.running_mean) if self.running_mean is not None else input.new_zeros(input.shape[1])
         if not synced:
             # A cumulative average (momentum None): torch's BatchNorm reads num_batches_tracked on
             # the host for its factor, a host sync every step that vmap (packed runs) cannot
             # trace. The same update with the factor kept on the device, then torch's batch norm
             # without running statistics.
-            mean, var, count = batch_moments(input, shift, differentiable=False)
+            mean, var, count = batch_moments(input, differentiable=False)
             update_running_stats(self, mean, var, count)
             return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        mean, var, count = batch_moments(input, shift, True, self.process_group)
+        mean, var, count = batch_moments(input, True, self.process_group)
         if self.track_running_stats:
             update_running_stats(self, mean, var, count)
         inv_std = torch.rsqrt(var + self.eps)

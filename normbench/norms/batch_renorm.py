@@ -30,7 +30,9 @@ class BatchRenorm(RunningStatsNorm):
     Schedule (Sec. 4 of the paper): r_max = 1 and d_max = 0 for ``warmup_steps`` steps, then
     linear ramps over ``r_max_ramp_steps`` and ``d_max_ramp_steps`` to the final limits; all
     three 0 applies the final limits from the first step. The step count is
-    ``num_batches_tracked``, so the schedule survives a checkpoint. The paper warms up for 5k
+    ``num_batches_tracked``, so the schedule survives a checkpoint; a caller that updates the
+    statistics several times a step (``NormBatch``'s groups) passes its own count of training
+    steps as ``step``. The paper warms up for 5k
     steps and opens r_max = 3 at 40k and d_max = 5 at 25k of runs of 100k+ steps. The studies'
     runs are 10 epochs, as short as 3,910 steps (CIFAR-100 at batch size 128), so the defaults
     scale that down: 200 warm-up steps are 20 time constants of a momentum-0.1 running average,
@@ -105,29 +107,33 @@ class BatchRenorm(RunningStatsNorm):
         self.update_first = update_first
         self.r_eps = r_eps
 
-    def _ramp(self, ramp_steps: int, final: float) -> Tensor:
+    def _ramp(self, ramp_steps: int, final: float, step: Tensor | None = None) -> Tensor:
         """Fraction of the way from the warm-up limit to the final one, as a device tensor."""
-        t = read_buffer(self.num_batches_tracked).to(torch.float32)
+        t = read_buffer(self.num_batches_tracked if step is None else step).to(torch.float32)
         if ramp_steps == 0 or math.isinf(final):
             return (t >= self.warmup_steps).to(torch.float32)
         return ((t - self.warmup_steps) / ramp_steps).clamp(0, 1)
 
-    def current_limits(self) -> tuple[Tensor, Tensor]:
-        """The (r_max, d_max) that apply to the next training batch; tensors, no host sync."""
-        r_ramp, d_ramp = self._ramp(self.r_max_ramp_steps, self.r_max), self._ramp(self.d_max_ramp_steps, self.d_max)
+    def current_limits(self, step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The (r_max, d_max) that apply to the next training batch, at training step ``step``
+        (default: ``num_batches_tracked``); tensors, no host sync."""
+        r_ramp = self._ramp(self.r_max_ramp_steps, self.r_max, step)
+        d_ramp = self._ramp(self.d_max_ramp_steps, self.d_max, step)
         # An unbounded limit jumps from its warm-up value to inf (inf * 0 would be nan).
         r_max = torch.where(r_ramp > 0, 1 + (self.r_max - 1) * r_ramp, 1.0)
         d_max = torch.where(d_ramp > 0, self.d_max * d_ramp, 0.0)
         return r_max, d_max
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, step: Tensor | None = None) -> Tensor:
+        """Args: x: (N, C, *); step: the training step the schedule reads (default:
+        ``num_batches_tracked``, one per batch)."""
         self._check_input(x)
         if not self.training:
             return self._by_running_stats(x)
         mean, var, count = self._moments(x)
         std_b = torch.sqrt(var + self.eps)
         with torch.no_grad():
-            r_max, d_max = self.current_limits()
+            r_max, d_max = self.current_limits(step)
             if self.update_first:
                 update_running_stats(self, mean, var, count)
             std = torch.sqrt(read_buffer(self.running_var) + self.eps)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normbench.norms.batch_renorm import BatchRenorm
 from normbench.norms.registry import create_norm
 
 # The norms whose training output depends on the batch: those a norm batch applies to.
@@ -22,6 +23,11 @@ class NormBatch(nn.Module):
     group's r and d, bnrs by its running statistics), and the running statistics take one update
     per group, in order, as Ghost BatchNorm's (Hoffer et al. 2017, Algorithm 1). A last group of
     fewer images (a short last batch) is normalized as it is.
+
+    brn's r_max/d_max schedule counts training steps (Ioffe 2017, Sec. 4), not updates of its
+    statistics: the wrapper keeps that count in its ``steps`` buffer, one per training forward,
+    and every group of a step reads it, so the limits open at the same step whatever the norm
+    batch.
 
     Out of training the whole input goes through at once: the running statistics normalize it,
     or, where a diagnostic switches the norm alone to training mode, the statistics of the whole
@@ -38,11 +44,22 @@ class NormBatch(nn.Module):
             raise ValueError(f"norm_batch={norm_batch} must be >= 1")
         self.norm = norm
         self.norm_batch = norm_batch
+        self.scheduled = isinstance(norm, BatchRenorm)
+        if self.scheduled:  # training steps, for brn's schedule (its own count is per group)
+            self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or x.shape[0] <= self.norm_batch:
-            return self.norm(x)
-        return torch.cat([self.norm(part) for part in x.split(self.norm_batch)])
+        options = {"step": self.steps} if self.scheduled else {}
+        if not self.training:  # a diagnostic may switch the norm alone to training: this step's limits
+            return self.norm(x, **options)
+        if x.shape[0] <= self.norm_batch:
+            y = self.norm(x, **options)
+        else:
+            y = torch.cat([self.norm(part, **options) for part in x.split(self.norm_batch)])
+        if self.scheduled:
+            with torch.no_grad():
+                self.steps.add_(1)
+        return y
 
     def extra_repr(self) -> str:
         return f"norm_batch={self.norm_batch}"

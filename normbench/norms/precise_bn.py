@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from normbench.norms.batch_norm import BatchNormRS
 from normbench.norms.batch_renorm import BatchRenorm
+from normbench.norms.norm_batch import NormBatch
 
 
 def tracks_running_stats(module: nn.Module) -> bool:
@@ -64,8 +65,8 @@ def update_bn_stats(
     bnrs, brn) change what every later layer sees once they are recalibrated, so the layers are
     then recalibrated in depth order, each pass ending at such a layer: one pass over the
     batches when there is none, up to one per layer otherwise (an iterator of batches is kept
-    in memory for the later passes; a DataLoader is iterated again). Modes, momenta, hooks and
-    ``num_batches_tracked`` are restored in a ``finally``.
+    in memory for the later passes; a DataLoader is iterated again). Modes, momenta, hooks,
+    ``num_batches_tracked`` and ``NormBatch``'s step counts are restored in a ``finally``.
 
     Args:
         model: the model; its layers may be on any device.
@@ -109,7 +110,14 @@ def update_bn_stats(
         batch = torch.stack([n, mean.double(), var.double() * n])
         sums[layer] = batch if layer not in sums else _merge(sums[layer], batch)
 
+    # brn in norm batches reads its schedule from its NormBatch's count of steps: held too.
+    steps = {m: m.steps.clone() for m in model.modules() if isinstance(m, NormBatch) and m.scheduled}
+
+    def hold_steps(wrapper, args):
+        wrapper.steps.copy_(steps[wrapper])
+
     hooks = [m.register_forward_pre_hook(accumulate) for m in layers]
+    hooks += [m.register_forward_pre_hook(hold_steps) for m in steps]
     used = 0
     done: list[nn.Module] = []
     try:
@@ -143,6 +151,8 @@ def update_bn_stats(
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+        for m, count in steps.items():
+            m.steps.copy_(count)
     if used == 0:
         raise ValueError("update_bn_stats got no batches: pass a non-empty loader and num_batches >= 1")
     return used

@@ -77,7 +77,6 @@ def broadcast_shape(x: Tensor) -> tuple[int, ...]:
 
 def batch_moments(
     x: Tensor,
-    shift: Tensor,
     sync: bool = False,
     process_group=None,
     differentiable: bool = True,
@@ -85,13 +84,14 @@ def batch_moments(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean, biased variance and count of ``x`` over every dim but the channel dim.
 
-    Across processes the sum, the sum of squares and the count are reduced, so ranks holding
-    unequal batches still get the statistics of the union. Sums are taken around ``shift``
-    (the running mean, identical on every rank) to keep E[x^2] - E[x]^2 from cancelling.
+    Across processes the sums and the count are reduced, so ranks holding unequal batches
+    still get the statistics of the union. Per group or across processes the variance is
+    taken in two passes, the second around the first's mean (corrected two-pass: Chan, Golub
+    & LeVeque 1983): no cancellation however far the mean lies from zero, at the price of a
+    second reduction (a second all-reduce across processes).
 
     Args:
         x: input of shape (N, C, *).
-        shift: per-channel (C,) value subtracted before summing; no gradient flows into it.
         sync: reduce over ``process_group`` when one with more than one rank exists.
         process_group: group to reduce over; None is the whole world.
         differentiable: let gradients flow through the reduction (and the statistics).
@@ -106,7 +106,7 @@ def batch_moments(
     reduce = sync and sync_active(process_group)
     if not differentiable:
         with torch.no_grad():
-            return batch_moments(x, shift, reduce, process_group, True, groups)
+            return batch_moments(x, reduce, process_group, True, groups)
     if x.dtype in (torch.float16, torch.bfloat16):
         # Under autocast (bf16-mixed) the input is half precision; statistics stay in float32,
         # as torch's BatchNorm keeps them, and so do the running buffers they update.
@@ -119,21 +119,25 @@ def batch_moments(
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         return mean, var, float(x.shape[0] * per_sample)
     c = x.shape[1]
-    centred = (x - shift.detach().reshape(broadcast_shape(x))).reshape(x.shape[0], c, -1)
-    s, sq = centred.sum(2), centred.square().sum(2)  # (N, C) each
+    flat = x.reshape(x.shape[0], c, -1)
+
+    def total(per_sample_sums: Tensor) -> Tensor:
+        """(N, k) sums per sample -> per group (G, k) or in all (k,), across processes too."""
+        if groups is None:
+            out = per_sample_sums.sum(0)
+        else:
+            out = per_sample_sums.new_zeros(groups[1], per_sample_sums.shape[1]).index_add(0, groups[0], per_sample_sums)
+        return _all_reduce(out, process_group) if reduce else out
+
     n = torch.full((x.shape[0], 1), float(per_sample), dtype=x.dtype, device=x.device)
-    sums = torch.cat([s, sq, n], dim=1)  # (N, 2C + 1)
-    if groups is None:
-        sums = sums.sum(0)
-    else:
-        index, num_groups = groups
-        sums = sums.new_zeros(num_groups, sums.shape[1]).index_add(0, index, sums)
-    if reduce:
-        sums = _all_reduce(sums, process_group)
-    s, sq, n = sums[..., :c], sums[..., c : 2 * c], sums[..., 2 * c]
-    mean_c = s / n.unsqueeze(-1)
-    var = (sq / n.unsqueeze(-1) - mean_c.square()).clamp_min(0)
-    return shift.detach() + mean_c, var, n
+    first = total(torch.cat([flat.sum(2), n], dim=1))  # (.., C + 1)
+    count = first[..., c]
+    mean = first[..., :c] / count.unsqueeze(-1)
+    around = mean.expand(x.shape[0], c) if groups is None else mean[groups[0]]  # each sample's mean, (N, C)
+    centred = flat - around.unsqueeze(-1)
+    second = total(torch.cat([centred.sum(2), centred.square().sum(2)], dim=1))  # (.., 2C)
+    residual, square = second[..., :c] / count.unsqueeze(-1), second[..., c:] / count.unsqueeze(-1)
+    return mean + residual, (square - residual.square()).clamp_min(0), count
 
 
 def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, weight=None, bias=None) -> Tensor:
@@ -233,9 +237,7 @@ class RunningStatsNorm(nn.Module):
         return scale_shift(x, inv_std, -read_buffer(self.running_mean) * inv_std, self.weight, self.bias)
 
     def _moments(self, x: Tensor, differentiable: bool = True, groups=None):
-        return batch_moments(
-            x, read_buffer(self.running_mean), self.sync_stats, self.process_group, differentiable, groups
-        )
+        return batch_moments(x, self.sync_stats, self.process_group, differentiable, groups)
 
     def extra_repr(self) -> str:
         return (
