@@ -535,6 +535,24 @@ def test_bf16_autocast_keeps_statistics_in_float32(name):
             torch.testing.assert_close(buffer, getattr(reference, key), rtol=1e-4, atol=1e-5)
 
 
+def test_ghost_bn_statistics_stay_exact_far_from_zero():
+    # A mean 1000 standard deviations from the running mean (0 at the first step): ghost batch
+    # moments against float64 ones (Ioffe & Szegedy, Algorithm 1: the mean of squared deviations
+    # from the batch mean). Sums of squares around the running mean cancelled here (output off
+    # by 0.2).
+    layer = make("ghost_bn", virtual_batch_size=4)
+    x = sample(8, C, 3, 3) + 1000.0
+    y = layer(x).detach().double()
+    w, b = (p.detach().double().view(1, C, 1, 1) for p in (layer.weight, layer.bias))
+    expected, var = [], torch.ones(C, dtype=torch.float64)
+    for part in x.double().split(4):
+        mean_b, var_b = part.mean((0, 2, 3), keepdim=True), part.var((0, 2, 3), unbiased=False, keepdim=True)
+        expected.append((part - mean_b) / (var_b + 1e-5).sqrt() * w + b)
+        var = 0.9 * var + 0.1 * part.var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(y, torch.cat(expected), rtol=0, atol=2e-3)
+    torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-3, atol=0)
+
+
 def test_ghost_bn_refuses_a_one_value_ghost_batch_as_torch_refuses_a_one_value_batch():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         nn.BatchNorm1d(C)(torch.randn(1, C))
