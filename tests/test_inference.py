@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from normbench.report.inference import equivalence, holm, interaction, slope
+from normbench.report.inference import difference, equivalence, holm, interaction, slope
 
 # Two conditions' accuracies at log2 batch sizes 1, 4 and 7, three runs each (fixed numbers).
 A = {1.0: [60.1, 62.3, 61.0], 4.0: [70.2, 71.5, 69.9], 7.0: [74.0, 72.8, 75.1]}
@@ -94,6 +94,32 @@ def test_equivalence_decisions_on_the_fixed_numbers():
     wide = ([70.1, 74.9, 66.4], [70.6, 71.1, 70.0])
     assert stats.ttest_ind(*wide, equal_var=False).pvalue > 0.05 and not equivalence(*wide, 3.0).equivalent
     assert equivalence([1.0], [1.0, 2.0], 3.0) is None
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+@pytest.mark.parametrize("than", [0.0, 1.0])
+def test_difference_is_welchs_t_test_against_a_value(alternative, than):
+    a, b = [72.4, 73.9, 72.8], [70.6, 71.1, 70.0, 71.9]
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 4
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)  # Welch-Satterthwaite
+    d = np.mean(a) - np.mean(b)
+    t = (d - than) / se
+    p = {"two-sided": 2 * stats.t.sf(abs(t), df), "greater": stats.t.sf(t, df), "less": stats.t.cdf(t, df)}
+    half = stats.t.ppf(0.975 if alternative == "two-sided" else 0.95, df) * se
+    diff = difference(a, b, than, alternative)
+    assert diff.difference == pytest.approx(d) and diff.p == pytest.approx(p[alternative], rel=1e-8)
+    assert (diff.low, diff.high) == pytest.approx((d - half, d + half), rel=1e-8)
+    # At 5%, a one-sided test rejects exactly when the 90% interval's bound on its side passes the value.
+    if alternative == "greater":
+        assert (diff.p < 0.05) == (diff.low > than)
+    assert f"{diff.level}% CI" in diff.text() and (diff.n_a, diff.n_b) == (3, 4)
+
+
+def test_difference_needs_two_runs_a_side_with_a_spread_and_a_known_side():
+    assert difference([1.0], [1.0, 2.0]) is None and difference([1.0, 1.0], [2.0, 2.0]) is None
+    with pytest.raises(ValueError, match="alternative='above'"):
+        difference([1.0, 2.0], [1.0, 2.0], alternative="above")
 
 
 def test_holm_by_hand():

@@ -15,6 +15,8 @@ BEATS = 1.0
 ALPHA = 0.05
 # Cells whose optimizer steps differ by more than this factor compare budgets as well as norms.
 STEPS_APART = 2.0
+# Each study's network as the study ran it: (net, activation, blocks).
+STUDY_NETS = (("seed_cnn", "relu", 4), ("dilated_cnn", "gelu", 4))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 from normbench.report.plotting import pyplot, save_figure
 from normbench.report.records import CONTEXT, Run
 from normbench.report.reference import study1_reference
-from normbench.report.tables import Stat, aggregate, markdown_table, sorted_values
+from normbench.report.tables import Stat, aggregate, markdown_table, mean_curve, sorted_values
 
 
 def plots(runs: list[Run], out: Path) -> list[str]:
@@ -61,15 +61,6 @@ STUDY1_COLORS = {"bn": "C0", "bnrs": "C1", "brn": "C2"}
 COMPARE_AT = (500, 2000, 5000, 10000)
 
 
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float]]:
-    """Steps every curve has, and the mean and sample std over the curves there."""
-    common = sorted(set.intersection(*({s for s, _ in c} for c in curves)))
-    by_step = [dict(c) for c in curves]
-    mean = [statistics.fmean(d[s] for d in by_step) for s in common]
-    std = [statistics.stdev([d[s] for d in by_step]) if len(by_step) > 1 else 0.0 for s in common]
-    return common, mean, std
-
-
 def _study1_figure(group: list[Run], path: Path, title: str) -> str:
     """Study 1's figure for one (dataset, batch size): training loss (log scale) and test accuracy
     against iterations, a line per norm (the mean over seeds; a band of one std for accuracy)."""
@@ -80,10 +71,10 @@ def _study1_figure(group: list[Run], path: Path, title: str) -> str:
         color = STUDY1_COLORS.get(norm)
         n = len(runs)
         if all(r.losses for r in runs):
-            steps, mean, _ = _mean_curve([r.losses for r in runs])
+            steps, mean, _ = mean_curve([r.losses for r in runs])
             ax_loss.plot(steps, mean, color=color, lw=0.8, label=f"{norm} (n={n})")
         if all(r.evals for r in runs):
-            steps, mean, std = _mean_curve([r.evals for r in runs])
+            steps, mean, std = mean_curve([r.evals for r in runs])
             ax_acc.plot(steps, mean, color=color, marker="o", ms=3, label=f"{norm} (n={n})")
             ax_acc.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                                 color=color, alpha=0.2)  # fmt: skip

@@ -9,6 +9,10 @@
   Welch t-tests against -margin and +margin (TOST, ``statsmodels.stats.weightstats.ttost_ind``);
   p < alpha shows equivalence, and "not significantly different" never does. The interval given
   is the 90% one, whose lying inside (-margin, margin) is the same decision at alpha = 0.05.
+- ``difference``: a − b against a value, two-sided or one-sided: Welch's t-test
+  (``scipy.stats.ttest_ind``) with the interval of the difference (statsmodels' ``CompareMeans``),
+  95% for a two-sided test and 90% for a one-sided one (whose bound on the tested side passing
+  the value is the same decision at alpha = 0.05).
 - ``holm``: p-values of one report adjusted for multiplicity (Holm's step-down,
   ``statsmodels.stats.multitest.multipletests``).
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import statsmodels.api as sm
+from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW, ttost_ind
 
@@ -124,6 +129,56 @@ def equivalence(a: list[float], b: list[float], margin: float) -> Equivalence | 
     compare = CompareMeans(DescrStatsW(np.asarray(a, float)), DescrStatsW(np.asarray(b, float)))
     low, high = compare.tconfint_diff(alpha=0.10, usevar="unequal")
     return Equivalence(float(np.mean(a) - np.mean(b)), float(low), float(high), float(p), margin, len(a), len(b))
+
+
+# How each alternative reads in the evidence: a − b is ... than the value tested.
+_SIDES = {"two-sided": "≠", "greater": ">", "less": "<"}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """a − b (Welch): the difference of the means, its interval, the p of the test against
+    ``than`` on the side ``alternative`` names, and each side's n."""
+
+    difference: float
+    low: float
+    high: float
+    p: float
+    than: float
+    alternative: str
+    n_a: int
+    n_b: int
+
+    @property
+    def level(self) -> int:
+        return 95 if self.alternative == "two-sided" else 90
+
+    def text(self) -> str:
+        return (f"{self.difference:+.2f} points ({self.level}% CI {self.low:+.2f} to {self.high:+.2f}), Welch's "
+                f"t-test of a difference {_SIDES[self.alternative]} {self.than:g}: p = {p_text(self.p)}, "
+                f"n = {self.n_a} and {self.n_b}")  # fmt: skip
+
+
+def difference(a: list[float], b: list[float], than: float = 0.0, alternative: str = "two-sided") -> Difference | None:
+    """Welch's t-test of mean(a) − mean(b) against ``than``; None with fewer than 2 runs a side
+    or no spread.
+
+    Args:
+        a: one condition's values.
+        b: the other's.
+        than: the difference tested against (H0: a − b = than, or on the wrong side of it).
+        alternative: "two-sided", "greater" (H1: a − b > than) or "less" (H1: a − b < than).
+    """
+    if alternative not in _SIDES:
+        raise ValueError(f"alternative={alternative!r}: use one of {', '.join(_SIDES)}")
+    if len(a) < 2 or len(b) < 2 or (np.std(a) + np.std(b)) == 0:
+        return None
+    xa, xb = np.asarray(a, float), np.asarray(b, float)
+    p = scipy_stats.ttest_ind(xa - than, xb, equal_var=False, alternative=alternative).pvalue
+    compare = CompareMeans(DescrStatsW(xa), DescrStatsW(xb))
+    low, high = compare.tconfint_diff(alpha=0.05 if alternative == "two-sided" else 0.10, usevar="unequal")
+    return Difference(float(xa.mean() - xb.mean()), float(low), float(high), float(p), than, alternative,
+                      len(a), len(b))  # fmt: skip
 
 
 def holm(p_values: list[float]) -> list[float]:

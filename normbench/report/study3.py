@@ -9,7 +9,10 @@ and batch-free controls at the same SGD batch. Each claim is tested as it is sta
 - "At small normalization batches, batch statistics at evaluation beat the running statistics":
   per normalization batch, the paired t-test of each run's last accuracy with batch statistics
   against the same run's with its running (EMA) statistics; the claim's test is the one at the
-  smallest normalization batch.
+  smallest normalization batch of each (dataset, SGD batch), in every one (intersection-union).
+
+Only plain bn (no weight standardization) on the studies' networks counts as BN here, and a
+cell whose runs did not learn (below 3x chance) feeds no verdict.
 - "A batch-free layer matches BN at its best": TOST of each control against BN's best cell
   within CLOSE points; the claim holds if any control is equivalent (the smallest p, times the
   controls tested: Bonferroni over the "any").
@@ -21,24 +24,46 @@ import math
 from collections import defaultdict
 
 from normbench.norms import BATCH_NORMS
-from normbench.report.claims import CLOSE, Verdict, budget_note, tested
+from normbench.report.claims import CLOSE, STUDY_NETS, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, p_text, slope
 from normbench.report.plotting import pyplot, save_figure
 from normbench.report.records import Run
-from normbench.report.tables import PairedComparison, Stat, sorted_values
+from normbench.report.tables import LEARNED, PairedComparison, Stat, sorted_values
 
 # Layers whose training output depends on the batch: no control for this study.
 BATCH_DEPENDENT = (*BATCH_NORMS, "ghost_bn", "evonorm_b0")
 
 
-def _bn_by_norm_batch(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:
-    """(dataset, SGD batch) -> normalization batch -> bn's finished runs, where bn ran at two or
-    more normalization batches."""
+def _learned(runs: list[Run]) -> bool:
+    """Whether a cell's runs learned: their mean best accuracy at least LEARNED x chance."""
+    chance = max((r.chance for r in runs if r.chance is not None), default=None)
+    return chance is None or Stat([r.best for r in runs]).mean >= LEARNED * chance
+
+
+def _bn_cells(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:
+    """(dataset, SGD batch) -> normalization batch -> plain bn's finished fp32 runs on a study
+    network, every cell kept."""
     groups: dict[tuple, dict[int, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        if r.ok and r.norm_name == "bn" and r.norm_batch is not None and r.precision == "32-true":
+        plain = r.norm in ("bn", f"bn nb{r.norm_batch}")  # not bn+ws, bn+sws or another precision
+        if r.ok and plain and r.norm_batch is not None and (r.net, r.activation, r.num_blocks) in STUDY_NETS:
             groups[(r.dataset, r.batch_size)][r.norm_batch].append(r)
-    return {k: dict(v) for k, v in groups.items() if len(v) >= 2}
+    return {k: dict(v) for k, v in groups.items()}
+
+
+def _bn_by_norm_batch(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:
+    """(dataset, SGD batch) -> normalization batch -> bn's runs, at the normalization batches
+    whose runs learned, where two or more did."""
+    learned = {k: {nb: rs for nb, rs in v.items() if _learned(rs)} for k, v in _bn_cells(runs).items()}
+    return {k: v for k, v in learned.items() if len(v) >= 2}
+
+
+def _not_learned(runs: list[Run]) -> str:
+    """``; left out, did not learn ...`` naming bn's cells below LEARNED x chance, or ""."""
+    lost = [f"{ds} SGD batch {bs} normalization batch {nb} ({Stat([r.best for r in rs]).mean:.2f}%)"
+            for (ds, bs), v in sorted(_bn_cells(runs).items(), key=lambda kv: str(kv[0]))
+            for nb, rs in sorted(v.items()) if not _learned(rs)]  # fmt: skip
+    return f"; left out, did not learn (below {LEARNED:g}x chance): {', '.join(lost)}" if lost else ""
 
 
 def _listing(cells: dict[int, list[Run]], value=lambda r: r.best) -> str:
@@ -47,8 +72,10 @@ def _listing(cells: dict[int, list[Run]], value=lambda r: r.best) -> str:
 
 def bn_depends_on_norm_batch(runs: list[Run]) -> Verdict:
     claim = "At a fixed SGD batch, BN's accuracy depends on its normalization batch"
-    found = _bn_by_norm_batch(runs)
+    found, left_out = _bn_by_norm_batch(runs), _not_learned(runs)
     if not found:
+        if left_out:
+            return Verdict(claim, "inconclusive", left_out.removeprefix("; "))
         return Verdict(claim, "not enough data", "needs bn at 2 or more normalization batches of one SGD batch")
     parts, ps, used = [], [], []
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
@@ -61,54 +88,61 @@ def bn_depends_on_norm_batch(runs: list[Run]) -> Verdict:
         parts.append(f"{ds}, SGD batch {bs}: accuracy per doubling of the normalization batch {fit.text('points')} "
                      f"(best accuracy by normalization batch: {_listing(cells)})")  # fmt: skip
     # In every context: an intersection-union test, its p the largest.
-    return tested(claim, "; ".join(parts) + budget_note(used), max(ps), True)
+    return tested(claim, "; ".join(parts) + left_out + budget_note(used), max(ps), True)
 
 
 def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
     claim = "At small normalization batches, evaluating with batch statistics beats the running statistics"
     found = _bn_by_norm_batch(runs)
-    parts, key = [], None
+    parts, keys = [], []
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
-        rows = []
+        rows, key = [], None
         for nb, rs in sorted(cells.items()):
             pairs = [r for r in rs if r.batch_stats is not None and r.final is not None]
             if len(pairs) < 2:
                 continue
             comparison = PairedComparison(Stat([r.batch_stats for r in pairs]), Stat([r.final for r in pairs]))
             rows.append(f"normalization batch {nb}: {comparison.text()}")
-            if key is None or (ds, bs, nb) < key[0]:
-                key = ((ds, bs, nb), comparison)
+            key = key or (nb, comparison)  # the smallest normalization batch of this context
         if rows:
             parts.append(f"{ds}, SGD batch {bs}, batch statistics − running statistics at the last evaluation: "
                          + "; ".join(rows))  # fmt: skip
-    if key is None or key[1].p is None:
+            keys.append((ds, bs, *key))
+    if not keys or any(c.p is None for *_, c in keys):
         return Verdict(claim, "not enough data", "needs bn runs with NormDiagnostics' batch-statistics accuracy at 2 "
                        "or more normalization batches")  # fmt: skip
-    (ds, bs, nb), comparison = key
-    evidence = "; ".join(parts) + f"; the claim's test: {ds} normalization batch {nb}, p = {p_text(comparison.p)}"
-    return tested(claim, evidence, comparison.p, comparison.difference > 0)
+    p = max(c.p for *_, c in keys)
+    tests = ", ".join(f"{ds} SGD batch {bs} normalization batch {nb}" for ds, bs, nb, _ in keys)
+    evidence = ("; ".join(parts) + _not_learned(runs)
+                + f"; the claim's tests (the smallest normalization batch of each): {tests}, p = {p_text(p)}")
+    return tested(claim, evidence, p, all(c.difference > 0 for *_, c in keys))
 
 
 def batch_free_matches_bn(runs: list[Run]) -> Verdict:
     claim = f"A batch-free layer matches BN at its best (within {CLOSE:g} points)"
     found = _bn_by_norm_batch(runs)
-    parts, ps = [], []
+    parts, ps, lost = [], [], []
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
         best_nb = max(cells, key=lambda nb: Stat([r.best for r in cells[nb]]).mean)
         bn = [r.best for r in cells[best_nb]]
-        controls: dict[str, list[float]] = defaultdict(list)
+        controls: dict[str, list[Run]] = defaultdict(list)
         for r in runs:
-            if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in BATCH_DEPENDENT:
-                controls[r.norm].append(r.best)
+            if (r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in BATCH_DEPENDENT
+                    and (r.net, r.activation, r.num_blocks) in STUDY_NETS):  # fmt: skip
+                controls[r.norm].append(r)
         for name in sorted_values(set(controls)):
-            eq = equivalence(controls[name], bn, CLOSE)
+            if not _learned(controls[name]):
+                lost.append(f"{ds} bs {bs} {name} ({Stat([r.best for r in controls[name]]).mean:.2f}%)")
+                continue
+            eq = equivalence([r.best for r in controls[name]], bn, CLOSE)
             if eq is not None:
                 ps.append(eq.p)
                 parts.append(f"{ds} bs {bs}, {name} − bn at normalization batch {best_nb} (BN's best): {eq.text()}")
     if not ps:
         return Verdict(claim, "not enough data", "needs bn at 2 or more normalization batches and a batch-free control")
     p = min(1.0, min(ps) * len(ps))
-    return tested(claim, "; ".join(parts) + f"; any of {len(ps)}: Bonferroni p = {p_text(p)}", p, True)
+    left_out = _not_learned(runs) + (f"; controls left out, did not learn: {', '.join(lost)}" if lost else "")
+    return tested(claim, "; ".join(parts) + left_out + f"; any of {len(ps)}: Bonferroni p = {p_text(p)}", p, True)
 
 
 CLAIMS = (bn_depends_on_norm_batch, batch_stats_beat_ema, batch_free_matches_bn)

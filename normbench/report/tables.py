@@ -64,6 +64,16 @@ class Stat:
         return f"{text} (n={self.n}{', ' + ', '.join(notes) if notes else ''})"
 
 
+def mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float]]:
+    """Steps every curve has, and the mean and sample std over the curves there: curves are
+    averaged step by step, never by position, so a curve missing a step leaves that step out."""
+    common = sorted(set.intersection(*({s for s, _ in c} for c in curves)))
+    by_step = [dict(c) for c in curves]
+    mean = [statistics.fmean(d[s] for d in by_step) for s in common]
+    std = [statistics.stdev([d[s] for d in by_step]) if len(by_step) > 1 else 0.0 for s in common]
+    return common, mean, std
+
+
 def aggregate(runs: list[Run], keys: tuple[str, ...], metric: str = "best") -> dict[tuple, Stat]:
     """Group runs by ``keys`` and gather ``metric`` of the finished ones."""
     groups: dict[tuple, Stat] = defaultdict(lambda: Stat([]))
