@@ -199,15 +199,19 @@ class NormBenchCLI(LightningCLI):
                 "a positive number of epochs, or give --trainer.max_steps"
             )
         # Defaults that the user's own callbacks or switches replace, as Lightning's do.
-        # The best checkpoint by validation accuracy, and last.ckpt, at the end of every training
-        # epoch (after the epoch's metrics are logged, so that the run record in it is complete).
-        # None in a fast_dev_run, whose checkpointing Lightning means to suppress (save_last would
-        # still write one at the end): a development run leaves nothing to resume from.
+        # last.ckpt at the end of every training epoch (after the epoch's metrics are logged, so
+        # that the run record in it is complete) and, where validation is a split of the training
+        # set, the best checkpoint by validation accuracy. With val_split 0 validation is the
+        # official test split (the studies' protocol), and nothing is selected on it. None in a
+        # fast_dev_run, whose checkpointing Lightning means to suppress (save_last would still
+        # write one at the end): a development run leaves nothing to resume from.
         dev_run = bool(trainer.fast_dev_run)
         if not dev_run:
-            add_default(config, "enable_checkpointing", CHECKPOINT, monitor="val/acc", mode="max",
-                              save_last=True, filename="best-{epoch}", save_on_train_epoch_end=True,
-                              enable_version_counter=False)  # fmt: skip
+            best = {"monitor": "val/acc", "mode": "max", "filename": "best-{epoch}"}
+            if not selects_on_validation(config):
+                best = {"save_top_k": 0}
+            add_default(config, "enable_checkpointing", CHECKPOINT, **best, save_last=True,
+                        save_on_train_epoch_end=True, enable_version_counter=False)  # fmt: skip
         if not dev_run and config.checkpoint_every_n_steps and not has_periodic_checkpoint(config):
             # last.ckpt in the middle of epochs too: at batch size 2 an epoch is 25,000 steps.
             # Both write last.ckpt; without the version counter they replace it, not add last-v1.ckpt.
@@ -268,6 +272,14 @@ class NormBenchCLI(LightningCLI):
 
 
 # -- the default callbacks, in a config before its classes are built -------------------------
+
+
+def selects_on_validation(config: Namespace) -> bool:
+    """Whether a checkpoint may be chosen by validation accuracy: not when the data module
+    validates on the official test split (normbench's ``val_split: 0``); a data module without
+    ``val_split`` is the user's own, its validation set theirs to choose."""
+    init_args = getattr(config.data, "init_args", None) or Namespace()
+    return getattr(init_args, "val_split", None) != 0
 
 
 def add_default(config: Namespace, switch: str, class_path: str, **init_args) -> None:

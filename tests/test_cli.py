@@ -132,6 +132,19 @@ def test_training_never_sees_the_test_split(fake_data, tmp_path):
             assert {split for split, _ in val} == {fakedata.TRAIN} and not set(val) & set(seen)
 
 
+def test_no_checkpoint_is_chosen_on_the_test_split(fake_data, tmp_path):
+    # val_split 0 validates on the official test split: last.ckpt only; a validation split of
+    # the training set: the best by its accuracy too.
+    for val_split, monitors in (("0", [None]), ("0.25", ["val/acc"])):
+        cli = NormBenchCLI(args=["--config", str(ROOT / "configs" / "cifar10_bn_bs16.yaml"),
+                                 *fast(fake_data, tmp_path), "--data.val_split", val_split], run=False)  # fmt: skip
+        checkpoints = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
+        assert [c.monitor for c in checkpoints if not c._every_n_train_steps] == monitors, val_split
+        assert all(c.save_last for c in checkpoints)
+        if val_split == "0":
+            assert all(c.save_top_k == 0 for c in checkpoints)
+
+
 # Slow (19 s): test_errors' console-script test takes the same exit path in the default suite.
 @pytest.mark.slow
 def test_a_shell_command_ends_at_once_with_everything_written(fake_data, tmp_path):
