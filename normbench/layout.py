@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from torch import nn
 
 from normbench.diagnostics.train_eval import norm_batch
 from normbench.norms import tracks_running_stats
@@ -22,6 +23,8 @@ def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: A
     world = trainer.world_size
     layers = [m for m in pl_module.modules() if tracks_running_stats(m)]
     synced = bool(getattr(pl_module, "sync_norms", False)) and world > 1
+    # BatchNorm without running statistics normalizes over the batch all the same.
+    layers += [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in layers]
     if layers:
         images = norm_batch(trainer, pl_module, datamodule) if per_device else None
         ghost = [m.virtual_batch_size for m in layers if hasattr(m, "virtual_batch_size")]
@@ -41,4 +44,19 @@ def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: A
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "norm_stats_images": images,
         "norm_stats_scope": scope,
+        "train_images_padded": padded_train_images(datamodule, world),
     }
+
+
+def padded_train_images(datamodule: Any, world: int) -> int | None:
+    """Training images an epoch holds twice on ``world`` processes so that every rank takes as
+    many steps (each rank's share of the last global batch made whole): 0 on one process, or with
+    drop_last in memory (the global batches one device takes, whole); None where unknown."""
+    train_set = getattr(datamodule, "train_set", None)
+    if world == 1:
+        return 0
+    if train_set is None:
+        return None
+    if getattr(datamodule, "drop_last", False) and getattr(datamodule, "in_memory", False):
+        return 0
+    return -len(train_set) % world

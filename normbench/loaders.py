@@ -141,10 +141,24 @@ class InMemoryLoader(DeviceLoader):
         if self.world_size > 1:
             if not self.shuffle:
                 return perm[self.rank :: self.world_size]
-            total = -(-n // self.world_size) * self.world_size
-            perm = torch.cat([perm, perm[: total - n]])
+            if self.drop_last:
+                # The global batches one device takes, whole: nothing padded, no extra step.
+                total = n // (self.batch_size * self.world_size) * self.batch_size * self.world_size
+                perm = perm[:total]
+            else:
+                # A last global batch split evenly: up to world_size - 1 images again
+                # (``padded_images``); uneven shards would leave a rank without a last step.
+                total = -(-n // self.world_size) * self.world_size
+                perm = torch.cat([perm, perm[: total - n]])
             return perm[self._global_batch_share(total).to(device)]
         return perm
+
+    def padded_images(self) -> int:
+        """Images an epoch's training order holds twice on this layout (0 on one device, with
+        drop_last, or without shuffling)."""
+        if self.world_size == 1 or not self.shuffle or self.drop_last:
+            return 0
+        return -len(self.targets) % self.world_size
 
     def _global_batch_share(self, total: int) -> torch.Tensor:
         """This rank's positions in an epoch's padded order of ``total`` samples: of each global
@@ -162,6 +176,8 @@ class InMemoryLoader(DeviceLoader):
 
     def _per_rank(self) -> int:
         n = len(self.targets)
+        if self.shuffle and self.drop_last:
+            return n // (self.batch_size * self.world_size) * self.batch_size
         if self.shuffle:
             return math.ceil(n / self.world_size)
         return len(range(self.rank, n, self.world_size))  # an uneven shard: no image twice
@@ -171,16 +187,21 @@ class InMemoryLoader(DeviceLoader):
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
     def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """out[b, :, i, j] = padded[b, :, dy_b + i, dx_b + j], then a flip of half the batch."""
+        """out[b, :, i, j] = padded[b, :, dy_b + i, dx_b + j], then a flip of half the batch.
+
+        The offsets and flips are drawn for the whole global batch (every rank's part, from the
+        same generator) and this rank takes its part's: each image is augmented as one device
+        with the global batch augments it, and no two ranks draw alike."""
         b, c, h, w = x.shape
         p = self.padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), generator=g, device=x.device)
-        dx = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), generator=g, device=x.device)
+        every, mine = b * self.world_size, slice(self.rank * b, (self.rank + 1) * b)
+        dy = torch.randint(0, 2 * p + 1, (every, 1, 1, 1), generator=g, device=x.device)[mine]
+        dx = torch.randint(0, 2 * p + 1, (every, 1, 1, 1), generator=g, device=x.device)[mine]
         rows = (dy + torch.arange(h, device=x.device).reshape(1, 1, h, 1)).expand(b, c, h, w + 2 * p)
         cols = (dx + torch.arange(w, device=x.device).reshape(1, 1, 1, w)).expand(b, c, h, w)
         cropped = padded.gather(2, rows).gather(3, cols)
-        flip = torch.rand((b, 1, 1, 1), generator=g, device=x.device) < 0.5
+        flip = torch.rand((every, 1, 1, 1), generator=g, device=x.device)[mine] < 0.5
         return torch.where(flip, cropped.flip(3), cropped)
 
     def __iter__(self):

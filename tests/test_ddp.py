@@ -250,7 +250,8 @@ def test_diagnostics_on_two_processes_use_one_devices_subsets(ddp_run, data_dir)
 
 def test_the_record_and_the_hparams_say_what_the_batch_was(ddp_run):
     layout = {"devices": 2, "num_nodes": 1, "world_size": 2, "batch_size_per_device": 4, "global_batch_size": 8,
-              "accumulate_grad_batches": 1, "norm_stats_images": 8, "norm_stats_scope": "all devices"}  # fmt: skip
+              "accumulate_grad_batches": 1, "norm_stats_images": 8, "norm_stats_scope": "all devices",
+              "train_images_padded": 0}  # fmt: skip
     assert _record(ddp_run)["layout"] == layout
     assert _hparams(ddp_run)["layout/global_batch_size"] == 8 and _hparams(ddp_run)["layout/world_size"] == 2
 

@@ -134,6 +134,31 @@ def test_a_training_step_on_two_ranks_holds_one_devices_batch_in_order():
         assert torch.equal(torch.cat([y for _, y in parts]), y_one)
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ranks_augment_and_drop_the_last_batch_as_one_device(drop_last):
+    # 23 images, global batches of 8 on 2 ranks of 4: with drop_last one device's 2 steps, not 3
+    # (no padded image); the crops and flips of each image those of one device's, none shared
+    # between the ranks. Without drop_last the last global batch holds one image twice.
+    n, per_device, world = 23, 4, 2
+    g = torch.Generator().manual_seed(0)
+    images, targets = torch.randint(0, 256, (n, 1, 6, 6), generator=g, dtype=torch.uint8), torch.arange(n)
+    kw = {"shuffle": True, "mean": (0.0,), "std": (1.0,), "seed": 3, "augment": True, "padding": 2,
+          "drop_last": drop_last}  # fmt: skip
+    one = InMemoryLoader(images, targets, per_device * world, **kw)
+    ranks = [InMemoryLoader(images, targets, per_device, rank=r, world_size=world, **kw) for r in range(world)]
+    steps = list(zip(*(list(r) for r in ranks), strict=True))
+    assert len(steps) == len(one) == (n // 8 if drop_last else -(-n // 8))
+    for (x_one, y_one), parts in list(zip(one, steps, strict=True))[: n // 8]:
+        assert torch.equal(torch.cat([y for _, y in parts]), y_one)
+        torch.testing.assert_close(torch.cat([x for x, _ in parts]), x_one, rtol=0, atol=0)
+    assert [r.padded_images() for r in ranks] == [0 if drop_last else 1] * world
+    seen = torch.cat([y for parts in steps for _, y in parts]).tolist()
+    if drop_last:
+        assert len(seen) == len(set(seen)) == 16
+    else:  # the 7 images left and one of the epoch's first again
+        assert len(seen) == 24 and len(set(seen)) == 23 and len(torch.cat([y for _, y in steps[-1]])) == 8
+
+
 def _one_line_error(capsys, args):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -199,3 +224,25 @@ def test_two_processes_with_a_norm_batch_train_and_score_as_one(norm, tmp_path):
     for key, value in ckpt1["state_dict"].items():
         if key.startswith("net.") and not key.endswith(("conv.bias", "running_mean")):
             torch.testing.assert_close(ckpt2["state_dict"][key], value, rtol=1e-3, atol=1e-3, msg=key)
+
+
+def test_the_record_says_what_each_statistic_covers_and_what_was_padded():
+    from types import SimpleNamespace
+
+    from normbench.layout import batch_layout
+    from normbench.module import NormBenchModule
+
+    def layout(world, norm, drop_last=False, **norm_kwargs):
+        trainer = SimpleNamespace(world_size=world, num_devices=world, num_nodes=1, accumulate_grad_batches=1)
+        dm = SimpleNamespace(batch_size=4, train_set=list(range(23)), drop_last=drop_last, in_memory=True)
+        module = NormBenchModule(norm=norm, norm_kwargs=norm_kwargs, in_channels=1, width=8, num_blocks=2)
+        return batch_layout(trainer, module, dm)
+
+    # BatchNorm without running statistics normalizes over the batch all the same.
+    for kwargs in ({}, {"track_running_stats": False}):
+        got = layout(1, "bn", **kwargs)
+        assert (got["norm_stats_images"], got["norm_stats_scope"]) == (4, "per device"), kwargs
+    assert (layout(1, "gn", num_groups=4)["norm_stats_scope"]) == "per image"
+    # 23 images on 2 processes: one image twice per epoch, unless drop_last leaves the remainder out.
+    assert [layout(w, "gn", d, num_groups=4)["train_images_padded"] for w, d in ((1, False), (2, False), (2, True))] == [
+        0, 1, 0]  # fmt: skip
