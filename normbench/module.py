@@ -26,7 +26,15 @@ from normbench.norms import (
     norm_batch_factory,
 )
 from normbench.options import check_restricted, plain
-from normbench.steps import CompileMode, HeldGrads, NetCall, NonFiniteWatch, classification_metrics
+from normbench.steps import (
+    CompileMode,
+    HeldGrads,
+    NetCall,
+    NonFiniteWatch,
+    classification_metrics,
+    summed_metric_states,
+    zero_other_ranks,
+)
 
 # The module arguments that shape the network's tensors: a checkpoint fits only equal ones.
 ARCHITECTURE = ("norm", "norm_kwargs", "net", "width", "num_blocks", "activation", "weight_standardization")
@@ -163,11 +171,16 @@ class NormBenchModule(HeldGrads, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["normbench"] = {"train_metrics_epoch": self._train_metrics_epoch}
+        # The epoch's training metrics so far, of every process (rank zero's file holds them).
+        if self._trainer is not None and self.trainer.world_size > 1:
+            summed_metric_states(checkpoint, {"train_loss": self.train_loss, "train_acc": self.train_acc},
+                                 lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning loads the weights: one line on what does not fit, not torch's list.
         check_state_fits(checkpoint, self.state_dict())
         self._train_metrics_epoch = checkpoint.get("normbench", {}).get("train_metrics_epoch")
+        zero_other_ranks(checkpoint, ("train_loss", "train_acc"), self.global_rank)
 
     def _step(self, batch, loss_metric, acc_metric) -> Tensor:
         x, y = batch

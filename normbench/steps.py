@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.utilities.data import dim_zero_sum
 
 
 def classification_metrics(num_classes: int, persistent: bool = False) -> tuple[MulticlassAccuracy, MeanMetric]:
@@ -75,6 +76,42 @@ class NonFiniteWatch:
         if trainer.strategy.reduce_boolean_decision(first >= 0, all=False):
             return first if first >= 0 else step
         return None
+
+
+def summed_metric_states(
+    checkpoint: dict[str, Any], metrics: dict[str, Metric], reduce: Callable[[Tensor], Tensor]
+) -> None:
+    """Make a checkpoint's states of ``metrics`` (prefix in the state_dict -> metric) those of
+    the whole run, on every process: each state summed over the processes by ``reduce`` (a
+    collective: every rank calls this), since torchmetrics' state_dict holds one rank's part and
+    Lightning writes rank zero's checkpoint. The sums sit with rank zero: on loading, the other
+    ranks' copies are zeroed (``zero_other_ranks``), so the epoch's closing sync adds them once.
+
+    Args:
+        checkpoint: the checkpoint being saved, its ``state_dict`` already made.
+        metrics: the metrics whose states to sum; every state must reduce by a sum.
+        reduce: a tensor -> its sum over the processes (``trainer.strategy.reduce(t, "sum")``).
+    """
+    state = checkpoint.get("state_dict", {})
+    for prefix, metric in metrics.items():
+        for name in metric._defaults:
+            if metric._reductions[name] is not dim_zero_sum:
+                raise ValueError(f"{prefix}.{name}: a metric state that is not a sum cannot be summed over processes")
+            key = f"{prefix}.{name}"
+            if key in state:
+                state[key] = reduce(getattr(metric, name).detach().clone())
+
+
+def zero_other_ranks(checkpoint: dict[str, Any], prefixes: tuple[str, ...], rank: int) -> None:
+    """On every rank but zero, zero a checkpoint's metric states under ``prefixes``, which hold
+    the whole run's sums (``summed_metric_states``): each rank then adds its own part of the
+    rest of the epoch, and the epoch's sync counts the part before the checkpoint once."""
+    if rank == 0:
+        return
+    state = checkpoint.get("state_dict", {})
+    for key, value in state.items():
+        if key.startswith(tuple(f"{p}." for p in prefixes)) and isinstance(value, Tensor):
+            state[key] = torch.zeros_like(value)
 
 
 class HeldGrads:

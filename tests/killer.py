@@ -120,3 +120,19 @@ class RaiseAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"callback bug at step {self.step}")
+
+
+class KillEveryRankAtStep(L.Callback):
+    """SIGKILL every process of a run before training step ``step`` starts (after the
+    checkpoint of the step before), as a machine that goes down takes every rank.
+
+    Args:
+        step: the global step before which to die.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
