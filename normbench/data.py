@@ -27,23 +27,29 @@ from normbench.datasets import (
     open_dataset,
     split_off,
 )
-from normbench.loaders import InMemoryLoader, memory_loader
+from normbench.loaders import EpochOrder, EpochSampler, InMemoryLoader, ResumableLoader, memory_loader
 from normbench.options import check_restricted, plain
 
 
 def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
                  drop_last: bool) -> DataLoader:  # fmt: skip
-    """A DataLoader over torchvision transforms; an evaluation loader on several ranks gives each
-    rank every world_size-th image, without padding."""
+    """A DataLoader over torchvision transforms. Training takes the in-memory loader's order
+    (``EpochOrder``: the same batches whichever path, one device's global batches on several)
+    and resumes in the middle of an epoch (``ResumableLoader``); an evaluation loader on several
+    ranks gives each rank every world_size-th image, without padding."""
+    if shuffle:
+        order = EpochOrder(len(dataset), batch_size, True, torch.initial_seed(), rank, world_size, drop_last)
+        return ResumableLoader(dataset, EpochSampler(dataset, order), batch_size=batch_size, drop_last=drop_last,
+                               num_workers=num_workers, persistent_workers=num_workers > 0,
+                               pin_memory=torch.cuda.is_available())  # fmt: skip
     sampler = None
-    if not shuffle and world_size > 1:
+    if world_size > 1:
         # Lightning's own DistributedSampler would pad the shards to equal length and count
         # some images twice; this one gives each rank every world_size-th image, no padding.
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
         sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,

@@ -51,12 +51,11 @@ def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: A
 def padded_train_images(datamodule: Any, world: int) -> int | None:
     """Training images an epoch holds twice on ``world`` processes so that every rank takes as
     many steps (each rank's share of the last global batch made whole): 0 on one process, or with
-    drop_last in memory (the global batches one device takes, whole); None where unknown."""
+    drop_last (the global batches one device takes, whole: ``loaders.EpochOrder``, both data
+    paths); None where unknown."""
     train_set = getattr(datamodule, "train_set", None)
     if world == 1:
         return 0
     if train_set is None:
         return None
-    if getattr(datamodule, "drop_last", False) and getattr(datamodule, "in_memory", False):
-        return 0
-    return -len(train_set) % world
+    return 0 if getattr(datamodule, "drop_last", False) else -len(train_set) % world

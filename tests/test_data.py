@@ -11,8 +11,9 @@ import pytest
 import torch
 from torchvision.datasets import cifar, mnist
 
-from normbench.data import DATAMODULES, ImageDataModule
+from normbench.data import DATAMODULES, ImageDataModule, torch_loader
 from normbench.errors import DatasetNotFoundError
+from normbench.loaders import EpochSampler
 
 N_TRAIN, N_TEST = 128, 64
 NAMES = list(DATAMODULES)
@@ -260,7 +261,7 @@ def test_loader_settings(written) -> None:
     assert make("mnist", root, batch_size=512, eval_batch_size=100).val_dataloader().batch_size == 100
     loader = dm.train_dataloader()
     assert loader.batch_size == 16 and not loader.drop_last
-    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(loader.sampler, EpochSampler)  # the in-memory path's order
     assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
     assert dm.predict_dataloader().dataset is dm.test_set
     assert loader.pin_memory == torch.cuda.is_available()
@@ -360,6 +361,55 @@ def test_in_memory_evaluation_shards_are_uneven_and_never_repeat_an_image(writte
         assert len(loader) == -(-len(shards[-1]) // 8) and sum(len(y) for _, y in loader) == len(shards[-1])
     assert sorted(i for s in shards for i in s) == list(range(n))
     assert {len(s) for s in shards} == {n // 3, -(-n // 3)} or n % 3 == 0
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_torchvision_path_trains_on_the_in_memory_batches(world_size, written) -> None:
+    # The same images in the same batches whichever data path, per rank too.
+    root, _ = written
+    orders = {}
+    for in_memory in (True, False):
+        torch.manual_seed(5)
+        dm = make("mnist", root, batch_size=8, in_memory=in_memory, drop_last=True)
+        per_rank = []
+        for rank in range(world_size):
+            if in_memory:
+                loader = dm.train_dataloader()
+                loader.rank, loader.world_size = rank, world_size
+                loader.set_epoch(1)
+            else:  # the DataLoader the data module builds on rank ``rank`` of ``world_size``
+                loader = torch_loader(dm.train_set, 8, True, rank, world_size, 0, True)
+                loader.sampler.set_epoch(1)
+            per_rank.append([ids(x, dm) for x, _ in loader])
+        orders[in_memory] = per_rank
+    assert orders[True] == orders[False]
+    assert [len(o) for o in orders[False]] == [N_TRAIN // (8 * world_size)] * world_size
+
+
+def test_the_torchvision_path_resumes_in_the_middle_of_an_epoch(written) -> None:
+    # Stopped after 3 batches of epoch 1, resumed from the loader's state in a new process (the
+    # same seed): the batches after those 3, then whole epochs again.
+    root, _ = written
+
+    def loader():
+        torch.manual_seed(5)
+        dm = make("mnist", root, batch_size=8, in_memory=False)
+        return dm, dm.train_dataloader()
+
+    dm, first = loader()
+    first.sampler.set_epoch(1)
+    whole = [ids(x, dm) for x, _ in first]
+    for i, _ in enumerate(first):
+        if i == 2:
+            break
+    state = first.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 3)
+    _, resumed = loader()
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(whole)  # the epoch's length, as Lightning counts it
+    assert [ids(x, dm) for x, _ in resumed] == whole[3:]
+    assert resumed.state_dict()["position"] == len(whole)
+    assert [ids(x, dm) for x, _ in resumed] == whole  # the next pass of the epoch: all of it
 
 
 @pytest.mark.parametrize("seed", [0, 9_300_000, 2**31 + 5, 2**63 - 1])
