@@ -44,7 +44,8 @@ def judge(runs: list[Run]) -> list[Verdict]:
     tested = [i for i, v in enumerate(found) if v.p is not None]
     for i, adjusted in zip(tested, holm([found[i].p for i in tested]), strict=True):
         v = found[i]
-        note = f"Holm-adjusted over the report's {len(tested)} tests: p = {p_text(adjusted)}"
+        tests = "one test" if len(tested) == 1 else f"{len(tested)} tests"
+        note = f"Holm-adjusted over the report's {tests}: p = {p_text(adjusted)}"
         found[i] = replace(v, verdict="supported" if v.holds and adjusted < ALPHA else "not supported",
                            evidence=f"{v.evidence}; {note}", p_holm=adjusted)  # fmt: skip
     return found
@@ -261,7 +262,8 @@ def bnrs_slower(runs: list[Run]) -> Verdict:
         holds.append(test.difference < 0)
         used += cell
         never = f"never by {unit} {steps[-1]}"
-        parts.append(f"{ds} bs {bs}: mean accuracy over {unit}s {steps[0]}–{steps[-1]}, bnrs − bn {test.text()}; "
+        over = f"mean accuracy over {unit}s {steps[0]}–{steps[-1]}" if len(steps) > 1 else f"accuracy at {unit} {steps[0]}"
+        parts.append(f"{ds} bs {bs}: {over}, bnrs − bn {test.text()}; "
                      f"95% of BN's best at {unit} {reach['bn']} (bn) vs "
                      f"{reach['bnrs'] if reach['bnrs'] is not None else never} (bnrs)")  # fmt: skip
     left_out = f"; left out, did not learn (below 3x chance): {', '.join(lost)}" if lost else ""
