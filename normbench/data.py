@@ -27,8 +27,9 @@ from normbench.datasets import (
     open_dataset,
     split_off,
 )
-from normbench.loaders import EpochOrder, EpochSampler, InMemoryLoader, ResumableLoader, memory_loader
+from normbench.loaders import InMemoryLoader, memory_loader
 from normbench.options import check_restricted, plain
+from normbench.orders import EpochOrder, EpochSampler, ResumableLoader
 
 
 def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,

@@ -51,7 +51,7 @@ def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: A
 def padded_train_images(datamodule: Any, world: int) -> int | None:
     """Training images an epoch holds twice on ``world`` processes so that every rank takes as
     many steps (each rank's share of the last global batch made whole): 0 on one process, or with
-    drop_last (the global batches one device takes, whole: ``loaders.EpochOrder``, both data
+    drop_last (the global batches one device takes, whole: ``orders.EpochOrder``, both data
     paths); None where unknown."""
     train_set = getattr(datamodule, "train_set", None)
     if world == 1:

@@ -13,7 +13,7 @@ from torchvision.datasets import cifar, mnist
 
 from normbench.data import DATAMODULES, ImageDataModule, torch_loader
 from normbench.errors import DatasetNotFoundError
-from normbench.loaders import EpochSampler
+from normbench.orders import EpochSampler
 
 N_TRAIN, N_TEST = 128, 64
 NAMES = list(DATAMODULES)

@@ -49,6 +49,7 @@ LAYERS = [
     ["normbench.devices"],
     ["normbench.data"],
     ["normbench.loaders"],
+    ["normbench.orders"],
     ["normbench.datasets"],
     ["normbench.nets"],
     ["normbench.norms"],  # the norm library, its own modules below its __init__ (acyclic, checked apart)
