@@ -127,7 +127,7 @@ def bench_step(cfg, work: Path, device: torch.device | None = None) -> list[dict
     print_table(
         f"One training step in steady state on {device.type}, ms (median of {cfg.repeats} blocks of "
         f"{cfg.step_steps} steps after {WARMUP}, min–max in brackets; ratio = the study's step / normbench's)",
-        ["batch size", *(HEADERS[k] for k in kinds), *(f"{r.replace('_', ' ')}" for r in ratios)],
+        ["batch size", *(HEADERS[k] for k in kinds), *(r.replace("_", " ") for r in ratios)],
         [[str(r["batch_size"]), *(_spread(r, k) for k in kinds), *(f"{r[x]:.2f}x" for x in ratios)] for r in rows],
     )
     return rows

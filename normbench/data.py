@@ -35,7 +35,7 @@ from normbench.orders import EpochOrder, EpochSampler, ResumableLoader
 def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
                  drop_last: bool) -> DataLoader:  # fmt: skip
     """A DataLoader over torchvision transforms. Training takes the in-memory loader's order
-    (``EpochOrder``: the same batches whichever path, one device's global batches on several)
+    (``EpochOrder``: on CPU the same batches whichever path; one device's global batches on several)
     and resumes in the middle of an epoch (``ResumableLoader``); an evaluation loader on several
     ranks gives each rank every world_size-th image, without padding."""
     if shuffle:

@@ -10,6 +10,7 @@ from torch import nn
 
 from normbench.diagnostics.train_eval import norm_batch
 from normbench.norms import tracks_running_stats
+from normbench.orders import EpochOrder
 
 
 def batch_layout(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any = None) -> dict[str, Any]:
@@ -58,4 +59,6 @@ def padded_train_images(datamodule: Any, world: int) -> int | None:
         return 0
     if train_set is None:
         return None
-    return 0 if getattr(datamodule, "drop_last", False) else -len(train_set) % world
+    order = EpochOrder(len(train_set), int(getattr(datamodule, "batch_size", 1) or 1), True, 0, 0, world,
+                       bool(getattr(datamodule, "drop_last", False)))  # fmt: skip
+    return order.padded_images()

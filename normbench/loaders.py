@@ -133,10 +133,6 @@ class InMemoryLoader(DeviceLoader):
         """This rank's sample indices for the current epoch."""
         return self.epoch_order.indices(self.epoch, self.images.device)
 
-    def padded_images(self) -> int:
-        """Images an epoch's training order holds twice on this layout (``EpochOrder``)."""
-        return self.epoch_order.padded_images()
-
     def __len__(self) -> int:
         return self.epoch_order.batches()
 

@@ -2,7 +2,8 @@
 both data paths share (the in-memory loader's, and the DataLoader's over torchvision transforms
 through ``EpochSampler`` and ``ResumableLoader``), so that the two train on the same batches,
 take one device's global batches on several processes, and resume in the middle of an epoch
-alike."""
+alike. The permutation is drawn by a generator on the device ``indices`` is given: the sampler's
+on the CPU, the in-memory loader's on its own device, so on CUDA the two paths' orders differ."""
 
 from __future__ import annotations
 

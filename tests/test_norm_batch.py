@@ -151,7 +151,7 @@ def test_ranks_augment_and_drop_the_last_batch_as_one_device(drop_last):
     for (x_one, y_one), parts in list(zip(one, steps, strict=True))[: n // 8]:
         assert torch.equal(torch.cat([y for _, y in parts]), y_one)
         torch.testing.assert_close(torch.cat([x for x, _ in parts]), x_one, rtol=0, atol=0)
-    assert [r.padded_images() for r in ranks] == [0 if drop_last else 1] * world
+    assert [r.epoch_order.padded_images() for r in ranks] == [0 if drop_last else 1] * world
     seen = torch.cat([y for parts in steps for _, y in parts]).tolist()
     if drop_last:
         assert len(seen) == len(set(seen)) == 16

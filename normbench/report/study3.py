@@ -28,16 +28,17 @@ from normbench.report.claims import CLOSE, STUDY_NETS, Verdict, budget_note, tes
 from normbench.report.inference import equivalence, p_text, slope
 from normbench.report.plotting import pyplot, save_figure
 from normbench.report.records import Run
-from normbench.report.tables import LEARNED, PairedComparison, Stat, sorted_values
+from normbench.report.tables import LEARNED, PairedComparison, Stat, aggregate, sorted_values
 
 # Layers whose training output depends on the batch: no control for this study.
 BATCH_DEPENDENT = (*BATCH_NORMS, "ghost_bn", "evonorm_b0")
 
 
 def _learned(runs: list[Run]) -> bool:
-    """Whether a cell's runs learned: their mean best accuracy at least LEARNED x chance."""
-    chance = max((r.chance for r in runs if r.chance is not None), default=None)
-    return chance is None or Stat([r.best for r in runs]).mean >= LEARNED * chance
+    """Whether a cell's runs learned (``Stat.learned``: mean best accuracy at least LEARNED x
+    chance; True where chance is unknown)."""
+    (stat,) = aggregate(runs, ()).values()
+    return stat.learned is not False
 
 
 def _bn_cells(runs: list[Run]) -> dict[tuple, dict[int, list[Run]]]:
