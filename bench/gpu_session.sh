@@ -8,13 +8,13 @@
 #
 # Parts:
 #   wheels  (run here) download the wheels the device's image lacks (jsonargparse with its
-#           signatures extra) into .whl/ for the device's Python 3.12, and copy real MNIST from
-#           ../shared/data into data/MNIST/raw. Each call there then carries both:
-#           carry [".whl", "data/MNIST/raw"].
+#           signatures extra) into .whl/ for the device's Python 3.12, copy real MNIST from
+#           ../shared/data into data/MNIST/raw and ../shared/gpu/check.sh to ./check.sh (all
+#           git-ignored; ../shared does not travel). Each call there then carries them:
+#           carry [".whl", "data/MNIST/raw", "check.sh"].
 #   tests   pytest -m gpu (tests/test_gpu.py: the captured step per norm against eager, the
 #           diagnostics under CUDA-graph replays, DDP on cuDNN), in the background beside `check`.
-#   check   ./check.sh fake . (copy ../shared/gpu/check.sh into the checkout first: ../shared
-#           does not travel), with BUDGET_S (default 330).
+#   check   ./check.sh fake . (from `wheels`), with BUDGET_S (default 330).
 #   bench   normbench bench --sections [runs,step,pack] --repeats 2 with real MNIST: whole
 #           process against the study's loop at 10,000 images, the steady-state step (with
 #           reduce-overhead), packed K=5 against sequential. Timings: run it alone. BENCH_ARGS:
@@ -46,7 +46,8 @@ wheels() {  # here
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${specs[@]}" || exit 2
   mkdir -p data/MNIST/raw && cp -n ../shared/data/MNIST/raw/*.gz data/MNIST/raw/
-  ls .whl data/MNIST/raw
+  cp ../shared/gpu/check.sh check.sh
+  ls .whl data/MNIST/raw check.sh
   grep -qx '/.whl/' .gitignore || echo "gpu_session: add /.whl/ to .git/info/exclude" >&2
 }
 
@@ -56,7 +57,7 @@ tests_start() {
 }
 
 check() {
-  [ -f check.sh ] || { echo "gpu_session: no ./check.sh: cp ../shared/gpu/check.sh . (here)" >&2; return 2; }
+  [ -f check.sh ] || { echo "gpu_session: no ./check.sh: run the wheels part here and carry check.sh" >&2; return 2; }
   BUDGET_S=${BUDGET_S:-330} bash check.sh fake . > "$OUT/check_table.txt" 2> "$OUT/check.log"
   cat "$OUT/check_table.txt"
   local logs; logs=$(awk '/^total .* logs: / {print $NF}' "$OUT/check_table.txt")
@@ -72,7 +73,7 @@ bench() {
     | grep -v -E '^(INFO|Seed set|GPU available|TPU available|💡)'
 }
 
-[ $# -gt 0 ] || { sed -n 2,25p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n "2,/^# Logs/p" "$0"; exit 2; }
 if [ "$*" = wheels ]; then wheels; exit; fi
 setup
 TESTS_PID=
