@@ -17,7 +17,7 @@ import yaml
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from normbench.grid import expand
+from normbench.grid import expand, validate
 from normbench.main import main
 from normbench.results import cpu_cores
 
@@ -99,6 +99,25 @@ def test_grid_expands_in_order_with_stable_readable_names(tmp_path):
 def test_bad_grids_are_refused(grid, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         expand(grid, BASE, {}, tmp_path)
+
+
+def test_every_cell_is_checked_though_seeds_of_one_setting_parse_once(fake_data, tmp_path):
+    # Cells that differ only in their seed parse once per setting, and each seed once: a bad
+    # seed met first in a later setting's cell, and a bad setting met with a seed already seen,
+    # are refused all the same, naming their cell; every cell gets its own layout.
+    overrides = {"data.data_dir": str(fake_data), "trainer.accelerator": "cpu", "trainer.strategy": "ddp"}
+    cells = expand({"trainer.devices": [1, 2], "seed_everything": [0, 1]}, BASE, overrides, tmp_path)
+    validate(cells)
+    assert [(c.name, c.world_size) for c in cells] == [
+        ("devices1_seed0", 1), ("devices1_seed1", 1), ("devices2_seed0", 2), ("devices2_seed1", 2)]  # fmt: skip
+    bad_seed = expand({"model.norm": ["bn", "gn"], "seed_everything": {"s0": {"seed_everything": 0},
+                       "sx": {"seed_everything": "x"}}}, BASE, overrides, tmp_path)  # fmt: skip
+    bad_seed.insert(0, bad_seed.pop(2))  # gn_s0 first: bn_sx is the first cell with seed x
+    with pytest.raises(ValueError, match=r"^sweep run bn_sx \(model.norm=bn, seed_everything=x\): .*seed_everything"):
+        validate(bad_seed)
+    bad_width = expand({"model.width": [8, 0], "seed_everything": [0, 1]}, BASE, overrides, tmp_path)
+    with pytest.raises(ValueError, match=r"^sweep run width0_seed0 \(model.width=0, seed_everything=0\)"):
+        validate(bad_width)
 
 
 def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
