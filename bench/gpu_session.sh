@@ -13,7 +13,8 @@
 #           git-ignored; ../shared does not travel). Each call there then carries them:
 #           carry [".whl", "data/MNIST/raw", "check.sh"].
 #   tests   pytest -m gpu (tests/test_gpu.py: the captured step per norm against eager, the
-#           diagnostics under CUDA-graph replays, DDP on cuDNN), in the background beside `check`.
+#           diagnostics under CUDA-graph replays, DDP on cuDNN, the CPU's batches on CUDA),
+#           in the background beside `check`.
 #   check   ./check.sh fake . (from `wheels`), with BUDGET_S (default 330).
 #   bench   normbench bench --sections [runs,step,pack] --repeats 2 with real MNIST: whole
 #           process against the study's loop at 10,000 images, the steady-state step (with

@@ -122,7 +122,7 @@ class InMemoryLoader(DeviceLoader):
         self._resume_at = (self.epoch, int(state["position"]))
 
     def _generator(self, stream: int, batch: int = 0) -> torch.Generator:
-        return epoch_generator(self.seed, self.epoch, stream, batch, self.images.device)
+        return epoch_generator(self.seed, self.epoch, stream, batch)  # on the CPU: see normbench.orders
 
     @property
     def epoch_order(self) -> EpochOrder:
@@ -146,13 +146,15 @@ class InMemoryLoader(DeviceLoader):
         p = self.padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))
         every, mine = b * self.world_size, slice(self.rank * b, (self.rank + 1) * b)
-        dy = torch.randint(0, 2 * p + 1, (every, 1, 1, 1), generator=g, device=x.device)[mine]
-        dx = torch.randint(0, 2 * p + 1, (every, 1, 1, 1), generator=g, device=x.device)[mine]
+        # Drawn on the CPU (the same draws on every device), moved in one copy.
+        dy = torch.randint(0, 2 * p + 1, (every,), generator=g)
+        dx = torch.randint(0, 2 * p + 1, (every,), generator=g)
+        flip = torch.rand((every,), generator=g) < 0.5
+        dy, dx, flip = torch.stack([dy, dx, flip])[:, mine].to(x.device).reshape(3, b, 1, 1, 1)
         rows = (dy + torch.arange(h, device=x.device).reshape(1, 1, h, 1)).expand(b, c, h, w + 2 * p)
         cols = (dx + torch.arange(w, device=x.device).reshape(1, 1, 1, w)).expand(b, c, h, w)
         cropped = padded.gather(2, rows).gather(3, cols)
-        flip = torch.rand((every, 1, 1, 1), generator=g, device=x.device)[mine] < 0.5
-        return torch.where(flip, cropped.flip(3), cropped)
+        return torch.where(flip.bool(), cropped.flip(3), cropped)
 
     def __iter__(self):
         order = self.order()

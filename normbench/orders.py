@@ -2,8 +2,9 @@
 both data paths share (the in-memory loader's, and the DataLoader's over torchvision transforms
 through ``EpochSampler`` and ``ResumableLoader``), so that the two train on the same batches,
 take one device's global batches on several processes, and resume in the middle of an epoch
-alike. The permutation is drawn by a generator on the device ``indices`` is given: the sampler's
-on the CPU, the in-memory loader's on its own device, so on CUDA the two paths' orders differ."""
+alike. Every draw (the permutation here, the in-memory loader's augmentation) is made by a CPU
+generator and then moved to the training device, so a seed gives the same batches on CPU, CUDA
+and MPS, and on both data paths."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-def epoch_generator(seed: int, epoch: int, stream: int, batch: int = 0, device=None) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, stream: int, batch: int = 0) -> torch.Generator:
     """The generator of one epoch's order (``stream`` 0) or of one batch's augmentation (1)."""
-    g = torch.Generator(device=device)
+    g = torch.Generator()  # on the CPU, whatever the training device
     base = (seed * 1_000_003 + epoch) * 2 + stream
     # Python integers do not overflow; the generator takes 64 bits. For seeds below about
     # 9.2 million the modulus changes nothing, so their orders stay what they were.
@@ -48,10 +49,12 @@ class EpochOrder:
     drop_last: bool = False
 
     def indices(self, epoch: int, device=None) -> Tensor:
-        """This rank's sample indices for ``epoch``."""
+        """This rank's sample indices for ``epoch``, drawn on the CPU, on ``device``."""
+        return self._indices(epoch).to(device)
+
+    def _indices(self, epoch: int) -> Tensor:
         n = self.n
-        perm = (torch.randperm(n, generator=epoch_generator(self.seed, epoch, 0, device=device), device=device)
-                if self.shuffle else torch.arange(n, device=device))  # fmt: skip
+        perm = torch.randperm(n, generator=epoch_generator(self.seed, epoch, 0)) if self.shuffle else torch.arange(n)
         if self.world_size == 1:
             return perm
         if not self.shuffle:
@@ -62,7 +65,7 @@ class EpochOrder:
         else:  # a last global batch split evenly (uneven shards would leave a rank without a step)
             total = -(-n // self.world_size) * self.world_size
             perm = torch.cat([perm, perm[: total - n]])
-        return perm[self._global_batch_share(total).to(perm.device)]
+        return perm[self._global_batch_share(total)]
 
     def _global_batch_share(self, total: int) -> Tensor:
         """This rank's positions in an epoch's order of ``total`` samples: of each global batch

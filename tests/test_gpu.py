@@ -1,5 +1,6 @@
 """What only a CUDA device can show: the captured step replayed as CUDA graphs, the norm
-diagnostics under those replays, and DDP with channels_last on cuDNN's own gradients.
+diagnostics under those replays, DDP with channels_last on cuDNN's own gradients, and the
+in-memory loader's batches on CUDA against the CPU's.
 
 ``pytest -m gpu`` (deselected by default, and skipped without CUDA: CI has no GPU);
 bench/gpu_session.sh runs it on a lent GPU. The CPU tests of the same code are in
@@ -91,3 +92,26 @@ def test_ddp_on_cudnn_keeps_gradients_in_their_parameters_layout(tmp_path):
         assert {tuple(s["stride"]) for s in run["seen"]} == {tuple(run["param_stride"])}
     for a, b, c in zip(held["weights"], views["weights"], unheld["weights"], strict=True):
         assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(c, abs=1e-5)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_in_memory_loader_hands_out_the_cpus_batches_on_cuda(world_size):
+    # Order and augmentation are drawn on the CPU and moved: a seed trains on the same batches
+    # (images, crops, flips, targets) on a GPU as on the CPU, on every rank, in every epoch.
+    from normbench.loaders import InMemoryLoader
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 3, 16, 16), dtype=torch.uint8, generator=g)
+    targets = torch.randint(0, 10, (70,), generator=g)
+    for rank in range(world_size):
+        loaders = [InMemoryLoader(images.to(device), targets.to(device), 8, True, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4),
+                                  augment=True, seed=5, rank=rank, world_size=world_size)
+                   for device in ("cpu", "cuda")]  # fmt: skip
+        for epoch in (0, 3):
+            for lo in loaders:
+                lo.set_epoch(epoch)
+            cpu, cuda = (list(lo) for lo in loaders)
+            assert len(cpu) == len(cuda) == len(loaders[0])
+            for (xc, yc), (xg, yg) in zip(cpu, cuda, strict=True):
+                assert xg.is_cuda and torch.equal(yc, yg.cpu())
+                torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
