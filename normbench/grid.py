@@ -4,7 +4,10 @@ directories, checked before anything runs, and grouped into packs."""
 from __future__ import annotations
 
 import itertools
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,8 +137,10 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
             continue
         try:
             if parser is None:
-                # The first cell is also instantiated, which checks values such as batch_size.
-                parser = NormBenchCLI(args=cell.args[1:], run=False).parser
+                # The first cell is also instantiated, which checks values such as batch_size:
+                # a check, not a run, so without Lightning's lines of a run's start.
+                with _without_lightning_info():
+                    parser = NormBenchCLI(args=cell.args[1:], run=False).parser
             config = parser.parse_args(cell.args[1:])
         except (ArgumentError, ValueError) as err:
             given = ", ".join(f"{k}={cli_value(v)}" for k, v in cell.values.items())
@@ -152,6 +157,21 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
             if defaults is None:
                 defaults = parser.get_defaults()
             check_packable(config, defaults, cell.name)
+
+
+@contextmanager
+def _without_lightning_info() -> Iterator[None]:
+    """Lightning's INFO lines ("Seed set to 0", "GPU available: ...") held back; its warnings
+    still shown."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _unseeded(cell: Cell) -> tuple:

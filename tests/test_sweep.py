@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -122,7 +123,20 @@ def test_every_cell_is_checked_though_seeds_of_one_setting_parse_once(fake_data,
 
 def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
     config = write_sweep(tmp_path / "s.yaml", fake_data, {"model.norm": ["bn", "gn"], "data.batch_size": [4, 8]})
-    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--dry-run"])
+    # Lightning's lines of a run's start ("Seed set to 0", "GPU available: ..."), from the first
+    # cell's check, are no part of a dry run's output; its loggers' levels are restored after.
+    lightning = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels, said = [lg.getEffectiveLevel() for lg in lightning], []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    for lg in lightning:
+        lg.addHandler(handler)
+    try:
+        main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--dry-run"])
+    finally:
+        for lg in lightning:
+            lg.removeHandler(handler)
+    assert said == [] and [lg.getEffectiveLevel() for lg in lightning] == levels == [logging.INFO] * 2
     out = capsys.readouterr().out
     assert out.count("pending") == 4 and "bn_bs4" in out and "4 runs, 0 done, 4 to run" in out
     assert not (tmp_path / "out" / "s" / "lightning_logs").exists()
