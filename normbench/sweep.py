@@ -155,14 +155,6 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     base = _find_base(cfg.base, Path(str(config_files[-1])) if config_files else None)
     grid, overrides = _as_plain_data(cfg.grid), _as_plain_data(cfg.overrides)
     cells = expand(grid, str(base), overrides, sweep_dir)
-    # One metadata file per sweep config, so that sweeps sharing a directory each state theirs.
-    stem = Path(str(config_files[-1])).stem if config_files else "cli"
-    write_json_atomic(
-        sweep_dir / ("sweep.json" if stem == name else f"sweep.{stem}.json"),
-        {"name": name, "command": "normbench sweep " + " ".join(sys.argv[2:] if args is None else args),
-         "base": str(base.resolve()), "grid": grid, "overrides": overrides,
-         "cells": [asdict(c) for c in cells]},
-    )  # fmt: skip
     if cfg.cell is not None:
         if not 0 <= cfg.cell < len(cells):
             raise ValueError(f"--cell {cfg.cell} is not in the grid; use 0 to {len(cells) - 1}")
@@ -177,6 +169,15 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
             print(f"{c.index:4d}  {c.status():9s}  {c.name}  {' '.join(c.args[3:-6])}")
         print(f"{len(cells)} runs, {len(cells) - len(todo)} done, {len(todo)} to run, in {sweep_dir}")
         return cells
+    # One metadata file per sweep config, so that sweeps sharing a directory each state theirs;
+    # written by a sweep that runs (a dry run leaves the directory as it was: the report states it).
+    stem = Path(str(config_files[-1])).stem if config_files else "cli"
+    write_json_atomic(
+        sweep_dir / ("sweep.json" if stem == name else f"sweep.{stem}.json"),
+        {"name": name, "command": "normbench sweep " + " ".join(sys.argv[2:] if args is None else args),
+         "base": str(base.resolve()), "grid": grid, "overrides": overrides,
+         "cells": [asdict(c) for c in cells]},
+    )  # fmt: skip
     print(
         f"sweep {name}: {len(cells)} runs, {len(cells_to_run) - len(todo)} already done, in {sweep_dir}",
         file=sys.stderr,

@@ -139,7 +139,17 @@ def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
     assert said == [] and [lg.getEffectiveLevel() for lg in lightning] == levels == [logging.INFO] * 2
     out = capsys.readouterr().out
     assert out.count("pending") == 4 and "bn_bs4" in out and "4 runs, 0 done, 4 to run" in out
-    assert not (tmp_path / "out" / "s" / "lightning_logs").exists()
+    assert not (tmp_path / "out" / "s").exists()  # a preview writes nothing
+    # Over a sweep that ran, a dry run of an edited grid leaves the sweep's own metadata (which
+    # the report states) as it was.
+    meta = tmp_path / "out" / "s" / "sweep.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"name": "s", "command": "normbench sweep --config s.yaml"}')
+    write_sweep(tmp_path / "s.yaml", fake_data, {"model.norm": ["bn"], "data.batch_size": [4]})
+    main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--dry-run"])
+    assert "1 runs, 0 done, 1 to run" in capsys.readouterr().out
+    assert meta.read_text() == '{"name": "s", "command": "normbench sweep --config s.yaml"}'
+    assert sorted(p.name for p in meta.parent.iterdir()) == ["sweep.json"]
 
 
 # --------------------------------------------------------------------------- running
