@@ -146,15 +146,17 @@ class InMemoryLoader(DeviceLoader):
         p = self.padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))
         every, mine = b * self.world_size, slice(self.rank * b, (self.rank + 1) * b)
-        # Drawn on the CPU (the same draws on every device), moved in one copy.
-        dy = torch.randint(0, 2 * p + 1, (every,), generator=g)
-        dx = torch.randint(0, 2 * p + 1, (every,), generator=g)
-        flip = torch.rand((every,), generator=g) < 0.5
-        dy, dx, flip = torch.stack([dy, dx, flip])[:, mine].to(x.device).reshape(3, b, 1, 1, 1)
+        # Drawn on the CPU (the same draws on every device); to another device in one copy.
+        shape = (every, 1, 1, 1)
+        dy = torch.randint(0, 2 * p + 1, shape, generator=g)[mine]
+        dx = torch.randint(0, 2 * p + 1, shape, generator=g)[mine]
+        flip = torch.rand(shape, generator=g)[mine] < 0.5
+        if x.device.type != "cpu":
+            dy, dx, flip = torch.stack([dy, dx, flip]).to(x.device)
         rows = (dy + torch.arange(h, device=x.device).reshape(1, 1, h, 1)).expand(b, c, h, w + 2 * p)
         cols = (dx + torch.arange(w, device=x.device).reshape(1, 1, 1, w)).expand(b, c, h, w)
         cropped = padded.gather(2, rows).gather(3, cols)
-        return torch.where(flip.bool(), cropped.flip(3), cropped)
+        return torch.where(flip.bool(), cropped.flip(3), cropped)  # bool again after the copy
 
     def __iter__(self):
         order = self.order()
