@@ -65,35 +65,31 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _ddp_sweep(data_dir: Path, root: Path, seeds: tuple[int, ...], shell: bool = True) -> Path:
-    """A sweep over ``seeds``, each run one epoch on 2 processes of 4 images with norms synced,
-    with Lightning's own DDP launcher (``strategy: ddp``), which starts the other rank by running
-    the run's command again. ``shell``: the sweep runs as a user runs it, ``normbench sweep`` in a
-    shell; otherwise ``main(["sweep", ...])`` in this process (one interpreter less, 5 s), which
-    starts each run as its own process group just the same. Returns the sweep's directory."""
-    diagnostics = [{"class_path": "normbench.callbacks.NormDiagnostics",
-                    "init_args": {"eval_images": EVAL_IMAGES, "precise_bn_images": PRECISE_IMAGES}},
-                   {"class_path": "ddp_probe.SaveNormBuffers", "init_args": {"out_dir": str(root)}}]  # fmt: skip
+def _diagnostics(root: Path) -> list[dict]:
+    """The runs' callbacks: NormDiagnostics on a subset, and each rank's norm buffers saved."""
+    return [{"class_path": "normbench.callbacks.NormDiagnostics",
+             "init_args": {"eval_images": EVAL_IMAGES, "precise_bn_images": PRECISE_IMAGES}},
+            {"class_path": "ddp_probe.SaveNormBuffers", "init_args": {"out_dir": str(root)}}]  # fmt: skip
+
+
+def _ddp_sweep(data_dir: Path, root: Path, seeds: tuple[int, ...]) -> Path:
+    """A sweep over ``seeds``, run as a user runs it (``normbench sweep`` in a shell), each run
+    one epoch on 2 processes of 4 images with norms synced, with Lightning's own DDP launcher
+    (``strategy: ddp``), which starts the other rank by running the run's command again.
+    Returns the sweep's directory."""
     overrides = {
         "data.data_dir": str(data_dir), "data.download": False, "data.num_workers": 0, "data.batch_size": PER_DEVICE,
         "model.width": WIDTH,
         "trainer.accelerator": "cpu", "trainer.devices": WORLD, "trainer.strategy": "ddp", "trainer.max_epochs": 1,
-        "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False, "trainer.callbacks": diagnostics,
+        "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False,
+        "trainer.callbacks": _diagnostics(root),
     }  # fmt: skip
     config = root / "ddp.yaml"
     config.write_text(yaml.safe_dump({"base": mnist_config("bn", 16), "overrides": overrides,
                                       "grid": {"seed_everything": list(seeds)}}))  # fmt: skip
-    args = ["sweep", "--config", str(config), "--output", str(root)]
-    if shell:
-        cmd = [sys.executable, "-m", "normbench", *args]
-        done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-    else:
-        # The runs' processes find ddp_probe through PYTHONPATH, as in a shell.
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
-            patch.chdir(root)
-            main(args)
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(root)]
+    done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
     return root / "ddp"
 
 
@@ -109,31 +105,39 @@ def _check_every_run_once(sweep_dir: Path, seeds: tuple[int, ...]) -> None:
         assert record["layout"]["world_size"] == WORLD and record["layout"]["global_batch_size"] == PER_DEVICE * WORLD
         # One epoch of 96 images in global batches of 8.
         assert record["global_step"] == N_TRAIN // (PER_DEVICE * WORLD) and len(record["epochs"]) == 1
-    # The synced runs' ranks ended with the same norm statistics (the last run's, saved per rank).
-    ranks = [torch.load(sweep_dir.parent / f"rank{r}.pt") for r in range(WORLD)]
+    _same_norm_statistics_on_every_rank(sweep_dir.parent)
+
+
+def _same_norm_statistics_on_every_rank(root: Path) -> None:
+    """The synced ranks ended with the same norm statistics (the last run's, saved per rank)."""
+    ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
     assert ranks[0] and ranks[0].keys() == ranks[1].keys()
     for key in ranks[0]:
         torch.testing.assert_close(ranks[0][key], ranks[1][key], msg=key)
 
 
 @pytest.fixture(scope="module")
-def ddp_sweep(data_dir, tmp_path_factory) -> Path:
-    """A sweep of one run on 2 processes, run in this process; the tests below check that run."""
-    return _ddp_sweep(data_dir, tmp_path_factory.mktemp("ddp_sweep"), (0,), shell=False)
+def ddp_run(data_dir, tmp_path_factory) -> Path:
+    """One fit on 2 processes, one epoch of 4 images each, norms synced, with NormDiagnostics;
+    the tests below check it. ``ddp_fork`` (one interpreter, 7 s less than Lightning's launcher
+    of a process per rank); the sweeps' runs with that launcher are checked with -m slow.
+    Returns the run's directory."""
+    root = tmp_path_factory.mktemp("ddp_run")
+    _ddp("fit", data_dir, root, "--trainer.max_epochs", "1", "--trainer.callbacks", json.dumps(_diagnostics(root)))
+    (run,) = (root / "lightning_logs").glob("*/version_0")
+    return run
 
 
-@pytest.fixture(scope="module")
-def ddp_run(ddp_sweep) -> Path:
-    """The run directory of that sweep's run."""
-    return ddp_sweep / "lightning_logs" / "seed0" / "version_0"
+def test_a_fit_on_two_processes_trains_one_devices_steps_with_synced_statistics(ddp_run):
+    record = _record(ddp_run)
+    assert record["status"] == "finished" and record["config"]["trainer"]["strategy"] == "ddp_fork"
+    # One epoch of 96 images in global batches of 8.
+    assert record["global_step"] == N_TRAIN // (PER_DEVICE * WORLD) and len(record["epochs"]) == 1
+    _same_norm_statistics_on_every_rank(ddp_run.parents[2])
 
 
-def test_a_multi_device_run_of_a_sweep_runs_once_as_its_own_process_group(ddp_sweep):
-    _check_every_run_once(ddp_sweep, (0,))
-
-
-# Slow (40 s: each run starts two processes that import torch and Lightning); the one-run sweep
-# above checks the same in the default suite, started in this process rather than a shell.
+# Slow (40 s: each run starts two processes that import torch and Lightning). The fit above
+# checks a multi-device run's training and record in the default suite.
 @pytest.mark.slow
 def test_a_sweep_of_three_multi_device_runs_runs_each_once(data_dir, tmp_path):
     seeds = (0, 1, 2)
