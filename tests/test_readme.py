@@ -128,3 +128,11 @@ def test_every_readme_command_parses(page, args, tmp_path, monkeypatch, capsys):
         main(_dry(args, tmp_path))
         raise SystemExit(0)
     assert exit_info.value.code in (0, None), f"{page}: " + capsys.readouterr().err[-2000:]
+
+
+def test_the_readmes_norm_option_names_every_norm():
+    from normbench.norms import NORMS
+
+    (row,) = [line for line in README.splitlines() if line.startswith("| `--model.norm` |")]
+    named = re.findall(r"`([a-z_0-9]+)`", row.split("|")[2])
+    assert sorted(named) == sorted(NORMS)
