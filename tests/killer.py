@@ -122,6 +122,16 @@ class RaiseAtStep(L.Callback):
             raise RuntimeError(f"callback bug at step {self.step}")
 
 
+class RaiseOnceAtStep(KillAtStep):
+    """Like ``KillAtStep``, raising ``RuntimeError`` in place of the kill: the run fails (its
+    cleanup runs), and a rerun goes through."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            raise RuntimeError(f"raised once at step {self.step}")
+
+
 class KillEveryRankAtStep(L.Callback):
     """SIGKILL every process of a run before training step ``step`` starts (after the
     checkpoint of the step before), as a machine that goes down takes every rank.

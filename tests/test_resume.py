@@ -1,5 +1,5 @@
-"""Runs killed with SIGKILL resume exactly: same weights, running statistics, optimizer state,
-metrics and TensorBoard run as the same run left alone."""
+"""Runs stopped in the middle (killed with SIGKILL, or failed) resume exactly: same weights,
+running statistics, optimizer state, metrics and TensorBoard run as the same run left alone."""
 
 from __future__ import annotations
 
@@ -74,23 +74,8 @@ def alone(fake_data, tmp_path_factory) -> Path:
     return root / "lightning_logs" / "run" / "version_0"
 
 
-# The kill in epoch 1 crosses an epoch end on resume too; the one in epoch 0 runs with -m slow,
-# to keep the default suite under 5 minutes on 2 cores.
-@pytest.mark.parametrize("kill_at", [pytest.param(12, marks=pytest.mark.slow), 23], ids=["epoch0", "epoch1"])
-def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_path, alone, kill_at):
-    marker = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "normbench", *args(fake_data, tmp_path, *killer(kill_at, marker))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    # The newest checkpoint is the periodic one before the kill, in the middle of an epoch.
-    assert ckpt["global_step"] == kill_at // EVERY * EVERY and ckpt["global_step"] % STEPS_PER_EPOCH
-    assert read_record(run_dir)["status"] == "running"
-
-    main(args(fake_data, tmp_path, *killer(kill_at, marker), "--ckpt_path", "last"))
-
+def _resumed_equals_alone(run_dir: Path, alone: Path) -> None:
+    """The resumed run ``run_dir`` is the run left alone: record, checkpoint, TensorBoard."""
     # The same run directory and TensorBoard run, not a new version.
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
     ours, theirs = read_record(run_dir), read_record(alone)
@@ -124,8 +109,46 @@ def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_
     assert len(scalar_steps(run_dir, "grad/block_0")) == EPOCHS * STEPS_PER_EPOCH
 
 
-# A killed process and its resume, 6 s on 2 cores; with -m slow. The kill in the middle of an
-# epoch (above) checks in the default suite that a resumed run equals the run left alone.
+def test_a_run_that_failed_mid_epoch_resumes_as_the_run_left_alone(fake_data, tmp_path, alone):
+    # In this process: a callback raises after step 23 (epoch 1), the run fails with its newest
+    # checkpoint at step 20, and the same command with --ckpt_path last finishes it. The
+    # SIGKILL of a whole process (no cleanup at all) is checked the same way with -m slow.
+    fail = f"{{class_path: killer.RaiseOnceAtStep, init_args: {{step: 23, marker: {tmp_path / 'raised'}}}}}"
+    callbacks = ["--trainer.callbacks", f"[{DIAGNOSTICS}, {fail}]"]
+    with pytest.raises(RuntimeError, match="raised once at step 23"):
+        main(args(fake_data, tmp_path, *callbacks))
+    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
+    assert read_record(run_dir)["status"] == "failed"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+
+    main(args(fake_data, tmp_path, *callbacks, "--ckpt_path", "last"))
+    _resumed_equals_alone(run_dir, alone)
+
+
+# Both kills start a process that imports torch and Lightning (10 s on 2 cores): with -m slow.
+# The kill in epoch 1 crosses an epoch end on resume too. The failed run above checks in the
+# default suite that a resumed run equals the run left alone.
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [12, 23], ids=["epoch0", "epoch1"])
+def test_sigkill_mid_epoch_then_resume_equals_the_run_left_alone(fake_data, tmp_path, alone, kill_at):
+    marker = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "normbench", *args(fake_data, tmp_path, *killer(kill_at, marker))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_dir = tmp_path / "lightning_logs" / "run" / "version_0"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # The newest checkpoint is the periodic one before the kill, in the middle of an epoch.
+    assert ckpt["global_step"] == kill_at // EVERY * EVERY and ckpt["global_step"] % STEPS_PER_EPOCH
+    assert read_record(run_dir)["status"] == "running"
+
+    main(args(fake_data, tmp_path, *killer(kill_at, marker), "--ckpt_path", "last"))
+
+    _resumed_equals_alone(run_dir, alone)
+
+
+# A killed process and its resume, 6 s on 2 cores; with -m slow. The failed run above checks in
+# the default suite that a resumed run equals the run left alone.
 @pytest.mark.slow
 def test_sigkill_right_after_a_checkpoint_loses_no_scalar_logged_before_it(fake_data, tmp_path):
     # A slow disk keeps TensorBoard's queue full, so the kill always finds events in it: only a
