@@ -200,24 +200,30 @@ def _fit_with(diagnostics: NormDiagnostics, tmp_path, epochs: int = 1, precision
     return trainer, module, dm
 
 
-def _accuracy(net, batches, bf16: bool = False) -> float:
+# Each precision: the dtype the network computes in, and whether under autocast (-mixed).
+PRECISIONS = {"32-true": (torch.float32, False), "bf16-mixed": (torch.bfloat16, True),
+              "bf16-true": (torch.bfloat16, False), "64-true": (torch.float64, False)}  # fmt: skip
+
+
+def _accuracy(net, batches, precision: str = "32-true") -> float:
+    dtype, mixed = PRECISIONS[precision]
     correct = total = 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
         for x, y in batches:
-            correct += (net(x).argmax(1) == y).sum().item()
+            correct += (net(x if mixed else x.to(dtype)).argmax(1) == y).sum().item()
             total += len(y)
     return correct / total
 
 
-# bf16-mixed: the diagnostics run in the run's precision, as its validation does (under
-# autocast), so that their accuracies compare with val/acc; every forward of the network, theirs
-# included, puts out bfloat16.
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+# The diagnostics run in the run's precision, as its validation does (bf16-mixed: under
+# autocast; bf16-true, 64-true: their inputs in the weights' dtype), so that their accuracies
+# compare with val/acc; every forward of the network, theirs included, puts out that dtype.
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_batch_statistics_accuracy_is_on_the_first_eval_images(precision, tmp_path):
-    bf16, dtypes = precision == "bf16-mixed", []
+    dtypes: list[torch.dtype] = []
     diagnostics = NormDiagnostics(eval_images=10, precise_bn_images=0)
     trainer, module, dm = _fit_with(diagnostics, tmp_path, precision=precision, dtypes=dtypes)
-    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}, dtypes
+    assert set(dtypes) == {PRECISIONS[precision][0]}, dtypes
     logged = trainer.callback_metrics["train_eval/val_acc_batch_stats"].item()
     # By hand: the network in training mode, each evaluation batch normalized by its own
     # statistics; 10 images in batches of 4 are the first 3 batches (12 images).
@@ -225,9 +231,10 @@ def test_batch_statistics_accuracy_is_on_the_first_eval_images(precision, tmp_pa
     x, y = dm.val
     first = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
     every = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 40, 4)]
-    assert logged == pytest.approx(_accuracy(net, first, bf16), abs=1e-6)
-    assert _accuracy(net, first, bf16) != pytest.approx(_accuracy(net, every, bf16))  # the subset is not the whole set
-    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(_accuracy(module.net.eval(), every, bf16))
+    assert logged == pytest.approx(_accuracy(net, first, precision), abs=1e-6)
+    # The subset is not the whole set.
+    assert _accuracy(net, first, precision) != pytest.approx(_accuracy(net, every, precision))
+    assert trainer.callback_metrics["val/acc"].item() == pytest.approx(_accuracy(module.net.eval(), every, precision))
 
 
 def test_batch_statistics_accuracy_every_kth_validation(tmp_path):
@@ -238,20 +245,20 @@ def test_batch_statistics_accuracy_every_kth_validation(tmp_path):
     assert [e.step for e in acc.Scalars("train_eval/val_acc_batch_stats")] == [every[0], every[2]]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_precise_bn_accuracy_is_exact_on_its_stated_subsets(precision, tmp_path):
-    bf16, dtypes = precision == "bf16-mixed", []
+    dtypes: list[torch.dtype] = []
     diagnostics = NormDiagnostics(eval_images=6, precise_bn_images=12, batch_stats_eval=False)
     trainer, module, dm = _fit_with(diagnostics, tmp_path, precision=precision, dtypes=dtypes)
-    assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}, dtypes
+    assert set(dtypes) == {PRECISIONS[precision][0]}, dtypes
     logged = trainer.callback_metrics["train_eval/val_acc_precise_bn"].item()
     # By hand: the population mean and unbiased variance of every norm's inputs over the first
     # 12 training images in training batches of 8 (2 batches: 16 images), then the first 6
     # validation images in batches of 4 (8 images) with those statistics.
-    assert logged == pytest.approx(_precise_bn_by_hand(module, dm, 16, bf16), abs=1e-6)
+    assert logged == pytest.approx(_precise_bn_by_hand(module, dm, 16, precision), abs=1e-6)
 
 
-def _precise_bn_by_hand(module, dm, images: int, bf16: bool = False, val_images: int = 8, stats=None) -> float:
+def _precise_bn_by_hand(module, dm, images: int, precision: str = "32-true", val_images: int = 8, stats=None) -> float:
     """Accuracy on the first ``val_images`` validation images (batches of 4) of a copy of
     ``module.net`` whose norms hold the population mean and unbiased variance of their inputs
     over the first ``images`` training images, fed in training batches of 8; ``stats`` (a list)
@@ -262,9 +269,10 @@ def _precise_bn_by_hand(module, dm, images: int, bf16: bool = False, val_images:
     for i, m in enumerate(norms):
         m.register_forward_pre_hook(lambda _, a, i=i: seen[i].append(a[0].detach().double()))
     x = dm.train[0]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    dtype, mixed = PRECISIONS[precision]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
         for j in range(0, images, 8):
-            net(x[j : j + 8])
+            net(x[j : j + 8] if mixed else x[j : j + 8].to(dtype))
     for i, m in enumerate(norms):
         h = torch.cat(seen[i]).transpose(0, 1).reshape(m.num_features, -1)
         m.running_mean.copy_(h.mean(1))
@@ -272,7 +280,7 @@ def _precise_bn_by_hand(module, dm, images: int, bf16: bool = False, val_images:
     if stats is not None:
         stats += [m.running_mean.clone() for m in norms]
     xv, yv = dm.val
-    return _accuracy(net.eval(), [(xv[j : j + 4], yv[j : j + 4]) for j in range(0, val_images, 4)], bf16)
+    return _accuracy(net.eval(), [(xv[j : j + 4], yv[j : j + 4]) for j in range(0, val_images, 4)], precision)
 
 
 def test_precise_bn_at_several_image_counts_recalibrates_a_fresh_copy_for_each(tmp_path, monkeypatch):

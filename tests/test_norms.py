@@ -535,6 +535,35 @@ def test_bf16_autocast_keeps_statistics_in_float32(name):
             torch.testing.assert_close(buffer, getattr(reference, key), rtol=1e-4, atol=1e-5)
 
 
+# Every norm of the registry, plain and through NormBatch (the norms that take a norm batch).
+EVERY = [(n, None) for n in NORMS] + [(n, 2) for n in ("bn", "bnrs", "brn")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(("name", "norm_batch"), EVERY, ids=[f"{n}-nb{b}" for n, b in EVERY])
+def test_every_norm_puts_out_its_inputs_dtype(name, norm_batch, dtype):
+    # --trainer.precision bf16-true, 16-true, 64-true: the layer, its input and what follows it
+    # in one dtype, as torch's BatchNorm returns its input's dtype (a float32 output here was the
+    # next conv's "Input type (float) and bias type (c10::BFloat16)"). The values: those of the
+    # float64 layer on the same (rounded) input, to the dtype's rounding.
+    from normbench.norms.norm_batch import norm_batch_factory
+
+    torch.manual_seed(0)
+    kwargs = KWARGS.get(name, {})
+    layer = norm_batch_factory(name, norm_batch, kwargs)(C) if norm_batch else create_norm(name, C, **kwargs)
+    reference = copy.deepcopy(layer).double()
+    layer.to(dtype)
+    x = sample(6, C, 5, 5, dtype=torch.float64).detach().to(dtype)
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        reference.train(mode == "train")
+        y = layer(x)
+        assert y.dtype == dtype, (mode, y.dtype)
+        expected = reference(x.double())
+        tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float64: 1e-12}[dtype]
+        torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol, msg=f"{mode}")
+
+
 def test_ghost_bn_statistics_stay_exact_far_from_zero():
     # A mean 1000 standard deviations from the running mean (0 at the first step): ghost batch
     # moments against float64 ones (Ioffe & Szegedy, Algorithm 1: the mean of squared deviations

@@ -84,12 +84,14 @@ class OneDeviceEval(Timed):
         fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
         correct = torch.zeros((), device=device)
         seen = 0
-        # In the run's precision, as its validation steps run (bf16-mixed: under autocast).
-        with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
+        # In the run's precision, as its validation steps run (bf16-mixed: under autocast;
+        # 64-true, bf16-true: the inputs in the weights' dtype).
+        precision = pl_module.trainer.precision_plugin
+        with torch.no_grad(), precision.forward_context():
             for x, y in batches:
                 if self.eval_images is not None and seen >= self.eval_images:
                     break
-                x = x.to(device)
+                x = precision.convert_input(x.to(device))
                 # As the module's forward hands inputs to its network.
                 pred = net(x.contiguous(memory_format=fmt) if x.dim() == 4 else x).argmax(1)
                 correct = correct + (pred == y.to(device)).sum()
@@ -209,7 +211,7 @@ class PreciseBNAccuracy(OneDeviceEval, L.Callback):
         fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
 
         def forward(m: nn.Module, b) -> Tensor:  # as the module's forward hands inputs to its network
-            x = b[0].to(device)
+            x = trainer.precision_plugin.convert_input(b[0].to(device))
             return m(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
 
         with trainer.precision_plugin.forward_context():  # the norms' inputs as training saw them

@@ -143,12 +143,14 @@ def batch_moments(
 def scale_shift(x: Tensor, scale: Tensor, shift: Tensor, weight=None, bias=None) -> Tensor:
     """y = (x * scale + shift) * weight + bias, as one fused multiply-add over x.
 
-    scale and shift are per channel, (C,), or per sample and channel, (N, C).
+    scale and shift are per channel, (C,), or per sample and channel, (N, C). The output has x's
+    dtype, as torch's BatchNorm returns: half-precision inputs (bf16-true, or a conv's output
+    under autocast) are scaled in the statistics' float32 and the result is rounded once.
     """
     if weight is not None:
         scale, shift = scale * weight, shift * weight + bias
     shape = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)
 
 
 @torch.no_grad()
