@@ -8,7 +8,7 @@
 #
 # Parts:
 #   wheels  (run here) download the wheels the device's image lacks (jsonargparse with its
-#           signatures extra) into .whl/ for the device's Python 3.12, copy real MNIST from
+#           signatures extra, pytest-xdist) into .whl/ for the device's Python 3.12, copy real MNIST from
 #           ../shared/data into data/MNIST/raw and ../shared/gpu/check.sh to ./check.sh (all
 #           git-ignored; ../shared does not travel). Each call there then carries them:
 #           carry [".whl", "data/MNIST/raw", "check.sh"].
@@ -41,7 +41,8 @@ setup() {  # there: the carried wheels, then the checkout's own package first on
 
 wheels() {  # here
   local specs=()
-  for name in jsonargparse docstring-parser typeshed-client; do
+  # pytest-xdist and execnet: pyproject.toml's addopts name -n, which pytest refuses without them.
+  for name in jsonargparse docstring-parser typeshed-client pytest-xdist execnet; do
     specs+=("$name==$(python -m pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}')")
   done
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -53,7 +54,8 @@ wheels() {  # here
 }
 
 tests_start() {
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1 &
+  # -n 0: one process, one GPU; the tests' timings and captures are not shared with another worker.
+  "$PY" -m pytest -m gpu -n 0 -q -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1 &
   TESTS_PID=$!
 }
 

@@ -185,6 +185,7 @@ def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
 
 # Slow (12 s): test_ddp.py's sweep of 2-process runs checks the same in the default suite.
 @pytest.mark.slow
+@pytest.mark.xdist_group("ports")  # a TCP port per process group: one at a time (pyproject.toml)
 def test_ddp_on_two_cpu_processes_syncs_norm_statistics(fake_data, tmp_path):
     synced = _ddp_run(fake_data, tmp_path, sync=True)
     assert synced[0] and synced[0].keys() == synced[1].keys()
@@ -195,6 +196,7 @@ def test_ddp_on_two_cpu_processes_syncs_norm_statistics(fake_data, tmp_path):
 # The check above can fail: without sync the ranks' statistics drift apart on their own shards.
 # Slow (14 s); test_sync.py compares synced statistics against one process on the whole batch.
 @pytest.mark.slow
+@pytest.mark.xdist_group("ports")  # a TCP port per process group: one at a time (pyproject.toml)
 def test_ddp_without_sync_norms_leaves_each_rank_its_own_statistics(fake_data, tmp_path):
     unsynced = _ddp_run(fake_data, tmp_path, sync=False)
     assert any(not torch.allclose(unsynced[0][k], unsynced[1][k]) for k in unsynced[0] if "running_mean" in k)

@@ -31,6 +31,8 @@ from normbench.main import main
 from normbench.module import NormBenchModule
 
 TESTS = Path(__file__).resolve().parent
+# Each fit opens a TCP port for its process group: one at a time in a parallel run (pyproject.toml).
+pytestmark = pytest.mark.xdist_group("ports")
 N_TRAIN, N_TEST = 96, 501
 PER_DEVICE, WORLD = 4, 2
 EVAL_IMAGES, PRECISE_IMAGES = 100, 40

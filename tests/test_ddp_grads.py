@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+# Each fit opens a TCP port for its process group: one at a time in a parallel run (pyproject.toml).
+pytestmark = pytest.mark.xdist_group("ports")
 
 
 def test_ddp_with_channels_last_keeps_gradients_in_their_parameters_layout(tmp_path):

@@ -293,6 +293,7 @@ def test_a_checkpoint_holds_every_process_training_metrics_once():
 # Two processes killed and resumed, 50 s on 2 cores; with -m slow. The test above checks the
 # checkpoint's sums in the default suite.
 @pytest.mark.slow
+@pytest.mark.xdist_group("ports")  # a TCP port per process group: one at a time (pyproject.toml)
 def test_a_ddp_run_killed_mid_epoch_resumes_with_the_epochs_metrics(fake_data, tmp_path):
     common = ["--data.batch_size", "2", "--trainer.max_epochs", "1", "--trainer.devices", "2", "--trainer.strategy",
               "ddp", "--checkpoint_every_n_steps", "3", "--trainer.num_sanity_val_steps", "0",

@@ -245,6 +245,7 @@ def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data
 
 # Starting a local Ray instance takes most of its 15 s: out of the default run (-m slow runs it).
 @pytest.mark.slow
+@pytest.mark.xdist_group("ports")  # a TCP port per process group: one at a time (pyproject.toml)
 def test_ray_backend_runs_a_two_run_grid_on_a_local_instance(fake_data, tmp_path):
     pytest.importorskip("ray.tune", reason="the ray extra is not installed: pip install 'normbench[ray]'")
     config = write_sweep(tmp_path / "ray.yaml", fake_data, {"model.norm": ["bn", "gn"]}, backend="ray")
