@@ -193,6 +193,13 @@ class NormBenchCLI(LightningCLI):
         apply_budget(config, config.data.init_args.batch_size * world_size(trainer))
         check_norm_batch(config.model.norm, config.model.get("norm_batch"), config.data.init_args.batch_size,
                          world_size(trainer))  # fmt: skip
+        if trainer.get("barebones"):
+            # Lightning's barebones refuses the logger, checkpoints and self.log, which every run
+            # here keeps (its TensorBoard run, last.ckpt, its record's metrics).
+            raise ValueError(
+                "trainer.barebones=true turns off the logging, checkpoints and metrics every normbench run "
+                "records; drop it (what a step costs and how to cut it: docs/speed.md)"
+            )
         if trainer.max_epochs == -1 and trainer.max_steps in (None, -1) and trainer.max_time is None:
             raise ValueError(
                 "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "

@@ -170,6 +170,10 @@ CASES = {
         ["max_epochs=-1", "trains forever", "--trainer.max_epochs"],
     ),
     "max_epochs -2": (lambda r: fit(r, "--trainer.max_epochs", "-2"), ["max_epochs", "-2"]),
+    "barebones": (
+        lambda r: fit(r, "--trainer.barebones", "true"),
+        ["trainer.barebones=true", "logging, checkpoints and metrics", "drop it"],
+    ),
     "gpu on a machine without one": (
         lambda r: fit(r, "--trainer.accelerator", "gpu"),
         ["trainer.accelerator", "no usable GPU", "use cpu or auto"],
