@@ -9,7 +9,8 @@ from pathlib import Path
 # A parallel run (pytest-xdist, pyproject.toml's addopts): each worker process gets its share of
 # the cores for torch, and the processes its tests start inherit it, so that two workers do not
 # each spin a thread per core on the same cores. Set before torch is imported; a user's own
-# OMP_NUM_THREADS stands.
+# OMP_NUM_THREADS stands. The cores as normbench.results.cpu_cores counts them (the affinity
+# mask), written out here: that module imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))

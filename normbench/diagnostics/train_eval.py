@@ -77,23 +77,27 @@ class OneDeviceEval(Timed):
             return dm.unsharded_dataloader("train", batch_size), batch_size
         return dm.train_dataloader(), batch_size
 
+    @staticmethod
+    def _net_input(x: Tensor, pl_module: L.LightningModule) -> Tensor:
+        """``x`` as the module's forward hands it to its network: on its device, in the run's
+        precision (64-true, bf16-true: the weights' dtype, as Lightning's loops convert
+        batches), in its memory format."""
+        x = pl_module.trainer.precision_plugin.convert_input(x.to(pl_module.device))
+        fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
+        return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
     def _accuracy(self, net: nn.Module, pl_module: L.LightningModule, batches, after_batch=None) -> tuple[Tensor, int]:
         """(accuracy of ``net`` on the first ``eval_images`` images of ``batches``, in whole
         batches; how many images that was)."""
         device = pl_module.device
-        fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
         correct = torch.zeros((), device=device)
         seen = 0
-        # In the run's precision, as its validation steps run (bf16-mixed: under autocast;
-        # 64-true, bf16-true: the inputs in the weights' dtype).
-        precision = pl_module.trainer.precision_plugin
-        with torch.no_grad(), precision.forward_context():
+        # In the run's precision, as its validation steps run (bf16-mixed: under autocast).
+        with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
             for x, y in batches:
                 if self.eval_images is not None and seen >= self.eval_images:
                     break
-                x = precision.convert_input(x.to(device))
-                # As the module's forward hands inputs to its network.
-                pred = net(x.contiguous(memory_format=fmt) if x.dim() == 4 else x).argmax(1)
+                pred = net(self._net_input(x, pl_module)).argmax(1)
                 correct = correct + (pred == y.to(device)).sum()
                 seen += len(y)
                 if after_batch is not None:
@@ -207,12 +211,9 @@ class PreciseBNAccuracy(OneDeviceEval, L.Callback):
         net = self._local_copy(pl_module)
         loader, batch_size = self._train_batches(trainer, pl_module)
         batches = -(-images // max(1, batch_size))
-        device = pl_module.device
-        fmt = getattr(pl_module, "memory_format", torch.contiguous_format)
 
-        def forward(m: nn.Module, b) -> Tensor:  # as the module's forward hands inputs to its network
-            x = trainer.precision_plugin.convert_input(b[0].to(device))
-            return m(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
+        def forward(m: nn.Module, b) -> Tensor:
+            return m(self._net_input(b[0], pl_module))
 
         with trainer.precision_plugin.forward_context():  # the norms' inputs as training saw them
             used = update_bn_stats(net, loader, batches, forward=forward)

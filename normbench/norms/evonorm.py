@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normbench.norms.group_norm import check_groups
-from normbench.norms.stats import RunningStatsNorm, broadcast_shape, update_running_stats
+from normbench.norms.stats import RunningStatsNorm, broadcast_shape, in_dtype_of, update_running_stats
 
 
 def _instance_var(x: Tensor) -> Tensor:
@@ -51,7 +51,7 @@ class EvoNormB0(RunningStatsNorm):
         batch_std = torch.sqrt(var + self.eps).reshape(shape)
         instance = self.v1.reshape(shape) * x + torch.sqrt(_instance_var(x) + self.eps)
         y = x / torch.maximum(batch_std, instance) * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y if y.dtype == x.dtype else y.to(x.dtype)  # the statistics are float32 for half-precision inputs
+        return in_dtype_of(x, y)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, sync_stats={self.sync_stats}"
