@@ -548,9 +548,11 @@ def test_every_norm_puts_out_its_inputs_dtype(name, norm_batch, dtype):
     # float64 layer on the same (rounded) input, to the dtype's rounding.
     from normbench.norms.norm_batch import norm_batch_factory
 
-    torch.manual_seed(0)
-    kwargs = KWARGS.get(name, {})
-    layer = norm_batch_factory(name, norm_batch, kwargs)(C) if norm_batch else create_norm(name, C, **kwargs)
+    if norm_batch:
+        torch.manual_seed(0)
+        layer = norm_batch_factory(name, norm_batch, KWARGS.get(name, {}))(C)
+    else:
+        layer = make(name)  # with non-trivial affine parameters
     reference = copy.deepcopy(layer).double()
     layer.to(dtype)
     x = sample(6, C, 5, 5, dtype=torch.float64).detach().to(dtype)
