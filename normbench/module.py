@@ -14,6 +14,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
+# Every process that trains imports this module, so that Lightning's reset_seed in each of a
+# DDP run's processes takes the run's 64-bit seed (normbench.seeding).
+from normbench import seeding  # noqa: F401
 from normbench.errors import CheckpointMismatchError
 from normbench.nets import NETS, ActivationName, NetName, WSName
 from normbench.norms import (

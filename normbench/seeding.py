@@ -6,6 +6,7 @@ import os
 import random
 
 import lightning as L
+import lightning.fabric.utilities.seed as lightning_seed
 import numpy as np
 import torch
 
@@ -33,3 +34,20 @@ def seed_everything(seed: int) -> int:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return seed
+
+
+_LIGHTNING_SEED_EVERYTHING = lightning_seed.seed_everything
+
+
+def _seed_everything_in_a_rank(seed: int | None = None, workers: bool = False, verbose: bool = True) -> int:
+    """Lightning's ``seed_everything`` where its ``reset_seed`` calls it: in each process of a
+    DDP, FSDP or DeepSpeed run, with the seed from ``PL_GLOBAL_SEED``. A seed above 2**32 - 1,
+    which Lightning's refuses, seeds as ``seed_everything`` above, as the run's first process was."""
+    if seed is not None and int(seed) > np.iinfo(np.uint32).max:
+        return seed_everything(int(seed))
+    return _LIGHTNING_SEED_EVERYTHING(seed, workers=workers, verbose=verbose)
+
+
+# reset_seed looks seed_everything up in its module when it runs; Lightning's public
+# seed_everything (L.seed_everything, used above) is another name and stays as it is.
+lightning_seed.seed_everything = _seed_everything_in_a_rank

@@ -26,6 +26,21 @@ def _cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
     fakedata.skip_cifar_md5(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def _seed_environment():
+    """Each test leaves the seed variables of the environment as it found them: Lightning's
+    seed_everything writes the seed into os.environ (PL_GLOBAL_SEED), and every process a later
+    test of the same worker starts would inherit it (a 64-bit seed made DDP fits fail there)."""
+    names = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding small fake MNIST, FashionMNIST, CIFAR-10 and CIFAR-100."""

@@ -170,13 +170,13 @@ def test_a_shell_command_ends_at_once_with_everything_written(fake_data, tmp_pat
 # --------------------------------------------------------------------------- several processes
 
 
-def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
+def _ddp_run(fake_data, tmp_path, sync: bool, *extra: str) -> list[dict]:
     out = tmp_path / f"sync_{sync}"
     out.mkdir()
     cmd = [sys.executable, "-m", "normbench", "fit", "--config", mnist_config("bn", 16),
            *fast(fake_data, out), "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--model.sync_norms", str(sync).lower(), "--trainer.limit_val_batches", "0",
-           "--trainer.callbacks+=ddp_probe.SaveNormBuffers", f"--trainer.callbacks.out_dir={out}"]  # fmt: skip
+           "--trainer.callbacks+=ddp_probe.SaveNormBuffers", f"--trainer.callbacks.out_dir={out}", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -187,7 +187,8 @@ def _ddp_run(fake_data, tmp_path, sync: bool) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.xdist_group("ports")  # a TCP port per process group: one at a time (pyproject.toml)
 def test_ddp_on_two_cpu_processes_syncs_norm_statistics(fake_data, tmp_path):
-    synced = _ddp_run(fake_data, tmp_path, sync=True)
+    # With a seed Lightning's own seed_everything refuses: each process's reset_seed takes it.
+    synced = _ddp_run(fake_data, tmp_path, True, "--seed_everything", str(2**63 - 1))
     assert synced[0] and synced[0].keys() == synced[1].keys()
     for key in synced[0]:
         torch.testing.assert_close(synced[0][key], synced[1][key], msg=key)
@@ -273,6 +274,23 @@ def test_a_seed_of_64_bits_trains_with_augmentation(fake_data, tmp_path, capsys)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "normbench: error: seed_everything=9223372036854775808 is out of range; give an integer from 0 to 2**63 - 1"
     )
+
+
+def test_lightnings_reset_seed_in_a_ddp_process_takes_a_64_bit_seed():
+    # What DDP's, FSDP's and DeepSpeed's setup_distributed call in each process, with the seed
+    # the run's first process left in PL_GLOBAL_SEED (its own seed_everything refuses 2**63 - 1).
+    from lightning.fabric.utilities.seed import reset_seed
+
+    import normbench.module  # noqa: F401  (what every training process imports)
+
+    for seed in (2**63 - 1, 2**32, 7):
+        os.environ["PL_GLOBAL_SEED"] = str(seed)
+        reset_seed()
+        assert torch.initial_seed() == seed
+        assert os.environ["PL_GLOBAL_SEED"] == str(seed)
+    a = torch.rand(3)
+    torch.manual_seed(7)
+    torch.testing.assert_close(a, torch.rand(3))
 
 
 def test_the_private_api_normbench_relies_on_exists_in_the_installed_versions():
