@@ -352,6 +352,22 @@ def _study1_like_png(path: Path, curves: dict[str, list[float]], later: list[lis
     plt.close()
 
 
+def test_the_right_panels_frame_is_found_when_the_left_panels_spine_reaches_past_the_middle():
+    # As matplotlib 3.10 lays out study 1's figure: the loss panel's right spine at column 323 of
+    # 640, in the right half. Both frames and a tick label's stroke under the right frame drawn here.
+    from normbench.report.reference import _right_panel_frame
+
+    dark = np.zeros((480, 640), dtype=bool)
+    for left, right in [(40, 323), (384, 625)]:
+        dark[20:442, [left, right]] = True  # spines
+        dark[[20, 441], left : right + 1] = True  # top and bottom
+    dark[437:447, 371] = True  # the right panel's "0.75" label, left of its frame
+    assert _right_panel_frame(dark, "fig.png") == (384, 625, 20, 441)
+    dark[441, 500] = False  # a bottom spine with a gap is no frame
+    with pytest.raises(ValueError, match="fig.png: no plot frame found in the right half"):
+        _right_panel_frame(dark, "fig.png")
+
+
 def test_reading_the_studys_figure_recovers_its_values(tmp_path):
     from normbench.report.reference import read_accuracy_panel
 

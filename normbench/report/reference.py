@@ -54,6 +54,26 @@ def _long_runs(mask: np.ndarray, axis: int) -> list[int]:
     return [i for i, c in enumerate(counts) if c >= 0.5 * counts.max() and c > 50]
 
 
+def _right_panel_frame(dark: np.ndarray, path: str | Path) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) pixel of the frame of the right-hand panel of a figure, from its
+    mask of dark pixels: the long dark columns and rows of the image's right half.
+
+    The left spine is the first long dark column from which the frame's bottom spine runs
+    unbroken to the right one: the left panel's right spine can lie in the right half too (study
+    1's figure drawn by matplotlib 3.10), and taking it would put the right panel's y tick
+    labels inside the panel.
+    """
+    half = dark.shape[1] // 2
+    cols = [c + half for c in _long_runs(dark[:, half:], 0)]
+    rows = _long_runs(dark[:, half:], 1)
+    if len(cols) >= 2 and len(rows) >= 2:
+        right, top, bottom = max(cols), min(rows), max(rows)
+        lefts = [c for c in cols if c < right and dark[bottom, c : right + 1].all()]
+        if lefts:
+            return min(lefts), right, top, bottom
+    raise ValueError(f"{path}: no plot frame found in the right half of the image")
+
+
 def _runs(column: np.ndarray) -> list[tuple[int, int]]:
     """(first, last) index of each contiguous stretch of True."""
     idx = np.nonzero(column)[0]
@@ -93,12 +113,7 @@ def read_accuracy_panel(
         rgb = rgb / 255.0
     height, width, _ = rgb.shape
     dark = rgb.max(-1) < 0.25
-    half = width // 2
-    cols = [c + half for c in _long_runs(dark[:, half:], 0)]
-    rows = _long_runs(dark[:, half:], 1)
-    if len(cols) < 2 or len(rows) < 2:
-        raise ValueError(f"{path}: no plot frame found in the right half of the image")
-    left, right, top, bottom = min(cols), max(cols), min(rows), max(rows)
+    left, right, top, bottom = _right_panel_frame(dark, path)
     # Bottom tick marks: short dark runs just below the frame, inside it horizontally.
     ticks = [c for c in range(left + 1, right) if dark[bottom + 2 : bottom + 5, c].all()]
     ticks = [c for i, c in enumerate(ticks) if i == 0 or c - ticks[i - 1] > 1]
