@@ -49,8 +49,10 @@ def _train(model: NormBenchModule, batches) -> list[float]:
 @pytest.fixture
 def cold_inductor_cache(tmp_path):
     """An empty inductor cache, on disk and in memory: what the first run on a machine pays."""
-    from torch._inductor.utils import fresh_cache
+    import torch._inductor.utils as inductor_utils
 
+    # fresh_cache in newer torch; fresh_inductor_cache, its older name, in torch 2.6.
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
     with fresh_cache(dir=str(tmp_path)):
         yield
 
