@@ -118,7 +118,8 @@ def test_backward_through_the_reduction_then_destroy_never_aborts(tmp_path):
     done = subprocess.run([sys.executable, str(script), "30", str(tmp_path)], capture_output=True, text=True,
                           timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    assert done.stdout.strip() == "30 rounds, 0 rank exits failed"
+    # The last line: torch 2.8's gloo prints a line per rank as it connects.
+    assert done.stdout.strip().splitlines()[-1] == "30 rounds, 0 rank exits failed"
 
 
 def _mixed():
