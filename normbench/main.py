@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from lightning.pytorch.cli import ArgsType
@@ -93,7 +94,19 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+# Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
+# first batch about torch API it calls itself: nothing a user can change.
+LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
 def _main(argv: list[str], args: ArgsType) -> None:
+    with warnings.catch_warnings():
+        for message in LIGHTNING_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        _run_command(argv, args)
+
+
+def _run_command(argv: list[str], args: ArgsType) -> None:
     try:
         if argv and argv[0] in COMMANDS:
             with reported(DATA_MODULE_NAMES):

@@ -52,11 +52,13 @@ def _args(data_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def _ddp(sub: str, data_dir: Path, root: Path, *extra: str) -> None:
+    """``normbench SUB`` on 2 processes; what it printed is left in ``root/SUB.out``."""
     # ddp_fork: the second rank is a fork of the first, which imports torch and Lightning once
     # (5 s less); the sweep above runs Lightning's default launcher.
     cmd = [sys.executable, "-m", "normbench", sub, *_args(data_dir, root, "--trainer.devices", str(WORLD),
            "--trainer.strategy", "ddp_fork", *extra)]  # fmt: skip
     done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    (root / f"{sub}.out").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -136,6 +138,23 @@ def test_a_fit_on_two_processes_trains_one_devices_steps_with_synced_statistics(
     # One epoch of 96 images in global batches of 8.
     assert record["global_step"] == N_TRAIN // (PER_DEVICE * WORLD) and len(record["epochs"]) == 1
     _same_norm_statistics_on_every_rank(ddp_run.parents[2])
+
+
+def test_a_fit_on_two_processes_prints_no_advice_to_reduce_what_one_rank_measures(ddp_run):
+    """The diagnostics that rank zero alone measures (on one device's images, the figure of
+    every rank) are logged without Lightning's warning to reduce epoch-level figures over the
+    processes, which users would read as a figure left unreduced."""
+    printed = (ddp_run.parents[2] / "fit.out").read_text()
+    assert "train_eval/val_acc_batch_stats" in json.dumps(_record(ddp_run)["epochs"])
+    assert "when logging on epoch level in distributed setting" not in printed, printed[-2000:]
+
+
+def test_a_fit_prints_no_warning_from_inside_lightning(ddp_run):
+    """A fit as typed in a shell (``python -m normbench fit``, its second rank forked from the
+    first) prints none of the warnings Lightning raises about torch API it calls itself."""
+    printed = (ddp_run.parents[2] / "fit.out").read_text()
+    assert "`Trainer.fit` stopped" in printed  # the output is the fit's
+    assert "LeafSpec" not in printed, printed[-2000:]
 
 
 # Slow (40 s: each run starts two processes that import torch and Lightning). The fit above

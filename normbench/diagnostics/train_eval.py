@@ -8,7 +8,6 @@ trained model itself is never touched."""
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import lightning as L
@@ -155,10 +154,10 @@ class BatchStatsAccuracy(OneDeviceEval, L.Callback):
             acc, seen = self._accuracy(net, pl_module, batches, after_batch=restore)
             self.measured["batch_stats_images"] = seen
         # Rank zero alone measures it, on one device's images: the figure of every rank, with
-        # nothing to reduce (Lightning's advice to reduce epoch-level figures does not apply).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(" + BATCH_STATS_ACC)
-            pl_module.log(BATCH_STATS_ACC, acc, rank_zero_only=True)
+        # nothing to reduce. rank_zero_only makes Lightning's reduction a no-op (no collective that
+        # the other ranks would have to join); sync_dist=True only tells it the figure is whole, so
+        # that it does not advise, as the epoch ends, to reduce it over the processes.
+        pl_module.log(BATCH_STATS_ACC, acc, rank_zero_only=True, sync_dist=True)
 
 
 class PreciseBNAccuracy(OneDeviceEval, L.Callback):
