@@ -70,6 +70,13 @@ def callback_name(callback: Any) -> str:
     return str(getattr(callback, "class_path", callback)).rsplit(".", 1)[-1]
 
 
+# ``normbench --help``'s first line (Lightning's own says "Lightning Trainer command line tool").
+DESCRIPTION = (
+    "normbench: image classifiers trained with interchangeable normalization layers across batch sizes. "
+    "fit, validate, test and predict are Lightning's; sweep, report and bench are normbench's own."
+)
+
+
 class NormBenchCLI(LightningCLI):
     """LightningCLI that links the dataset's classes and channels into the model and names
     each run directory after its experiment: ``lightning_logs/<name>/version_N``.
@@ -101,7 +108,11 @@ class NormBenchCLI(LightningCLI):
                 trainer_defaults={"callbacks": [RunRecorder()], "devices": 1},
                 save_config_kwargs={"overwrite": True},
                 # Parse errors raise, so that they can be said in one line.
-                parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in self.subcommands()}},
+                parser_kwargs={
+                    "description": DESCRIPTION,
+                    "exit_on_error": False,
+                    **{c: {"exit_on_error": False} for c in self.subcommands()},
+                },
                 auto_configure_optimizers=False,
                 args=args,
                 run=run,

@@ -236,6 +236,8 @@ def test_help_lists_every_subcommand_with_one_line(capsys, monkeypatch):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
+    assert "normbench: image classifiers trained with interchangeable normalization layers" in " ".join(out.split())
+    assert "Lightning Trainer command line tool" not in out
     for name in ("fit", "validate", "test", "predict", "sweep", "report", "bench"):
         assert any(line.split()[:1] == [name] for line in out.splitlines()), (name, out)
     for name, line in (("sweep", "Run a grid"), ("report", "Tables, plots"), ("bench", "Time normbench")):
