@@ -8,6 +8,7 @@ modules. No command module is imported here; ``normbench.main`` is the table of 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from jsonargparse.typing import NonNegativeInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from normbench.budget import Budget, apply_budget
 from normbench.checkpoints import check_same_model, checkpoint_step, resolve_resume, saved_settings
@@ -31,7 +33,7 @@ from normbench.devices import world_size
 from normbench.errors import check_config_files, one_line, reported
 from normbench.experiments import experiment_name
 from normbench.module import NormBenchModule
-from normbench.norms import check_norm_batch
+from normbench.norms import NORMS, check_norm_batch, options_of
 from normbench.recorder import RunRecorder
 from normbench.seeding import seed_everything
 
@@ -60,6 +62,31 @@ def run_name(config: Namespace) -> str:
     """
     return experiment_name(dataset_name(config.data.class_path), config.model.norm,
                            config.data.init_args.batch_size, config.model.net, world_size(config.trainer))  # fmt: skip
+
+
+def norm_given_alone(argv: list[str]) -> bool:
+    """Whether a command line sets ``--model.norm`` and not ``--model.norm_kwargs``: the norm
+    replaces the config's, whose options may be another norm's."""
+
+    def given(option: str) -> bool:
+        return any(a == option or a.startswith((f"{option}=", f"{option}.")) for a in argv)
+
+    return given("--model.norm") and not given("--model.norm_kwargs")
+
+
+def keep_norm_options(model: Namespace) -> list[str]:
+    """Drop from ``model.norm_kwargs`` the options that ``model.norm`` does not take, as
+    jsonargparse drops a class's ``init_args`` when a later argument changes its ``class_path``
+    (``gn``'s ``num_groups`` when ``--model.norm brn`` follows a gn config; brn's ``eps`` stays).
+    Returns the names dropped."""
+    kwargs = dict(model.get("norm_kwargs") or {})
+    if model.get("norm") not in NORMS:
+        return []  # the parser names an unknown norm itself
+    options = options_of(model.norm)
+    dropped = [k for k in kwargs if k not in options]
+    if dropped:
+        model.norm_kwargs = {k: v for k, v in kwargs.items() if k in options}
+    return dropped
 
 
 def callback_name(callback: Any) -> str:
@@ -92,6 +119,8 @@ class NormBenchCLI(LightningCLI):
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         # Whether this command says what the model is, by a config or --model options.
         self._model_given = any(a == "--config" or a.startswith(("--config=", "--model")) for a in argv)
+        self._argv = argv
+        self._norm_alone = norm_given_alone(argv)
         self._commands = dict(commands or {})
         # Only the subcommand asked for gets its parser (each of Lightning's four costs 0.1 s to
         # build); ``normbench --help`` and a command line that names none get all four.
@@ -154,6 +183,28 @@ class NormBenchCLI(LightningCLI):
             ):
                 message = f"trainer.accelerator: this machine has no usable GPU ({message}); use cpu or auto"
             raise ValueError(message) from err
+
+    def parse_arguments(self, parser, args: ArgsType) -> None:
+        """Lightning's parse; then a norm given on the command line without its options keeps
+        only the config's options it takes (``normbench fit --config configs/cifar10_gn_bs2.yaml
+        --model.norm brn`` drops gn's ``num_groups``), and says so. ``--print_config`` prints
+        the config so kept: the parser prints as it parses, so it parses once more to print."""
+        if not self._norm_alone:
+            super().parse_arguments(parser, args)
+            return
+        printing = [a for a in self._argv if a == "--print_config" or a.startswith("--print_config=")]
+        super().parse_arguments(parser, [a for a in self._argv if a not in printing])
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        dropped = keep_norm_options(config.model)
+        if dropped and rank_zero_only.rank == 0:
+            print(
+                f"normbench: --model.norm {config.model.norm} does not take the config's norm_kwargs "
+                f"{', '.join(dropped)}; dropped (give --model.norm_kwargs to set its options)",
+                file=sys.stderr,
+            )
+        if printing:
+            kept = json.dumps(dict(config.model.norm_kwargs or {}))
+            super().parse_arguments(parser, [*self._argv, "--model.norm_kwargs", kept])
 
     def _parse_ckpt_path(self) -> None:
         """A checkpoint and this command must agree on the network.

@@ -15,10 +15,11 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
-from normbench.cli import NormBenchCLI
+from normbench.cli import NormBenchCLI, keep_norm_options, norm_given_alone
 from normbench.data import DATA_MODULE_NAMES, DATAMODULES, dataset_name
 from normbench.devices import world_size
 from normbench.errors import one_line
+from normbench.norms import check_options
 from normbench.pack import check_packable
 from normbench.results import (
     status_of,
@@ -142,7 +143,12 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
                 with _without_lightning_info():
                     parser = NormBenchCLI(args=cell.args[1:], run=False).parser
             config = parser.parse_args(cell.args[1:])
-        except (ArgumentError, ValueError) as err:
+            # The norm's options as the run will take them: a grid's norm keeps the base
+            # config's options it takes (normbench.cli.keep_norm_options); any other is an error now.
+            if norm_given_alone(cell.args):
+                keep_norm_options(config.model)
+            check_options(config.model.norm, 1, dict(config.model.norm_kwargs or {}))
+        except (ArgumentError, ValueError, TypeError) as err:
             given = ", ".join(f"{k}={cli_value(v)}" for k, v in cell.values.items())
             raise ValueError(
                 f"sweep run {cell.name} ({given}): {one_line(err, DATA_MODULE_NAMES)}; "

@@ -325,3 +325,60 @@ def test_the_private_api_normbench_relies_on_exists_in_the_installed_versions():
     used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
              and not n.attr.startswith("__") and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "os"))}  # fmt: skip
     assert used == listed, used ^ listed
+
+
+# --------------------------------------------------------------------------- a norm given alone
+
+
+def _norm_layers(model) -> list:
+    return [m for m in model.modules() if type(m) in NORMS.values()]
+
+
+def _bn_config_with(tmp_path, **norm_kwargs) -> str:
+    config = yaml.safe_load(Path(mnist_config("bn", 16)).read_text())
+    config["model"]["norm_kwargs"] = norm_kwargs
+    path = tmp_path / "bn_options.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_norm_given_alone_keeps_the_configs_options_it_takes_and_says_which_it_drops(fake_data, tmp_path, capsys):
+    # As jsonargparse does for a class_path changed on the command line: gn takes eps, not momentum.
+    config = _bn_config_with(tmp_path, eps=1e-3, momentum=0.2)
+    cli = NormBenchCLI(args=["--config", config, "--model.norm", "gn", *fast(fake_data, tmp_path)], run=False)
+    layers = _norm_layers(cli.model)
+    assert layers and all(type(m) is NORMS["gn"] and m.eps == 1e-3 for m in layers)
+    assert cli.config.model.norm_kwargs == {"eps": 1e-3}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("normbench: --model.norm gn does not take the config's norm_kwargs momentum; dropped "
+                       "(give --model.norm_kwargs to set its options)")  # fmt: skip
+    # The same norm again, or one that takes every option: nothing dropped, nothing said.
+    cli = NormBenchCLI(args=["--config", config, "--model.norm", "bnrs", *fast(fake_data, tmp_path)], run=False)
+    assert cli.config.model.norm_kwargs == {"eps": 1e-3, "momentum": 0.2}
+    assert all(m.eps == 1e-3 and m.momentum == 0.2 for m in _norm_layers(cli.model))
+    assert "dropped" not in capsys.readouterr().err
+
+
+def test_the_readmes_norm_switch_trains_and_records_the_options_it_ran_with(fake_data, tmp_path, capsys):
+    # README: normbench fit --config configs/cifar10_gn_bs2.yaml --model.norm brn --data.batch_size 4
+    main(["fit", "--config", mnist_config("gn", 16), "--model.norm", "brn", "--data.batch_size", "4",
+          *fast(fake_data, tmp_path)])  # fmt: skip
+    run = tmp_path / "lightning_logs" / "mnist_brn_bs4" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["norm_kwargs"] == {}
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["norm"] == "brn" and ckpt["hyper_parameters"]["norm_kwargs"] == {}
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+    assert "norm_kwargs num_groups; dropped" in capsys.readouterr().err
+    # --print_config prints the config the run takes.
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", mnist_config("gn", 16), "--model.norm", "brn", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["norm"] == "brn" and printed["model"]["norm_kwargs"] == {}
+
+
+def test_options_given_with_the_norm_are_checked_as_given(fake_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", mnist_config("gn", 16), "--model.norm", "brn", "--model.norm_kwargs",
+              "{num_groups: 4}", *fast(fake_data, tmp_path)])  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "normbench: error: norm 'brn' has no option 'num_groups'; its options are: r_max,")

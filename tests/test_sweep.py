@@ -706,3 +706,15 @@ def test_runs_go_to_the_worker_that_is_free(monkeypatch):
         for y in ran:
             if x is not y and x[1] == y[1]:
                 assert x[3] <= y[2] or y[3] <= x[2], (x, y)  # one run at a time per GPU
+
+
+def test_a_grid_of_norms_keeps_the_bases_options_each_takes_and_checks_the_rest_before_running(fake_data, tmp_path):
+    base = mnist_config("gn", 16)  # norm_kwargs {num_groups: 4}
+    overrides = {"data.data_dir": str(fake_data), "trainer.accelerator": "cpu"}
+    validate(expand({"model.norm": ["gn", "brn", "dyt"]}, base, overrides, tmp_path))
+    # Options given with the norm are its own: a wrong one stops the sweep, though its cell is
+    # not the first (the one the check instantiates).
+    given = {"gn": {"model.norm": "gn"}, "brn": {"model.norm": "brn", "model.norm_kwargs": {"num_groups": 4}}}
+    with pytest.raises(ValueError, match=r"^sweep run brn \(model.norm=brn, model.norm_kwargs=\{num_groups: 4\}\): "
+                                         r"norm 'brn' has no option 'num_groups'.*; fix the sweep's grid"):  # fmt: skip
+        validate(expand({"norm": given}, base, overrides, tmp_path))

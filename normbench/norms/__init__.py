@@ -17,7 +17,7 @@ from normbench.norms.instance_norm import InstanceNorm
 from normbench.norms.layer_norm import LayerNorm
 from normbench.norms.norm_batch import BATCH_NORMS, NormBatch, check_norm_batch, norm_batch_factory
 from normbench.norms.precise_bn import freeze_running_stats, tracks_running_stats, update_bn_stats
-from normbench.norms.registry import NORMS, NormName, create_norm
+from normbench.norms.registry import NORMS, NormName, check_options, create_norm, options_of
 from normbench.norms.rms_norm import RmsNorm2d
 from normbench.norms.stats import RunningStatsNorm
 from normbench.norms.sync import convert_sync_norms, local_norms
@@ -55,11 +55,13 @@ __all__ = [
     "activation_gain",
     "adaptive_clip_grad",
     "check_norm_batch",
+    "check_options",
     "convert_sync_norms",
     "create_norm",
     "freeze_running_stats",
     "local_norms",
     "norm_batch_factory",
+    "options_of",
     "tracks_running_stats",
     "update_bn_stats",
 ]

@@ -87,12 +87,17 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def options_of(name: str) -> list[str]:
+    """The options of the norm registered as ``name``: its factory's keywords, in order."""
+    return [k for k in inspect.signature(NORMS[name]).parameters if k != "num_features"]
+
+
 def check_options(name: str, num_features: int, kwargs: dict[str, Any]) -> None:
     """Raise a one-line error for an option ``name``'s layer does not have, a value of the wrong
     type (checked against the factory's annotations: ``norm_kwargs`` is an untyped dict in
     configs), or an impossible value (eps <= 0, momentum outside [0, 1], num_features < 1)."""
     factory = NORMS[name]
-    options = [k for k in inspect.signature(factory).parameters if k != "num_features"]
+    options = options_of(name)
     unknown = [k for k in kwargs if k not in options]
     if unknown:
         raise ValueError(f"norm {name!r} has no option {unknown[0]!r}; its options are: {', '.join(options) or 'none'}")
