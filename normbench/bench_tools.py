@@ -14,7 +14,7 @@ import torch
 
 from normbench.experiments import render_configs
 from normbench.report.tables import markdown_table
-from normbench.results import cpu_cores, read_record
+from normbench.results import cpu_cores, cpu_model, read_record
 
 BF16 = ["--trainer.precision", "bf16-mixed"]
 # The CPU features that decide what bf16 can gain: AVX-512 BF16 converts and dot products,
@@ -112,7 +112,5 @@ def machine() -> str:
     """The machine in words: the GPU, else the CPU model, its cores and bf16 features."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").is_file() else "CPU"  # fmt: skip
     cores = len(cpu_cores())
-    return f"{model}, {cores} cores, torch {torch.__version__}; {cpu_flags()}"
+    return f"{cpu_model()}, {cores} cores, torch {torch.__version__}; {cpu_flags()}"

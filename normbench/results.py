@@ -39,7 +39,7 @@ SCHEMA: dict[str, str] = {
     "status": "one of STATUSES",
     "config": "the run's config as LightningCLI saved it (config.yaml)",
     "revision": "the code's git commit (+dirty), or the package version",
-    "hardware": "the device, e.g. 'CPU x86_64, 2 threads' or the GPU's name",
+    "hardware": "the device, e.g. 'CPU AMD EPYC (x86_64), 2 threads' or the GPU's name",
     "layout": "devices, num_nodes, world_size, per-device and global batch, images per norm statistic",
     "seed": "seed_everything",
     "global_step": "optimizer steps done",
@@ -168,10 +168,23 @@ def record_failure(run_dir: str | os.PathLike, err: BaseException, start: float,
 
 
 def hardware(device: torch.device) -> str:
-    """The device a run trains on, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU x86_64, 2 threads``."""
+    """The device a run trains on, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU AMD EPYC (x86_64),
+    2 threads`` (the CPU model, its architecture and torch's threads)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type.upper()} {platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{device.type.upper()} {cpu_model()} ({platform.machine()}), {threads} thread{'s' * (threads != 1)}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``AMD EPYC``, ``Intel(R) Xeon(R) Platinum 8480+``), from
+    /proc/cpuinfo where there is one, else what Python's platform module knows, else "unknown"."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def cpu_cores() -> list[int]:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from quick_configs import mnist_config
 from test_sweep import quick_overrides
 
 from normbench.main import main
+from normbench.results import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -138,3 +141,15 @@ def test_ctrl_c_of_a_fit_records_it_interrupted_and_exits_130(fake_data, tmp_pat
     assert done.stderr.strip().splitlines()[-1].startswith("normbench: interrupted; run the same command again")
     (record,) = [json.loads(p.read_text()) for p in (work / "lightning_logs").rglob("metrics.json")]
     assert record["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("threads, said", [(1, "1 thread"), (3, "3 threads")])
+def test_a_cpu_runs_hardware_names_the_cpu_model_and_its_threads(threads, said, monkeypatch):
+    # The model as lscpu, another reader of the kernel's CPU description, names it.
+    lscpu = shutil.which("lscpu")
+    if lscpu is None or not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no lscpu or /proc/cpuinfo here: the model comes from platform.processor()")
+    out = subprocess.run([lscpu], capture_output=True, text=True, check=True, env={**os.environ, "LC_ALL": "C"}).stdout
+    model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert hardware(torch.device("cpu")) == f"CPU {model} ({os.uname().machine}), {said}"

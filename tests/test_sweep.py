@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = mnist_config("bn", 16)
 
 
+def threads_said(n: int) -> str:
+    """How a run record's hardware ends for a run on n CPU threads."""
+    return f", {n} thread" if n == 1 else f", {n} threads"
+
+
 def quick_overrides(data_dir) -> dict:
     """Every run of a test sweep: 2 epochs of 2 steps on fake data, the network half as wide."""
     return {
@@ -174,7 +179,7 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path,
             assert record["config"]["model"]["norm"] == "bn" and record["seed"] == 0
             assert record["revision"] and record["wall_time_s"] > 0 and 0 <= record["val_acc_best"] <= 1
             # One run at a time, in this process: torch's own thread count, untouched.
-            assert record["hardware"].endswith(f", {torch.get_num_threads()} threads"), record["hardware"]
+            assert record["hardware"].endswith(threads_said(torch.get_num_threads())), record["hardware"]
         else:  # 5 groups do not divide 64 channels: recorded as failed, and the sweep went on
             assert record["status"] == "failed" and "num_groups=5 does not divide" in record["error"]
         assert record["sweep"]["cell"] == name
@@ -350,7 +355,7 @@ def test_parallel_workers_share_the_cores_instead_of_oversubscribing_them(overri
         for run, probe in zip(runs, probes, strict=True):
             record = json.loads((run / "metrics.json").read_text())
             assert record["status"] == "finished"
-            assert record["hardware"].endswith(f", {threads} threads"), (given, record["hardware"])
+            assert record["hardware"].endswith(threads_said(threads)), (given, record["hardware"])
             if workers == 1:
                 assert probe["pid"] == os.getpid()
                 continue
@@ -406,7 +411,7 @@ def test_a_worker_process_trains_run_after_run(runs_per_worker, fake_data, tmp_p
         probe = json.loads((run / "threads.json").read_text())
         assert record["status"] == "finished" and record["config"]["model"]["norm"] == run.parent.name
         assert record["attempts"][0]["pid"] == probe["pid"] != os.getpid()
-        assert record["hardware"].endswith(f", {threads} threads"), record["hardware"]
+        assert record["hardware"].endswith(threads_said(threads)), record["hardware"]
         assert probe["intra_op"] == probe["inter_op"] == threads, probe
         assert probe["env"] == {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if hasattr(os, "sched_setaffinity"):
