@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from normbench.cli import NormBenchCLI
 from normbench.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +137,15 @@ def test_the_readmes_norm_option_names_every_norm():
     (row,) = [line for line in README.splitlines() if line.startswith("| `--model.norm` |")]
     named = re.findall(r"`([a-z_0-9]+)`", row.split("|")[2])
     assert sorted(named) == sorted(NORMS)
+
+
+FITS = [(page, args) for page, args in COMMANDS if args[0] == "fit" and not {"--ckpt_path", "--print_config"} & set(args)]
+
+
+@pytest.mark.parametrize("page, args", FITS, ids=[f"{page}: {' '.join(args)}"[:100] for page, args in FITS])
+def test_every_readme_fit_builds_its_model_data_and_trainer(page, args, monkeypatch):
+    # Parsing is not enough: a norm's options are checked as its layers are built.
+    monkeypatch.chdir(ROOT)
+    cli = NormBenchCLI(args=args[1:], run=False)
+    assert cli.model.hparams.norm == cli.config.model.norm
+    assert any(p.requires_grad for p in cli.model.parameters()) and cli.trainer is not None
