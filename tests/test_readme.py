@@ -116,7 +116,7 @@ def _dry(args: list[str], tmp_path: Path) -> list[str]:
     return args if "--print_config" in args else [*args, "--print_config"]
 
 
-# The 198-run every_norm sweep's dry run (5 s of jsonargparse parsing) with -m slow.
+# The 234-run every_norm sweep's dry run (5 s of jsonargparse parsing) with -m slow.
 @pytest.mark.parametrize(
     "page, args",
     [pytest.param(page, args, marks=[pytest.mark.slow] if "configs/sweeps/every_norm.yaml" in args else [])

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from normbench.grid import expand, validate
 from normbench.main import main
+from normbench.norms import NORMS
 from normbench.results import cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -723,3 +724,9 @@ def test_a_grid_of_norms_keeps_the_bases_options_each_takes_and_checks_the_rest_
     with pytest.raises(ValueError, match=r"^sweep run brn \(model.norm=brn, model.norm_kwargs=\{num_groups: 4\}\): "
                                          r"norm 'brn' has no option 'num_groups'.*; fix the sweep's grid"):  # fmt: skip
         validate(expand({"norm": given}, base, overrides, tmp_path))
+
+
+def test_the_every_norm_sweep_has_every_norm_that_trains_from_scratch():
+    # frozen_bn, fresh, is the identity up to eps (the network of none): the one norm left out.
+    grid = yaml.safe_load((ROOT / "configs" / "sweeps" / "every_norm.yaml").read_text())["grid"]
+    assert {variant["model.norm"] for variant in grid["norm"].values()} == set(NORMS) - {"frozen_bn"}
