@@ -74,13 +74,13 @@ def norm_given_alone(argv: list[str]) -> bool:
     return given("--model.norm") and not given("--model.norm_kwargs")
 
 
-def keep_norm_options(model: Namespace) -> list[str]:
-    """Drop from ``model.norm_kwargs`` the options that ``model.norm`` does not take, as
-    jsonargparse drops a class's ``init_args`` when a later argument changes its ``class_path``
-    (``gn``'s ``num_groups`` when ``--model.norm brn`` follows a gn config; brn's ``eps`` stays).
-    Returns the names dropped."""
+def keep_norm_options(argv: list[str], model: Namespace) -> list[str]:
+    """Where ``argv`` gives the norm alone (``norm_given_alone``), drop from ``model.norm_kwargs``
+    the options that ``model.norm`` does not take, as jsonargparse drops a class's ``init_args``
+    when a later argument changes its ``class_path`` (``gn``'s ``num_groups`` when ``--model.norm
+    brn`` follows a gn config; brn's ``eps`` stays). Returns the names dropped."""
     kwargs = dict(model.get("norm_kwargs") or {})
-    if model.get("norm") not in NORMS:
+    if not norm_given_alone(argv) or model.get("norm") not in NORMS:
         return []  # the parser names an unknown norm itself
     options = options_of(model.norm)
     dropped = [k for k in kwargs if k not in options]
@@ -120,7 +120,6 @@ class NormBenchCLI(LightningCLI):
         # Whether this command says what the model is, by a config or --model options.
         self._model_given = any(a == "--config" or a.startswith(("--config=", "--model")) for a in argv)
         self._argv = argv
-        self._norm_alone = norm_given_alone(argv)
         self._commands = dict(commands or {})
         # Only the subcommand asked for gets its parser (each of Lightning's four costs 0.1 s to
         # build); ``normbench --help`` and a command line that names none get all four.
@@ -189,13 +188,13 @@ class NormBenchCLI(LightningCLI):
         only the config's options it takes (``normbench fit --config configs/cifar10_gn_bs2.yaml
         --model.norm brn`` drops gn's ``num_groups``), and says so. ``--print_config`` prints
         the config so kept: the parser prints as it parses, so it parses once more to print."""
-        if not self._norm_alone:
+        if not norm_given_alone(self._argv):
             super().parse_arguments(parser, args)
             return
         printing = [a for a in self._argv if a == "--print_config" or a.startswith("--print_config=")]
         super().parse_arguments(parser, [a for a in self._argv if a not in printing])
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
-        dropped = keep_norm_options(config.model)
+        dropped = keep_norm_options(self._argv, config.model)
         if dropped and rank_zero_only.rank == 0:
             print(
                 f"normbench: --model.norm {config.model.norm} does not take the config's norm_kwargs "

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
-from normbench.cli import NormBenchCLI, keep_norm_options, norm_given_alone
+from normbench.cli import NormBenchCLI, keep_norm_options
 from normbench.data import DATA_MODULE_NAMES, DATAMODULES, dataset_name
 from normbench.devices import world_size
 from normbench.errors import one_line
@@ -145,8 +145,7 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
             config = parser.parse_args(cell.args[1:])
             # The norm's options as the run will take them: a grid's norm keeps the base
             # config's options it takes (normbench.cli.keep_norm_options); any other is an error now.
-            if norm_given_alone(cell.args):
-                keep_norm_options(config.model)
+            keep_norm_options(cell.args, config.model)
             check_options(config.model.norm, 1, dict(config.model.norm_kwargs or {}))
         except (ArgumentError, ValueError, TypeError) as err:
             given = ", ".join(f"{k}={cli_value(v)}" for k, v in cell.values.items())

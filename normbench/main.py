@@ -103,25 +103,21 @@ def _main(argv: list[str], args: ArgsType) -> None:
     with warnings.catch_warnings():
         for message in LIGHTNING_INTERNAL_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        _run_command(argv, args)
-
-
-def _run_command(argv: list[str], args: ArgsType) -> None:
-    try:
-        if argv and argv[0] in COMMANDS:
-            with reported(DATA_MODULE_NAMES):
-                check_config_files(argv)
-                COMMANDS[argv[0]][1](argv[1:])
-        else:
-            run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
-    except KeyboardInterrupt:
-        if args is not None:
-            raise  # a caller's own loop decides
-        print(
-            "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
-            file=sys.stderr,
-        )
-        raise SystemExit(130) from None
+        try:
+            if argv and argv[0] in COMMANDS:
+                with reported(DATA_MODULE_NAMES):
+                    check_config_files(argv)
+                    COMMANDS[argv[0]][1](argv[1:])
+            else:
+                run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
+        except KeyboardInterrupt:
+            if args is not None:
+                raise  # a caller's own loop decides
+            print(
+                "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
