@@ -2,8 +2,8 @@
 and resuming a run where its checkpoint left it.
 
 Also a run's name from its config. Devices (``normbench.devices``), seeding
-(``normbench.seeding``) and where a run resumes (``normbench.checkpoints``) live in their own
-modules. No command module is imported here; ``normbench.main`` is the table of commands.
+(``normbench.seeding``), where a run resumes (``normbench.checkpoints``) and the callbacks a run
+gets by default (``normbench.run_defaults``) live in their own modules. No command module is imported here; ``normbench.main`` is the table of commands.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from normbench.experiments import experiment_name
 from normbench.module import NormBenchModule
 from normbench.norms import NORMS, check_norm_batch, options_of
 from normbench.recorder import RunRecorder
+from normbench.run_defaults import add_default_callbacks
 from normbench.seeding import seed_everything
 
 # The private API of Lightning and jsonargparse that normbench relies on, all of it, here: none of
@@ -48,9 +49,6 @@ PRIVATE_API = {
 }
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
-PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
-CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
-PROGRESS_REFRESH = 20  # steps between progress-bar redraws
 
 
 def run_name(config: Namespace) -> str:
@@ -87,14 +85,6 @@ def keep_norm_options(argv: list[str], model: Namespace) -> list[str]:
     if dropped:
         model.norm_kwargs = {k: v for k, v in kwargs.items() if k in options}
     return dropped
-
-
-def callback_name(callback: Any) -> str:
-    """The class name of a configured callback (``ModelCheckpoint``), from a config entry
-    (``{class_path: ..., init_args: ...}``), a class path or an instance."""
-    if isinstance(callback, L.Callback):
-        return type(callback).__name__
-    return str(getattr(callback, "class_path", callback)).rsplit(".", 1)[-1]
 
 
 # ``normbench --help``'s first line (Lightning's own says "Lightning Trainer command line tool").
@@ -266,27 +256,7 @@ class NormBenchCLI(LightningCLI):
                 "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "
                 "a positive number of epochs, or give --trainer.max_steps"
             )
-        # Defaults that the user's own callbacks or switches replace, as Lightning's do.
-        # last.ckpt at the end of every training epoch (after the epoch's metrics are logged, so
-        # that the run record in it is complete) and, where validation is a split of the training
-        # set, the best checkpoint by validation accuracy. With val_split 0 validation is the
-        # official test split (the studies' protocol), and nothing is selected on it. None in a
-        # fast_dev_run, whose checkpointing Lightning means to suppress (save_last would still
-        # write one at the end): a development run leaves nothing to resume from.
-        dev_run = bool(trainer.fast_dev_run)
-        if not dev_run:
-            best = {"monitor": "val/acc", "mode": "max", "filename": "best-{epoch}"}
-            if not selects_on_validation(config):
-                best = {"save_top_k": 0}
-            add_default(config, "enable_checkpointing", CHECKPOINT, **best, save_last=True,
-                        save_on_train_epoch_end=True, enable_version_counter=False)  # fmt: skip
-        if not dev_run and config.checkpoint_every_n_steps and not has_periodic_checkpoint(config):
-            # last.ckpt in the middle of epochs too: at batch size 2 an epoch is 25,000 steps.
-            # Both write last.ckpt; without the version counter they replace it, not add last-v1.ckpt.
-            append_callback(config, CHECKPOINT, every_n_train_steps=int(config.checkpoint_every_n_steps),
-                                  save_top_k=0, save_last=True, enable_version_counter=False)  # fmt: skip
-        # Lightning's bar redraws every step; at batch size 2 that is thousands a second.
-        add_default(config, "enable_progress_bar", PROGRESS_BAR, refresh_rate=PROGRESS_REFRESH, leave=False)
+        add_default_callbacks(config, config.checkpoint_every_n_steps)
         if "ckpt_path" in config and config.ckpt_path is not None:
             ckpt = resolve_resume(config, self.subcommand, config.name or run_name(config))
             config.ckpt_path = ckpt
@@ -337,44 +307,6 @@ class NormBenchCLI(LightningCLI):
                 if callback.dirpath is None:
                     callback.dirpath = os.path.realpath(os.path.join(logger.log_dir, "checkpoints"))
         return trainer
-
-
-# -- the default callbacks, in a config before its classes are built -------------------------
-
-
-def selects_on_validation(config: Namespace) -> bool:
-    """Whether a checkpoint may be chosen by validation accuracy: not when the data module
-    validates on the official test split (normbench's ``val_split: 0``); a data module without
-    ``val_split`` is the user's own, its validation set theirs to choose."""
-    init_args = getattr(config.data, "init_args", None) or Namespace()
-    return getattr(init_args, "val_split", None) != 0
-
-
-def add_default(config: Namespace, switch: str, class_path: str, **init_args) -> None:
-    """Append callback ``class_path`` unless ``trainer.<switch>`` is false or a callback of
-    that kind is configured already."""
-    callbacks = config.trainer.callbacks or []
-    # A callback of the kind: TQDMProgressBar's switch is also off with a RichProgressBar.
-    kind = callback_name(class_path).removeprefix("TQDM")
-    if config.trainer[switch] is False or any(callback_name(c).endswith(kind) for c in callbacks):
-        return
-    append_callback(config, class_path, **init_args)
-
-
-def append_callback(config: Namespace, class_path: str, **init_args) -> None:
-    """Append callback ``class_path`` with ``init_args`` to the config's trainer callbacks."""
-    callbacks = config.trainer.callbacks or []
-    config.trainer.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**init_args))]
-
-
-def has_periodic_checkpoint(config: Namespace) -> bool:
-    """Whether checkpointing is off or a ModelCheckpoint already saves every N steps."""
-    if config.trainer.enable_checkpointing is False:
-        return True
-    return any(
-        callback_name(c) == "ModelCheckpoint" and getattr(getattr(c, "init_args", None), "every_n_train_steps", None)
-        for c in config.trainer.callbacks or []
-    )
 
 
 def run_logger_args(config: Namespace) -> dict[str, Any]:

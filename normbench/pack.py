@@ -27,7 +27,7 @@ import yaml
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
-from normbench.cli import NormBenchCLI, callback_name
+from normbench.cli import NormBenchCLI
 from normbench.devices import world_size
 from normbench.hparams import experiment_hparams
 from normbench.layout import batch_layout
@@ -35,6 +35,7 @@ from normbench.loaders import PackedLoader
 from normbench.nets import PackedRuns, packed_losses
 from normbench.recorder import RunRecord, log_run_hparams
 from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware
+from normbench.run_defaults import callback_name
 from normbench.seeding import seed_everything
 from normbench.steps import classification_metrics, note_first_nonfinite
 

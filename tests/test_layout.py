@@ -35,7 +35,7 @@ LAYERS = [
      "normbench.report.plotting"],
     ["normbench.pack"],
     ["normbench.cli"],
-    ["normbench.budget", "normbench.checkpoints"],
+    ["normbench.budget", "normbench.checkpoints", "normbench.run_defaults"],
     ["normbench.recorder"],
     ["normbench.hparams"],
     ["normbench.layout"],
