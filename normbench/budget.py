@@ -96,9 +96,7 @@ def apply_budget(config: Namespace, global_batch_size: int) -> None:
     optimizer = config.model.get("optimizer")
     init_args = getattr(optimizer, "init_args", None)
     if init_args is None or (init_args.get("lr") is None and budget.reference_lr is None):
-        raise ValueError(
-            "budget.protocol=scaled_lr needs an optimizer with an lr; give --model.optimizer.init_args.lr"
-        )
+        raise ValueError("budget.protocol=scaled_lr needs an optimizer with an lr; give --model.optimizer.init_args.lr")
     if budget.reference_lr is None:
         budget.reference_lr = init_args.lr
     init_args.lr = scaled_lr(budget.reference_lr, global_batch_size, budget.reference_batch_size, budget.rule)

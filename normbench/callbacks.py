@@ -75,7 +75,9 @@ class NormDiagnostics(L.Callback):
     ) -> None:
         check_restricted(NormDiagnostics.__init__, locals(), "trainer.callbacks.init_args")
         every_n_steps, batch_stats_every, eval_images = plain(every_n_steps, batch_stats_every, eval_images)
-        counts = [int(c) for c in ([precise_bn_images] if not isinstance(precise_bn_images, list) else precise_bn_images)]
+        counts = [
+            int(c) for c in ([precise_bn_images] if not isinstance(precise_bn_images, list) else precise_bn_images)
+        ]
         precise_bn_images = counts[0] if not isinstance(precise_bn_images, list) else counts
         self.eval_images = eval_images
         self.precise_bn_images = precise_bn_images

@@ -291,7 +291,9 @@ class PackedRuns(nn.Module):
         self.param_names, self.buffer_names = list(params), list(buffers)
         # The default layout whatever the runs': under vmap, cuDNN cannot ask is_contiguous(channels_last).
         plain = torch.contiguous_format
-        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone(memory_format=plain)) for n in self.param_names)
+        self.stacked = nn.ParameterList(
+            nn.Parameter(params[n].detach().clone(memory_format=plain)) for n in self.param_names
+        )
         for i, name in enumerate(self.buffer_names):
             self.register_buffer(f"stacked_buffer_{i}", buffers[name].clone(memory_format=plain))
         # The shared definition, without storage of its own: functional_call supplies the tensors.

@@ -117,7 +117,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ray_address", type=str | None, default=None, help="Ray cluster (default: local)")
     parser.add_argument("--cpus_per_run", type=float, default=1.0, help="Ray resources per run")
     parser.add_argument("--gpus_per_run", type=float, default=0.0, help="Ray resources per run")
-    parser.add_argument("--cell", type=NonNegativeInt | None, default=None, help="run only this cell (e.g. a SLURM array task)")
+    parser.add_argument(
+        "--cell", type=NonNegativeInt | None, default=None, help="run only this cell (e.g. a SLURM array task)"
+    )
     parser.add_argument(
         "--pack",
         type=bool,

@@ -380,5 +380,9 @@ def test_options_given_with_the_norm_are_checked_as_given(fake_data, tmp_path, c
     with pytest.raises(SystemExit):
         main(["fit", "--config", mnist_config("gn", 16), "--model.norm", "brn", "--model.norm_kwargs",
               "{num_groups: 4}", *fast(fake_data, tmp_path)])  # fmt: skip
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "normbench: error: norm 'brn' has no option 'num_groups'; its options are: r_max,")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("normbench: error: norm 'brn' has no option 'num_groups'; its options are: r_max,")
+    )

@@ -49,8 +49,9 @@ def test_a_sweeps_tab_shows_its_axes_and_accuracies_first(fake_data, tmp_path):
             "data.batch_size": [8, 16], "seed_everything": [0, 1]}  # fmt: skip
     config = write_sweep(tmp_path / "s.yaml", fake_data, grid)
     spec = yaml.safe_load(config.read_text())
-    spec["overrides"].update({"trainer.max_epochs": 1, "trainer.limit_train_batches": 1, "trainer.num_sanity_val_steps": 0,
-                              "model.width": 8})  # 8 runs of one step, no sanity check, a narrow network
+    spec["overrides"].update(
+        {"trainer.max_epochs": 1, "trainer.limit_train_batches": 1, "trainer.num_sanity_val_steps": 0, "model.width": 8}
+    )  # 8 runs of one step, no sanity check, a narrow network
     config.write_text(yaml.safe_dump(spec))
     main(["sweep", "--config", str(config), "--output", str(tmp_path), "--workers", "1"])
     logs = tmp_path / "s" / "lightning_logs"

@@ -57,8 +57,22 @@ def bshape(x):
 
 def test_registry_lists_every_layer_and_literal_matches():
     assert sorted(NORMS) == sorted(
-        ["bn", "bnrs", "brn", "ghost_bn", "gn", "ln", "in", "frn", "evonorm_b0", "evonorm_s0", "dyt", "rmsnorm",
-         "frozen_bn", "none"]
+        [
+            "bn",
+            "bnrs",
+            "brn",
+            "ghost_bn",
+            "gn",
+            "ln",
+            "in",
+            "frn",
+            "evonorm_b0",
+            "evonorm_s0",
+            "dyt",
+            "rmsnorm",
+            "frozen_bn",
+            "none",
+        ]
     )
     assert set(NormName.__args__) == set(NORMS)
 

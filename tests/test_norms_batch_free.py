@@ -58,7 +58,9 @@ def test_dyt_is_weight_tanh_alpha_x_plus_bias(shape):
     x = sample(*shape).requires_grad_()
     y = layer(x)
     view = (1, C) + (1,) * (len(shape) - 2)
-    expected = layer.weight.detach().view(view) * torch.tanh(layer.alpha.detach() * x.detach()) + layer.bias.detach().view(view)
+    expected = layer.weight.detach().view(view) * torch.tanh(
+        layer.alpha.detach() * x.detach()
+    ) + layer.bias.detach().view(view)
     torch.testing.assert_close(y, expected)
     # d/d alpha of sum(y * u) = sum(u * weight * x * (1 - tanh^2(alpha x))), by hand.
     u = sample(*shape, seed=2)

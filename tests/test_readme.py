@@ -139,7 +139,9 @@ def test_the_readmes_norm_option_names_every_norm():
     assert sorted(named) == sorted(NORMS)
 
 
-FITS = [(page, args) for page, args in COMMANDS if args[0] == "fit" and not {"--ckpt_path", "--print_config"} & set(args)]
+FITS = [
+    (page, args) for page, args in COMMANDS if args[0] == "fit" and not {"--ckpt_path", "--print_config"} & set(args)
+]
 
 
 @pytest.mark.parametrize("page, args", FITS, ids=[f"{page}: {' '.join(args)}"[:100] for page, args in FITS])

@@ -79,7 +79,9 @@ def test_tables_to_the_digit(tmp_path):
     # mean and sample std: bn (50, 60, 70) -> 60 +- 10; gn (80, 82) -> 81 +- 1.41421...
     assert "| 2 | 2500 | 0.001 | 60.00 ± 10.00 (n=3) | 81.00 ± 1.41 (n=2, 1 failed) |" in text
     # Steps and lr of the finished runs only.
-    assert "| 128 | 39 | 0.001 | 1 diverged | 90.12 (n=1, 1 unfinished) |" in text  # a diverged run is never shown as 0%
+    assert (
+        "| 128 | 39 | 0.001 | 1 diverged | 90.12 (n=1, 1 unfinished) |" in text
+    )  # a diverged run is never shown as 0%
     assert "from 9 run records (1 diverged, 1 failed, 6 finished, 1 interrupted)" in text
     rows = {
         (r["norm"], r["batch_size"]): r
@@ -220,6 +222,7 @@ def test_bnrs_curves_are_compared_step_by_step_and_a_cell_that_did_not_learn_is_
                                                                            2000: 95.5}.items()})  # fmt: skip
     verdict, evidence = verdicts(tmp_path)["bnrs_slower"]
     assert "95% of BN's best at iteration 2000 (bn) vs 2000 (bnrs)" in evidence
+
     # The steps every run has: 500, 1500, 2000 (trapezoids over 1500 iterations).
     def area(a, b, c):
         return (1000 * (a + b) / 2 + 500 * (b + c) / 2) / 1500
@@ -279,8 +282,10 @@ def test_the_report_states_the_budget_its_runs_held_and_never_mixes_two(tmp_path
         run.write_text(json.dumps(rec))
     main(["report", str(tmp_path / "steps"), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert ("Budget held (`budget.protocol: steps`): the same optimizer steps at every batch size (300 steps, 3 "
-            "evaluations evenly spaced); the finished runs took 300 optimizer steps at learning rate 0.001") in text
+    assert (
+        "Budget held (`budget.protocol: steps`): the same optimizer steps at every batch size (300 steps, 3 "
+        "evaluations evenly spaced); the finished runs took 300 optimizer steps at learning rate 0.001"
+    ) in text
     assert "| 2 | 300 | 0.001 | 70.00 (n=1) |" in text
     # Runs of equal steps compare across batch sizes: the accuracy-vs-batch-size plot has them.
     assert list((tmp_path / "rep").glob("acc_vs_batch_size_*.png"))
@@ -483,7 +488,10 @@ def test_cells_that_did_not_learn_are_marked_and_make_comparing_verdicts_inconcl
     assert v["gn_stable"][0] == "inconclusive" and "bs 128" in v["gn_stable"][1]
     for claim in ("bn_needs_batch", "bn_close_to_gn"):
         assert v[claim][0] in ("supported", "not supported"), (claim, v[claim])
-        assert "left out, did not learn (below 3x chance): bn cifar10 bs 128 (12.00%), gn cifar10 bs 128 (14.00%)" in v[claim][1]
+        assert (
+            "left out, did not learn (below 3x chance): bn cifar10 bs 128 (12.00%), gn cifar10 bs 128 (14.00%)"
+            in v[claim][1]
+        )
         assert "bs 128:" not in v[claim][1].split("; left out")[0]
     rows = list(csv.DictReader((tmp_path / "rep" / "best_accuracy.csv").read_text().splitlines()))
     assert {(r["batch_size"], r["learned"]) for r in rows} == {("2", "true"), ("16", "true"), ("128", "false")}
@@ -586,7 +594,9 @@ def test_runs_in_bf16_are_their_own_condition_and_compared_with_fp32_by_welch(tm
     text = (tmp_path / "rep" / "report.md").read_text()
     # Never averaged with fp32: a column of its own in the accuracy table ...
     assert "| batch size | steps | lr | bn | bn bf16-mixed | gn |" in text
-    assert f"| 2 | 2500 | 0.001 | {100 * statistics.fmean(fp32):.2f} ± {100 * statistics.stdev(fp32):.2f} (n=3) |" in text
+    assert (
+        f"| 2 | 2500 | 0.001 | {100 * statistics.fmean(fp32):.2f} ± {100 * statistics.stdev(fp32):.2f} (n=3) |" in text
+    )
     # ... and a row of the precision table: the difference and Welch's test, by hand.
     a, b = [100 * v for v in bf16], [100 * v for v in fp32]
     va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3
@@ -690,7 +700,10 @@ def test_study3_verdicts_from_records(tmp_path):
     verdict, evidence = v["batch_stats_beat_ema"]
     # At normalization batch 2: the paired differences 6.0, 6.2, 6.4 (final = best: one evaluation).
     t = stats.ttest_rel([b + 6.0 + 0.2 * s for s, b in enumerate(bn[2])], bn[2])
-    assert verdict == "supported" and f"normalization batch 2: +6.20 points, paired t-test t = {t.statistic:.2f}" in evidence
+    assert (
+        verdict == "supported"
+        and f"normalization batch 2: +6.20 points, paired t-test t = {t.statistic:.2f}" in evidence
+    )
     verdict, evidence = v["batch_free_matches_bn"]
     # BN's best cell is normalization batch 64 (80.5); gn (80.03) is within 3 points, dyt is not.
     gap = statistics.fmean([80.0 - 0.3, 80.0, 80.0 + 0.4]) - statistics.fmean(bn[64])
@@ -706,7 +719,9 @@ def test_study3_leaves_out_cells_that_did_not_learn_and_bn_with_weight_standardi
         # bn at normalization batch 1 at chance, and weight-standardized bn: neither is BN's cell.
         record(tmp_path, norm="bn", bs=64, seed=seed, best=(10.0 + jitter) / 100, model={"norm_batch": 1},
                val_acc_batch_stats_final=(10.0 + jitter) / 100)  # fmt: skip
-        record(tmp_path, norm="bn", bs=64, seed=seed, best=(99.0 + jitter) / 100, model={"weight_standardization": True})
+        record(
+            tmp_path, norm="bn", bs=64, seed=seed, best=(99.0 + jitter) / 100, model={"weight_standardization": True}
+        )
     v = verdicts(tmp_path)
     verdict, evidence = v["bn_depends_on_norm_batch"]
     from scipy import stats
@@ -740,7 +755,7 @@ def test_study3_section_draws_bn_against_its_norm_batch_and_tabulates_evaluation
     bn = study3_records(tmp_path)
     main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     text = (tmp_path / "rep" / "report.md").read_text()
-    section = text[text.index("## Study 3"):]
+    section = text[text.index("## Study 3") :]
     assert "![acc_vs_norm_batch_cifar10_bs64.png](acc_vs_norm_batch_cifar10_bs64.png)" in section
     assert (tmp_path / "rep" / "acc_vs_norm_batch_cifar10_bs64.png").stat().st_size > 10_000
     # The controls as flat references, with their own cells.

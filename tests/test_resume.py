@@ -274,7 +274,9 @@ def test_a_checkpoint_holds_every_process_training_metrics_once():
         zero_other_ranks(ck, ("loss", "acc"), rank)
         metrics = make()
         for p, m in metrics.items():
-            m.load_state_dict({k.removeprefix(f"{p}."): v for k, v in ck["state_dict"].items() if k.startswith(f"{p}.")})
+            m.load_state_dict(
+                {k.removeprefix(f"{p}."): v for k, v in ck["state_dict"].items() if k.startswith(f"{p}.")}
+            )
         resumed.append(metrics)
     for i in range(4, 8):
         resumed[i % 2]["loss"].update(losses[i])

@@ -519,7 +519,7 @@ def test_a_packed_sweep_at_the_shipped_memory_format_writes_what_the_runs_alone_
         assert a["config"]["model"]["channels_last"] is p["config"]["model"]["channels_last"] is True
         assert p["packed"] == {"runs": ["seed0", "seed1"], "index": int(name[-1])} and "packed" not in a
         # One record, one schema: every field a run alone writes, with the same values.
-        assert set(p) - {"packed"} == set(a) - {"attempts"} | {"attempts"} & set(p), (set(a) ^ set(p))
+        assert set(p) - {"packed"} == set(a) - {"attempts"} | {"attempts"} & set(p), set(a) ^ set(p)
         for key in ("status", "seed", "global_step", "lr", "layout", "hardware"):
             assert p[key] == a[key], key
         for key in ("model", "data", "budget", "seed_everything"):  # the rest names each sweep's folder

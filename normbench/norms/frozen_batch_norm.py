@@ -42,7 +42,9 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"FrozenBatchNorm expects input of shape (N, {self.num_features}, *), got {tuple(x.shape)}")
+            raise ValueError(
+                f"FrozenBatchNorm expects input of shape (N, {self.num_features}, *), got {tuple(x.shape)}"
+            )
         shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale

@@ -126,7 +126,9 @@ def batch_moments(
         if groups is None:
             out = per_sample_sums.sum(0)
         else:
-            out = per_sample_sums.new_zeros(groups[1], per_sample_sums.shape[1]).index_add(0, groups[0], per_sample_sums)
+            out = per_sample_sums.new_zeros(groups[1], per_sample_sums.shape[1]).index_add(
+                0, groups[0], per_sample_sums
+            )
         return _all_reduce(out, process_group) if reduce else out
 
     n = torch.full((x.shape[0], 1), float(per_sample), dtype=x.dtype, device=x.device)

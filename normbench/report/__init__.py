@@ -16,5 +16,4 @@ from normbench.report.command import report, write_report
 from normbench.report.records import BatchSize, Run, Unreadable, find_runs, load_run, read_runs
 from normbench.report.verdicts import CLAIMS
 
-__all__ = ["CLAIMS", "BatchSize", "Run", "Unreadable", "find_runs", "load_run", "read_runs", "report",
-           "write_report"]
+__all__ = ["CLAIMS", "BatchSize", "Run", "Unreadable", "find_runs", "load_run", "read_runs", "report", "write_report"]

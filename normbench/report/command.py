@@ -53,7 +53,7 @@ PRECISION_INTRO = (
 )
 VERDICT_INTRO = (
     "Each claim is tested as it is stated (normbench.report.verdicts): a claim about BN against GN across batch "
-    "sizes by the norm x log2(batch size) interaction of an OLS fit; \"stays stable\" and \"within 3 points\" "
+    'sizes by the norm x log2(batch size) interaction of an OLS fit; "stays stable" and "within 3 points" '
     "by equivalence tests (TOST) against a 3-point margin, never by a difference that is not significant. The "
     "report's p-values are corrected together for multiplicity (Holm); a claim is supported when its estimate "
     "points its way and its adjusted p < 0.05. Where the optimizer steps of the cells compared differ by more "
@@ -91,8 +91,12 @@ def budget_lines(runs: list[Run]) -> list[str]:
         "scaled_lr": f"the config's epochs with the learning rate scaled by the {budget.get('rule')} rule from batch "
                      f"size {budget.get('reference_batch_size')} (lr {budget.get('reference_lr')} there)",
     }.get(protocols[0] if protocols else "study", protocols[0] if protocols else "study")  # fmt: skip
-    return [(f"Budget held (`budget.protocol: {protocols[0] if protocols else 'study'}`): {held}; the finished runs "
-             f"took {steps} optimizer steps at learning rate {lrs}. The tables give each cell's steps and lr.")]
+    return [
+        (
+            f"Budget held (`budget.protocol: {protocols[0] if protocols else 'study'}`): {held}; the finished runs "
+            f"took {steps} optimizer steps at learning rate {lrs}. The tables give each cell's steps and lr."
+        )
+    ]
 
 
 def _sweep_lines(paths: list[str]) -> list[str]:
@@ -134,8 +138,12 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         (
             f"Made by `{command}` from {len(runs)} run records "
             f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); it reads records and never retrains."
-            + (f" {len(unreadable)} record file{'s' * (len(unreadable) != 1)} could not be read and "
-               f"{'are' if len(unreadable) != 1 else 'is'} left out (listed below)." if unreadable else "")
+            + (
+                f" {len(unreadable)} record file{'s' * (len(unreadable) != 1)} could not be read and "
+                f"{'are' if len(unreadable) != 1 else 'is'} left out (listed below)."
+                if unreadable
+                else ""
+            )
         ),
         (
             f"Accuracy is the best {what} accuracy over the evaluations of a run (every epoch, or every "

@@ -224,8 +224,9 @@ def load_run(path: Path, record: dict | None = None) -> Run:
         losses=[(int(s), float(v)) for s, v in record.get("train_loss_steps", [])],
         batch_stats=pct(record.get("val_acc_batch_stats_final")),
         precise_bn=pct(record.get("val_acc_precise_bn")),
-        precise_bn_by_images={int(k): 100.0 * v for k, v in
-                              ((record.get("diagnostics") or {}).get("precise_bn_by_images") or {}).items()},
+        precise_bn_by_images={
+            int(k): 100.0 * v for k, v in ((record.get("diagnostics") or {}).get("precise_bn_by_images") or {}).items()
+        },
         diagnostics_images=(record.get("diagnostics") or {}).get("eval_images"),
         mean_gap=last_layer.get("mean_gap"),
         std_ratio=last_layer.get("std_ratio"),

@@ -114,8 +114,11 @@ def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
                        "or more normalization batches")  # fmt: skip
     p = max(c.p for *_, c in keys)
     tests = ", ".join(f"{ds} SGD batch {bs} normalization batch {nb}" for ds, bs, nb, _ in keys)
-    evidence = ("; ".join(parts) + _not_learned(runs)
-                + f"; the claim's tests (the smallest normalization batch of each): {tests}, p = {p_text(p)}")
+    evidence = (
+        "; ".join(parts)
+        + _not_learned(runs)
+        + f"; the claim's tests (the smallest normalization batch of each): {tests}, p = {p_text(p)}"
+    )
     return tested(claim, evidence, p, all(c.difference > 0 for *_, c in keys))
 
 

@@ -147,6 +147,7 @@ def bn_needs_batch(runs: list[Run]) -> Verdict:
         return Verdict(claim, "not enough data", "needs bn and gn at 2 or more common batch sizes")
     parts, ps, holds, used = [], [], [], []
     for ds, world in contexts:
+
         def log2(stats, ds=ds, world=world):
             return {math.log2(b): stats[(d, b)].values for d, b in stats if d == ds and b.world_size == world}
 
@@ -262,7 +263,9 @@ def bnrs_slower(runs: list[Run]) -> Verdict:
         holds.append(test.difference < 0)
         used += cell
         never = f"never by {unit} {steps[-1]}"
-        over = f"mean accuracy over {unit}s {steps[0]}–{steps[-1]}" if len(steps) > 1 else f"accuracy at {unit} {steps[0]}"
+        over = (
+            f"mean accuracy over {unit}s {steps[0]}–{steps[-1]}" if len(steps) > 1 else f"accuracy at {unit} {steps[0]}"
+        )
         parts.append(f"{ds} bs {bs}: {over}, bnrs − bn {test.text()}; "
                      f"95% of BN's best at {unit} {reach['bn']} (bn) vs "
                      f"{reach['bnrs'] if reach['bnrs'] is not None else never} (bnrs)")  # fmt: skip
