@@ -58,7 +58,13 @@ def cli_value(value: Any) -> str:
     """A config value as one command-line token (YAML flow style for lists and dicts)."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    # One line however long: YAML folds flow style at 80 columns, a newline inside the token.
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
+
+
+def own_args(cell: Cell) -> list[str]:
+    """The arguments of a cell that its grid values give; the others every cell of its sweep shares."""
+    return [a for k, v in cell.values.items() for a in _key_args(k, v)]
 
 
 def _key_args(key: str, value: Any) -> list[str]:

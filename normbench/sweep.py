@@ -28,6 +28,7 @@ next run of the same command resumes.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from normbench.grid import Cell, expand, validate
+from normbench.grid import Cell, expand, own_args, validate
 from normbench.options import plain_config
 from normbench.results import (
     DIVERGED,
@@ -167,9 +168,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     pack = cfg.pack and cfg.backend == "local" and cfg.cell is None
     validate(cells_to_run, pack=pack)
     if cfg.dry_run:
-        for c in cells:
-            print(f"{c.index:4d}  {c.status():9s}  {c.name}  {' '.join(c.args[3:-6])}")
-        print(f"{len(cells)} runs, {len(cells) - len(todo)} done, {len(todo)} to run, in {sweep_dir}")
+        print_dry_run(cells, len(todo), sweep_dir)
         return cells
     # One metadata file per sweep config, so that sweeps sharing a directory each state theirs;
     # written by a sweep that runs (a dry run leaves the directory as it was: the report states it).
@@ -207,6 +206,19 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
     if bad and not cfg.allow_failures:
         raise SystemExit(1)
     return cells
+
+
+def print_dry_run(cells: list[Cell], to_run: int, sweep_dir: Path) -> None:
+    """What a dry run prints: the command every run shares, once, shell-quoted; a line per run
+    (index, status, name, its own arguments); the count."""
+    shared = cells[0].args[: len(cells[0].args) - 6 - len(own_args(cells[0]))]
+    print(f"every run: normbench {shlex.join(shared)} ... "
+          f"--trainer.default_root_dir {shlex.quote(str(sweep_dir))} --name <run> --version 0")  # fmt: skip
+    width = max(len(c.name) for c in cells)
+    for c in cells:
+        print(f"{c.index:4d}  {c.status():9s}  {c.name:{width}s}  {shlex.join(own_args(c))}")
+    runs = f"{len(cells)} run{'s' * (len(cells) != 1)}"
+    print(f"{runs}, {len(cells) - to_run} done, {to_run} to run, in {sweep_dir}")
 
 
 def outcome(name: str, record: dict[str, Any]) -> str:

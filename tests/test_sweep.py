@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -129,6 +130,10 @@ def test_every_cell_is_checked_though_seeds_of_one_setting_parse_once(fake_data,
 
 def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
     config = write_sweep(tmp_path / "s.yaml", fake_data, {"model.norm": ["bn", "gn"], "data.batch_size": [4, 8]})
+    spec = yaml.safe_load(config.read_text())  # a value whose YAML is longer than a line (80 columns)
+    spec["overrides"]["trainer.callbacks"] = [{"class_path": "normbench.callbacks.NormDiagnostics",
+                                               "init_args": {"eval_images": None, "every_n_steps": 50}}]  # fmt: skip
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
     # Lightning's lines of a run's start ("Seed set to 0", "GPU available: ..."), from the first
     # cell's check, are no part of a dry run's output; its loggers' levels are restored after.
     lightning = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
@@ -146,6 +151,20 @@ def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("pending") == 4 and "bn_bs4" in out and "4 runs, 0 done, 4 to run" in out
     assert not (tmp_path / "out" / "s").exists()  # a preview writes nothing
+    # The arguments every run shares, once, as a shell reads them (the callbacks' YAML on one
+    # line, quoted), then each run's own: together, with the run directory, the run's command.
+    lines = out.splitlines()
+    shared = shlex.split(lines[0].removeprefix("every run: normbench ").split(" ... ")[0])
+    from normbench import sweep
+
+    cells = {c.name: c for c in sweep.sweep(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])}
+    capsys.readouterr()
+    callbacks = shared[shared.index("--trainer.callbacks") + 1]
+    assert yaml.safe_load(callbacks) == spec["overrides"]["trainer.callbacks"] and len(lines) == 1 + 4 + 1
+    for line in lines[1:5]:
+        _, status, name, *own = shlex.split(line)
+        tail = ["--trainer.default_root_dir", str(tmp_path / "out" / "s"), "--name", name, "--version", "0"]
+        assert [*shared, *own, *tail] == cells[name].args and status == "pending"
     # Over a sweep that ran, a dry run of an edited grid leaves the sweep's own metadata (which
     # the report states) as it was.
     meta = tmp_path / "out" / "s" / "sweep.json"
@@ -153,7 +172,7 @@ def test_dry_run_lists_runs_without_running(fake_data, tmp_path, capsys):
     meta.write_text('{"name": "s", "command": "normbench sweep --config s.yaml"}')
     write_sweep(tmp_path / "s.yaml", fake_data, {"model.norm": ["bn"], "data.batch_size": [4]})
     main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--dry-run"])
-    assert "1 runs, 0 done, 1 to run" in capsys.readouterr().out
+    assert "1 run, 0 done, 1 to run" in capsys.readouterr().out
     assert meta.read_text() == '{"name": "s", "command": "normbench sweep --config s.yaml"}'
     assert sorted(p.name for p in meta.parent.iterdir()) == ["sweep.json"]
 
