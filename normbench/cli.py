@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +321,20 @@ def run_logger_args(config: Namespace) -> dict[str, Any]:
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
+# Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
+# first batch about torch API it calls itself: nothing a user can change.
+LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+@contextmanager
+def lightning_internal_warnings_ignored() -> Iterator[None]:
+    """Ignore ``LIGHTNING_INTERNAL_WARNINGS`` in the body: a fit in this process, wherever it
+    started (the shell, a sweep's worker, a pack)."""
+    with warnings.catch_warnings():
+        for message in LIGHTNING_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
+
 
 def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> None:
     """``normbench fit|validate|test|predict ...``: the CLI, with a user error said in one line
@@ -331,7 +347,8 @@ def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> No
     with reported(DATA_MODULE_NAMES):
         check_config_files([str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:])
         try:
-            NormBenchCLI(args=args, commands=commands)
+            with lightning_internal_warnings_ignored():
+                NormBenchCLI(args=args, commands=commands)
         except SystemExit as done:
             if isinstance(done.__context__, KeyboardInterrupt):
                 # Lightning turns Ctrl-C into exit status 1 once the run is recorded as

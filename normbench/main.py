@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 
 from lightning.pytorch.cli import ArgsType
@@ -94,30 +93,22 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-# Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
-# first batch about torch API it calls itself: nothing a user can change.
-LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
-
-
 def _main(argv: list[str], args: ArgsType) -> None:
-    with warnings.catch_warnings():
-        for message in LIGHTNING_INTERNAL_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        try:
-            if argv and argv[0] in COMMANDS:
-                with reported(DATA_MODULE_NAMES):
-                    check_config_files(argv)
-                    COMMANDS[argv[0]][1](argv[1:])
-            else:
-                run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
-        except KeyboardInterrupt:
-            if args is not None:
-                raise  # a caller's own loop decides
-            print(
-                "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
-                file=sys.stderr,
-            )
-            raise SystemExit(130) from None
+    try:
+        if argv and argv[0] in COMMANDS:
+            with reported(DATA_MODULE_NAMES):
+                check_config_files(argv)
+                COMMANDS[argv[0]][1](argv[1:])
+        else:
+            run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
+    except KeyboardInterrupt:
+        if args is not None:
+            raise  # a caller's own loop decides
+        print(
+            "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -16,23 +16,28 @@ import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
-from normbench.cli import run_cli
+from normbench.cli import lightning_internal_warnings_ignored, run_cli
 from normbench.grid import Cell, packs
 from normbench.pack import fit_pack
 from normbench.results import (
+    DIVERGED,
     DONE,
+    FAILED,
+    FINISHED,
     INTERRUPTED,
+    PENDING,
     RUNNING,
     end_attempt,
     read_record,
     record_failure,
     start_attempt,
+    update_record,
 )
 from normbench.workers import Slot, auto_workers, cpu_slots, enter_slot, gpu_slots, layout, worker_threads
 
@@ -68,13 +73,63 @@ def claim(cell: Cell) -> Iterator[bool]:
         os.close(fd)  # releases the lock; the file stays, to say who ran the cell last
 
 
+def log_path(cell: Cell) -> Path:
+    """Where a sweep's run writes what it prints: ``<sweep>/logs/<cell>.log``, every attempt's."""
+    return Path(cell.run_dir).parents[2] / "logs" / f"{cell.name}.log"
+
+
+@contextmanager
+def output_to(path: Path, header: str) -> Iterator[None]:
+    """Append everything the body prints to ``path``, after a line ``header``: this process's
+    stdout and stderr at their file descriptors (Python, Lightning's logging, torch's C++
+    warnings) and those of the processes it starts (a run's own process group). The sweep's
+    terminal keeps its progress and a line per run; two workers' runs never interleave there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _flush_std()
+    saved = (os.dup(1), os.dup(2))
+    try:
+        with open(path, "a", buffering=1) as log:
+            log.write(f"{header}\n")
+            log.flush()
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                # Python's streams too, where a caller replaced them (pytest's capsys, a notebook).
+                with redirect_stdout(log), redirect_stderr(log):
+                    yield
+            finally:
+                _flush_std()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _attempt_header(cell: Cell, resume: bool, packed: list[Cell] | None = None) -> str:
+    how = "resuming from its last checkpoint" if resume else "from the start"
+    if packed:
+        how += f", packed with {', '.join(c.name for c in packed if c is not cell)}"
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"== normbench sweep: {cell.name}, {how}, {when}, pid {os.getpid()} on {socket.gethostname()} =="
+
+
 def run_cell(cell: Cell | dict) -> str:
     """Run one cell and return its status; a failure is recorded, not raised.
 
     A cell of one process runs through ``main`` in this process. A cell whose Trainer asks for
     several devices (or nodes) runs as a process group of its own, ``python -m normbench fit
     ...`` in a subprocess that Lightning's DDP launcher then re-launches per rank: run in this
-    process, the launcher would re-launch the sweep command itself as the other ranks.
+    process, the launcher would re-launch the sweep command itself as the other ranks. What the
+    run prints is appended to ``<sweep>/logs/<cell>.log`` (``output_to``).
 
     A cell another process has claimed is left to it (``claimed``). An interrupted run resumes
     from its last checkpoint in its own run directory (``--ckpt_path last``); a failed one starts
@@ -93,12 +148,16 @@ def run_cell(cell: Cell | dict) -> str:
         _start_attempt(cell, resume=resume)
         start = time.time()
         try:
-            if cell.world_size > 1:
-                _run_process_group(cell)
-            else:
-                run_cli([*cell.args, "--ckpt_path", "last"])
+            with output_to(log_path(cell), _attempt_header(cell, resume)):
+                if cell.world_size > 1:
+                    _run_process_group(cell)
+                else:
+                    run_cli([*cell.args, "--ckpt_path", "last"])
             if cell.status() == RUNNING:
                 raise RunExitError("the run ended without writing how it ended to its record")
+        except KeyboardInterrupt:
+            _interrupted([cell])
+            raise
         except (Exception, SystemExit) as err:  # noqa: BLE001 - one run's failure is recorded; the sweep goes on
             if cell.status() == INTERRUPTED:
                 # Ctrl-C stops the sweep, not just this run (Lightning turned it into an exit and
@@ -106,9 +165,19 @@ def run_cell(cell: Cell | dict) -> str:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt from None
             record_failure(cell.run_dir, err, start, traceback.format_exc())
+            with open(log_path(cell), "a") as log:
+                log.write(f"== {cell.name} failed ==\n{traceback.format_exc()}")
         finally:
             end_attempt(cell.run_dir)
         return cell.status()
+
+
+def _interrupted(cells: list[Cell]) -> None:
+    """Ctrl-C before Lightning's fit loop could record it (as the run was set up): the record
+    says ``interrupted``, not ``running``."""
+    for cell in cells:
+        if cell.status() == RUNNING:
+            update_record(cell.run_dir, status=INTERRUPTED)
 
 
 class RunExitError(RuntimeError):
@@ -118,7 +187,7 @@ class RunExitError(RuntimeError):
 
 def _run_process_group(cell: Cell) -> None:
     """``normbench fit`` of ``cell`` in a subprocess, which Lightning launches as its own
-    process group on every device this process sees; its output streams through."""
+    process group on every device this process sees; it prints where this process does."""
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "normbench", *cell.args, "--ckpt_path", "last"], env=env)
@@ -134,7 +203,9 @@ def _run_process_group(cell: Cell) -> None:
     if code == -signal.SIGINT or code == 130:
         raise KeyboardInterrupt
     if code != 0 and cell.status() not in (*DONE, "failed"):
-        raise RunExitError(f"the run's process group exited with status {code}; its output above says why")
+        raise RunExitError(
+            f"the run's process group exited with status {code}; its output in {log_path(cell)} says why"
+        )
 
 
 def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
@@ -146,6 +217,35 @@ def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
         shutil.rmtree(run_dir)
     sweep = {"cell": cell.name, "index": cell.index, "values": cell.values}
     start_attempt(run_dir, sweep, resume, previous, **extra)
+
+
+def outcome(name: str, record: dict[str, Any]) -> str:
+    """One line on a run that failed or diverged: ``bn_bs4 failed: <its error>`` or ``bn_bs4
+    diverged at step 12``."""
+    if record.get("status") == DIVERGED:
+        return f"{name} diverged at step {record.get('diverged_at_step', '?')}"
+    return f"{name} failed: {record.get('error') or 'no error recorded'}"
+
+
+def ended(cell: Cell) -> str:
+    """The sweep's line on a run it has just run: how it ended, from its record, and for a run
+    that failed where its output is."""
+    record = read_record(cell.run_dir)
+    status = record.get("status", PENDING)
+    if status == FAILED:
+        return f"{outcome(cell.name, record)} (its output: {log_path(cell)})"
+    if status == DIVERGED:
+        return outcome(cell.name, record)
+    if status == FINISHED:
+
+        def acc(key: str) -> str:
+            return "n/a" if record.get(key) is None else f"{record[key]:.4f}"
+
+        return (f"{cell.name} finished: val/acc {acc('val_acc_best')} best, {acc('val_acc_final')} last, "
+                f"{record.get('global_step', '?')} steps, {record.get('wall_time_s') or 0:.0f} s")  # fmt: skip
+    if status == RUNNING:
+        return f"{cell.name} is run by another sweep process (its claim: {Path(cell.run_dir).parents[2] / 'claims'})"
+    return f"{cell.name} {status}"
 
 
 def run_group(cells: list[Cell | dict]) -> list[str]:
@@ -164,10 +264,24 @@ def run_group(cells: list[Cell | dict]) -> list[str]:
         start = time.time()
         try:
             if todo:
-                fit_pack(todo)
+                # The pack's one output, in its first run's log; the others' logs say where it is.
+                for cell in todo[1:]:
+                    log_path(cell).parent.mkdir(parents=True, exist_ok=True)
+                    with open(log_path(cell), "a") as log:
+                        log.write(f"{_attempt_header(cell, False, todo)}\n(its output: {log_path(todo[0])})\n")
+                with (
+                    output_to(log_path(todo[0]), _attempt_header(todo[0], False, todo)),
+                    lightning_internal_warnings_ignored(),
+                ):
+                    fit_pack(todo)
+        except KeyboardInterrupt:
+            _interrupted(todo)
+            raise
         except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded for every run of the pack
             for cell in todo:
                 record_failure(cell.run_dir, err, start, traceback.format_exc())
+            with open(log_path(todo[0]), "a") as log:
+                log.write(f"== the pack failed ==\n{traceback.format_exc()}")
         finally:
             for cell in todo:
                 end_attempt(cell.run_dir)
@@ -260,10 +374,15 @@ def run_local(
         print(f"sweep: {layout(workers, gpus, threads_per_run)}", file=sys.stderr)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
 
+    def said(group: list[Cell]) -> None:
+        for cell in group:
+            bar.write(f"sweep: [{bar.n + 1}/{len(cells)}] {ended(cell)}", file=sys.stderr)
+            bar.update(1)
+
     def run_here(group: list[Cell]) -> None:
         bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1} packed")
         run_group(group)
-        bar.update(len(group))
+        said(group)
 
     if workers <= 1:
         import torch
@@ -319,8 +438,11 @@ def run_local(
                     _worker_died(group, err)
                     pools[index].shutdown(wait=False)
                     pools[index] = worker(slots[index])
-                bar.update(len(group))
+                said([Cell(**c) for c in group])
                 submit(index)
+    except BaseException:
+        bar.close()  # the bar's line ends before what the sweep says of the interruption
+        raise
     finally:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)

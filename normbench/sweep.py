@@ -14,7 +14,8 @@ An axis is a list of values for one key, or a mapping of named variants, each se
 keys at once (``gn: {model.norm: gn, model.norm_kwargs: {num_groups: 4}}``). Each cell runs
 ``main(["fit", "--config", base, --key value ...])`` in its own run directory,
 ``<output>/<name>/lightning_logs/<cell name>/version_0``, named from its axis values
-(``bn_bs2_seed0``). Its run record (``metrics.json``) says whether it finished, failed or
+(``bn_bs2_seed0``); what it prints goes to ``<output>/<name>/logs/<cell name>.log``, and the
+terminal shows a line per run as it ends. Its run record (``metrics.json``) says whether it finished, failed or
 diverged; running the sweep again skips finished and diverged cells, resumes interrupted runs
 from their last checkpoints and reruns failed ones. A claim file per cell keeps two sweep
 processes on one directory from running the same cell.
@@ -47,7 +48,7 @@ from normbench.results import (
     read_record,
     write_json_atomic,
 )
-from normbench.runner import run_local, run_ray
+from normbench.runner import outcome, run_local, run_ray
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:
@@ -180,7 +181,8 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
          "cells": [asdict(c) for c in cells]},
     )  # fmt: skip
     print(
-        f"sweep {name}: {len(cells)} runs, {len(cells_to_run) - len(todo)} already done, in {sweep_dir}",
+        f"sweep {name}: {len(cells)} runs, {len(cells_to_run) - len(todo)} already done, in {sweep_dir} "
+        f"(what each run prints: logs/<run>.log there)",
         file=sys.stderr,
     )
     try:
@@ -219,11 +221,3 @@ def print_dry_run(cells: list[Cell], to_run: int, sweep_dir: Path) -> None:
         print(f"{c.index:4d}  {c.status():9s}  {c.name:{width}s}  {shlex.join(own_args(c))}")
     runs = f"{len(cells)} run{'s' * (len(cells) != 1)}"
     print(f"{runs}, {len(cells) - to_run} done, {to_run} to run, in {sweep_dir}")
-
-
-def outcome(name: str, record: dict[str, Any]) -> str:
-    """One line on a run that failed or diverged: ``bn_bs4 failed: <its error>`` or ``bn_bs4
-    diverged at step 12``."""
-    if record.get("status") == DIVERGED:
-        return f"{name} diverged at step {record.get('diverged_at_step', '?')}"
-    return f"{name} failed: {record.get('error') or 'no error recorded'}"

@@ -94,6 +94,7 @@ def _ddp_sweep(data_dir: Path, root: Path, seeds: tuple[int, ...]) -> Path:
     cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(root)]
     done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    (root / "sweep.err").write_text(done.stderr)
     return root / "ddp"
 
 
@@ -162,7 +163,17 @@ def test_a_fit_prints_no_warning_from_inside_lightning(ddp_run):
 @pytest.mark.slow
 def test_a_sweep_of_three_multi_device_runs_runs_each_once(data_dir, tmp_path):
     seeds = (0, 1, 2)
-    _check_every_run_once(_ddp_sweep(data_dir, tmp_path, seeds), seeds)
+    sweep_dir = _ddp_sweep(data_dir, tmp_path, seeds)
+    _check_every_run_once(sweep_dir, seeds)
+    # What each run's process group printed is in the run's log, not among the sweep's lines.
+    said = (tmp_path / "sweep.err").read_text()
+    assert [line.split("] ")[1].split(":")[0] for line in said.splitlines() if line.startswith("sweep: [")] == [
+        f"seed{s} finished" for s in seeds
+    ]
+    assert "`Trainer.fit` stopped" not in said, said[-2000:]
+    for seed in seeds:
+        log = (sweep_dir / "logs" / f"seed{seed}.log").read_text()
+        assert log.count("`Trainer.fit` stopped") == 1 and "LeafSpec" not in log, log[-2000:]
 
 
 def test_run_names_say_the_global_batch_and_the_layout(data_dir, tmp_path):

@@ -108,16 +108,25 @@ def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_
             assert record["global_step"] == steps, name
         assert record["config"]["model"]["net"] == "seed_cnn", name  # its config, also without config.yaml
     diverged = json.loads((sweep_dir / "lightning_logs/diverges/version_0/metrics.json").read_text())
-    # One line per run that failed or diverged, then the summary, which counts them truly.
+    # A line as each run ends; at the end one per run that failed or diverged, then the summary,
+    # which counts them truly.
     lines = err.splitlines()
-    assert [x for x in lines if x.startswith("sweep: ") and ("failed" in x or "diverged" in x)] == [
+    ended = [x.split("] ", 1)[1] for x in lines if x.startswith("sweep: [")]
+    assert len(ended) == len(MODES) and f"diverges diverged at step {diverged['diverged_at_step']}" in ended
+    log = sweep_dir / "logs" / "callback_raises.log"
+    assert f"callback_raises failed: RuntimeError: callback bug at step 1 (its output: {log})" in ended
+    summary = [x for x in lines if x.startswith("sweep: ") and not x.startswith("sweep: [")]
+    assert [x for x in summary if "failed" in x or "diverged" in x] == [
         "sweep: callback_raises failed: RuntimeError: callback bug at step 1",
         f"sweep: diverges diverged at step {diverged['diverged_at_step']}",
     ]
     assert json.loads(lines[-1]) == {"diverged": 1, "failed": 1, "finished": 6}
-    # Nothing outside the runs' own directories: the sweep's metadata, its claims, its HParams
-    # summary at the logs' root; no checkpoints/ or config.yaml shared by the runs.
-    outside = [f for f in _files(sweep_dir) if not f.startswith(("lightning_logs/", "claims/")) and f != "sweep.json"]
+    # Nothing outside the runs' own directories but the sweep's metadata, its claims, the runs'
+    # logs and its HParams summary at the logs' root; no checkpoints/ or config.yaml shared by the runs.
+    assert sorted(f for f in _files(sweep_dir) if f.startswith("logs/")) == sorted(f"logs/{n}.log" for n in MODES)
+    outside = [
+        f for f in _files(sweep_dir) if not f.startswith(("lightning_logs/", "claims/", "logs/")) and f != "sweep.json"
+    ]
     outside += [f for f in _files(sweep_dir / "lightning_logs") if "/version_0/" not in f and "tfevents" not in f]
     assert outside == [] and _files(tmp_path / "cwd") == []
     assert not (sweep_dir / "lightning_logs" / "fast_dev_run" / "version_0" / "checkpoints").exists()

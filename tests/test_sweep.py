@@ -191,6 +191,17 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path,
     said = [line for line in err if line.startswith("sweep: gn5")]
     assert [line.split(" failed: ")[0] for line in said] == ["sweep: gn5_bs4", "sweep: gn5_bs8"], err
     assert all("num_groups=5 does not divide" in line for line in said) and err[-1] == '{"failed": 2, "finished": 2}'
+    # As each run ends, a line on it; what the runs print (Lightning's start lines, the model
+    # summary) is in their logs, not here, every attempt's appended.
+    logs = tmp_path / "out" / "tiny" / "logs"
+    ended = sorted(line.split("] ", 1)[1].split(":")[0] for line in err if line.startswith("sweep: ["))
+    assert ended == ["bn_bs4 finished", "bn_bs8 finished", "gn5_bs4 failed", "gn5_bs8 failed"], err
+    assert "gn5_bs4 failed: " in "\n".join(err) and f"(its output: {logs / 'gn5_bs4.log'})" in "\n".join(err)
+    assert not any("no last checkpoint under" in line for line in err), err
+    bn_log = (logs / "bn_bs4.log").read_text()
+    assert bn_log.startswith("== normbench sweep: bn_bs4, from the start, ") and "no last checkpoint under" in bn_log
+    gn_log = (logs / "gn5_bs4.log").read_text()
+    assert "== gn5_bs4 failed ==" in gn_log and "num_groups=5 does not divide" in gn_log
     found = records(tmp_path / "out" / "tiny")
     assert sorted(found) == ["bn_bs4", "bn_bs8", "gn5_bs4", "gn5_bs8"]
     for name, (record,) in found.items():
@@ -211,6 +222,8 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path,
     main(["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1",
           "--allow_failures", "true"])  # fmt: skip
     assert sum(line.startswith("sweep: gn5") for line in capsys.readouterr().err.splitlines()) == 2
+    assert (logs / "gn5_bs4.log").read_text().startswith(gn_log) and (logs / "bn_bs4.log").read_text() == bn_log
+    assert (logs / "gn5_bs4.log").read_text().count("== normbench sweep: gn5_bs4, from the start") == 2
     assert {f: f.stat().st_mtime for f in mtimes} == mtimes  # finished runs were not retrained
     report = main(["report", str(tmp_path / "out" / "tiny")])
     text = (tmp_path / "out" / "tiny" / "report" / "report.md").read_text()
@@ -597,6 +610,26 @@ def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
     config = write_sweep(tmp_path / "s.yaml", fake_data, {"seed_everything": [0, 1]})
     main(["sweep", "--config", str(config), "--output", str(tmp_path / "out")])
     assert seen == [False]
+
+
+def test_ctrl_c_as_a_run_is_set_up_is_recorded_as_interrupted_and_said_in_its_log(tmp_path, monkeypatch):
+    # Ctrl-C before Lightning's fit loop starts (the CLI parsing, the data loading) reaches no
+    # recorder: the sweep itself records the run as interrupted, not as running.
+    from normbench import runner
+
+    (cell,) = expand({"model.norm": ["bn"]}, BASE, {}, tmp_path / "s")
+
+    def setting_up(args):
+        print("set up so far")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_cli", setting_up)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_cell(cell)
+    record = json.loads((Path(cell.run_dir) / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["attempts"][-1]["ended"] >= record["attempts"][-1]["started"]
+    log = (tmp_path / "s" / "logs" / "bn.log").read_text().splitlines()
+    assert log[0].startswith("== normbench sweep: bn, from the start, ") and log[1:] == ["set up so far"]
 
 
 # Two sweep processes, 13 s on 2 cores; with -m slow. A fit's Ctrl-C (test_recorder) and a
