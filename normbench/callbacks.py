@@ -108,7 +108,8 @@ class NormDiagnostics(L.Callback):
     def record(self) -> dict[str, Any]:
         """What the run record says of the diagnostics: their time, their subsets as asked and
         as measured (``measured``: images of the last batch-statistics pass, PreciseBN's
-        training images and batch size and its validation images), where those come from,
+        training images and batch size and its validation images, and ``val_images``, the size of
+        the validation set they are part of), where those come from,
         PreciseBN's accuracy per image count, and the per-step figures of the last epoch
         (``end_of_run``)."""
         measured = {k: v for part in self.parts for k, v in getattr(part, "measured", {}).items()}

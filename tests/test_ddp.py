@@ -258,7 +258,7 @@ def test_diagnostics_on_two_processes_use_one_devices_subsets(ddp_run, data_dir)
     # images one synced batch statistic covered in training: 5 of them for 40 images.
     assert record["diagnostics"]["measured"] == {
         "batch_stats_images": 128, "precise_bn_train_images": 40, "precise_bn_batch_size": 8,
-        "precise_bn_val_images": 128,
+        "precise_bn_val_images": 128, "val_images": N_TEST,
     }  # fmt: skip
     x, y = _test_images(data_dir)
     first = [(x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH]) for i in range(0, 128, EVAL_BATCH)]

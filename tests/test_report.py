@@ -526,14 +526,15 @@ def test_shallow_sigmoid_networks_that_did_not_learn_make_the_depth_verdict_inco
     assert "what the claim predicts" not in evidence
 
 
-def _diagnosed(root, norm, bs, seed, final, batch_stats=None, precise=None, gap=None, ratio=None, grads=None, **kw):
+def _diagnosed(root, norm, bs, seed, final, batch_stats=None, precise=None, gap=None, ratio=None, grads=None,
+               diagnostics=None, **kw):  # fmt: skip
     end = {}
     if gap is not None:
         end["batch_vs_running"] = {"blocks.0.norm": {"mean_gap": 9.0, "std_ratio": 9.0},
                                    "blocks.3.norm": {"mean_gap": gap, "std_ratio": ratio}}  # fmt: skip
     if grads is not None:
         end["grad_per_block"] = grads
-    extra = {"diagnostics": {"eval_images": None, "end_of_run": end}}
+    extra = {"diagnostics": {"eval_images": None, "end_of_run": end, **(diagnostics or {})}}
     if batch_stats is not None:
         extra.update(val_acc_batch_stats_final=batch_stats, val_acc_precise_bn=precise)
     record(root, norm=norm, bs=bs, seed=seed, best=final, **kw, **extra)
@@ -561,6 +562,32 @@ def test_the_why_section_states_what_precise_bn_recovers_with_the_last_layers_fi
     assert "at batch size 128, BN is behind GN by 10.00 points" in why and "PreciseBN recovers only +1.00" in why
     assert "lay 0.500 running standard deviations from the running mean, with a std ratio of 0.800" in why
     assert (tmp_path / "rep" / "study2_beside_the_study.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("diagnostics", "said"),
+    [
+        # Asked for 500 of a 2,000-image set, measured on 512 (whole batches of 32): a part.
+        ({"eval_images": 500, "measured": {"batch_stats_images": 512, "val_images": 2000}}, "first 512 validation"),
+        # Asked for 500 of a 500-image set: all of it, nothing to compare with care.
+        ({"eval_images": 500, "measured": {"batch_stats_images": 500, "val_images": 500}}, None),
+        ({"eval_images": None, "measured": {"batch_stats_images": 2000, "val_images": 2000}}, None),
+        # A record from before the set's size was recorded: as asked.
+        ({"eval_images": 500, "measured": {"batch_stats_images": 512}}, "first 512 validation"),
+        ({"eval_images": 1500}, "first 1,500 validation"),
+    ],
+)
+def test_the_why_section_says_when_the_diagnostics_saw_part_of_the_validation_set(tmp_path, diagnostics, said):
+    for seed in range(2):
+        _diagnosed(tmp_path, "bn", 8, seed, 0.6, batch_stats=0.62, precise=0.63, diagnostics=diagnostics)
+        _diagnosed(tmp_path, "gn", 8, seed, 0.7)
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    why = (tmp_path / "rep" / "report.md").read_text().split("## Why", 1)[1].split("\n## ", 1)[0]
+    notes = [line for line in why.splitlines() if line.startswith("(The batch-statistics and PreciseBN")]
+    if said is None:
+        assert notes == [], notes
+    else:
+        assert len(notes) == 1 and f"are on the {said} images, the running-statistics one on all" in notes[0], notes
 
 
 def test_the_gradient_section_gives_first_last_and_their_ratio_against_depth(tmp_path):

@@ -152,7 +152,8 @@ class BatchStatsAccuracy(OneDeviceEval, L.Callback):
                         b.copy_(buffers[k])
 
             acc, seen = self._accuracy(net, pl_module, batches, after_batch=restore)
-            self.measured["batch_stats_images"] = seen
+            # The whole validation set's size beside it: a report tells a part from all of it.
+            self.measured.update(batch_stats_images=seen, val_images=_images(batches) or None)
         # Rank zero alone measures it, on one device's images: the figure of every rank, with
         # nothing to reduce. rank_zero_only makes Lightning's reduction a no-op (no collective that
         # the other ranks would have to join); sync_dist=True only tells it the figure is whole, so
@@ -219,7 +220,8 @@ class PreciseBNAccuracy(OneDeviceEval, L.Callback):
         net.eval()
         acc, seen = self._accuracy(net, pl_module, val)
         self.measured.update(precise_bn_train_images=min(used * batch_size, _images(loader)),
-                             precise_bn_batch_size=batch_size, precise_bn_val_images=seen)  # fmt: skip
+                             precise_bn_batch_size=batch_size, precise_bn_val_images=seen,
+                             val_images=_images(val) or None)  # fmt: skip
         return acc
 
 

@@ -161,6 +161,20 @@ class Run:
         return tuple(getattr(self, k) for k in CONTEXT)
 
 
+def _diagnostics_images(diagnostics: dict) -> int | None:
+    """The validation images the end-of-run diagnostics measured, None when that was all of them:
+    as measured where the record says so (a subset as large as the set is all of it), else as
+    asked (``eval_images``, None: all)."""
+    measured = diagnostics.get("measured") or {}
+    seen = measured.get("batch_stats_images", measured.get("precise_bn_val_images"))
+    if seen is None:
+        return diagnostics.get("eval_images")
+    total = measured.get("val_images")
+    if total:
+        return None if seen >= total else seen
+    return None if diagnostics.get("eval_images") is None else seen
+
+
 def load_run(path: Path, record: dict | None = None) -> Run:
     """A ``Run`` from one record; failed runs fall back on their sweep cell's values.
 
@@ -227,7 +241,7 @@ def load_run(path: Path, record: dict | None = None) -> Run:
         precise_bn_by_images={
             int(k): 100.0 * v for k, v in ((record.get("diagnostics") or {}).get("precise_bn_by_images") or {}).items()
         },
-        diagnostics_images=(record.get("diagnostics") or {}).get("eval_images"),
+        diagnostics_images=_diagnostics_images(record.get("diagnostics") or {}),
         mean_gap=last_layer.get("mean_gap"),
         std_ratio=last_layer.get("std_ratio"),
         grads=list(end.get("grad_per_block", [])),

@@ -42,10 +42,11 @@ def why_sections(runs: list[Run]) -> list[str]:
                                           for name, label in FIGURES)]  # fmt: skip
         rows = [[str(b), n, *(stats[name].get((b, n), Stat([])).cell(3 if name in ("mean_gap", "std_ratio") else 2)
                               for name, _ in FIGURES)] for b, n in keys]  # fmt: skip
-        subset = {r.diagnostics_images for r in group if r.precise_bn is not None}
+        subset = sorted({r.diagnostics_images for r in group if r.precise_bn is not None} - {None})
         lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
-        if subset != {None}:
-            note = (f"(The batch-statistics and PreciseBN accuracies are on the first {subset} validation images, "
+        if subset:
+            counts = " or ".join(f"{n:,}" for n in subset)
+            note = (f"(The batch-statistics and PreciseBN accuracies are on the first {counts} validation images, "
                     "the running-statistics one on all of them: compare them with care.)")  # fmt: skip
             lines += ["", note]
         sentences = [_sentence(b, stats) for b in sorted_values({b for b, _ in keys})]
