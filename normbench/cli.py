@@ -259,6 +259,11 @@ class NormBenchCLI(LightningCLI):
                 "a positive number of epochs, or give --trainer.max_steps"
             )
         add_default_callbacks(config, config.checkpoint_every_n_steps)
+        if self.subcommand in ("validate", "test", "predict"):
+            # Loading the checkpoint evaluated, the run's ModelCheckpoint warns that its directory
+            # is not the checkpoint's, so that its best-k bookkeeping is not reloaded: nothing an
+            # evaluation saves or needs. (run_cli's catch_warnings scope drops the filter after.)
+            warnings.filterwarnings("ignore", message=EVALUATION_WARNING, category=UserWarning)
         if "ckpt_path" in config and config.ckpt_path is not None:
             ckpt = resolve_resume(config, self.subcommand, config.name or run_name(config))
             config.ckpt_path = ckpt
@@ -324,6 +329,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
 # first batch about torch API it calls itself: nothing a user can change.
 LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+EVALUATION_WARNING = r"The dirpath has changed from "
 
 
 @contextmanager
