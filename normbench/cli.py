@@ -13,8 +13,6 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from normbench.experiments import experiment_name
 from normbench.module import NormBenchModule
 from normbench.norms import NORMS, check_norm_batch, options_of
 from normbench.recorder import RunRecorder
-from normbench.run_defaults import add_default_callbacks
+from normbench.run_defaults import EVALUATION_WARNING, add_default_callbacks, lightning_internal_warnings_ignored
 from normbench.seeding import seed_everything
 
 # The private API of Lightning and jsonargparse that normbench relies on, all of it, here: none of
@@ -325,21 +323,6 @@ def run_logger_args(config: Namespace) -> dict[str, Any]:
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-# Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
-# first batch about torch API it calls itself: nothing a user can change.
-LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
-EVALUATION_WARNING = r"The dirpath has changed from "
-
-
-@contextmanager
-def lightning_internal_warnings_ignored() -> Iterator[None]:
-    """Ignore ``LIGHTNING_INTERNAL_WARNINGS`` in the body: a fit in this process, wherever it
-    started (the shell, a sweep's worker, a pack)."""
-    with warnings.catch_warnings():
-        for message in LIGHTNING_INTERNAL_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        yield
 
 
 def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> None:

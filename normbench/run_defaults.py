@@ -1,11 +1,14 @@
 """What a run gets that its config does not say: the default callbacks (checkpoints, the
-progress bar), added to a config before its classes are built.
-
-Each is a default the user's own callbacks or switches replace, as Lightning's are.
+progress bar), added to a config before its classes are built, each replaced by the user's own
+callbacks or switches as Lightning's are; and the warnings of Lightning's that a run does not
+print, as they say nothing a user can act on.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -89,3 +92,19 @@ def has_periodic_checkpoint(config: Namespace) -> bool:
         callback_name(c) == "ModelCheckpoint" and getattr(getattr(c, "init_args", None), "every_n_train_steps", None)
         for c in config.trainer.callbacks or []
     )
+
+
+# Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
+# first batch about torch API it calls itself: nothing a user can change.
+LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+EVALUATION_WARNING = r"The dirpath has changed from "
+
+
+@contextmanager
+def lightning_internal_warnings_ignored() -> Iterator[None]:
+    """Ignore ``LIGHTNING_INTERNAL_WARNINGS`` in the body: a fit in this process, wherever it
+    started (the shell, a sweep's worker, a pack)."""
+    with warnings.catch_warnings():
+        for message in LIGHTNING_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield

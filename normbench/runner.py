@@ -22,7 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
-from normbench.cli import lightning_internal_warnings_ignored, run_cli
+from normbench.cli import run_cli
 from normbench.grid import Cell, packs
 from normbench.pack import fit_pack
 from normbench.results import (
@@ -39,6 +39,7 @@ from normbench.results import (
     start_attempt,
     update_record,
 )
+from normbench.run_defaults import lightning_internal_warnings_ignored
 from normbench.workers import Slot, auto_workers, cpu_slots, enter_slot, gpu_slots, layout, worker_threads
 
 
