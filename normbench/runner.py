@@ -368,11 +368,12 @@ def run_local(
     """
     from tqdm import tqdm
 
+    if not cells:
+        return  # every run done: no layout, no bar
     groups = packs(cells, pack)
     if workers == "auto":
         workers = auto_workers(sum(g[0].world_size <= 1 for g in groups), gpus, threads_per_run)
-    if cells:
-        print(f"sweep: {layout(workers, gpus, threads_per_run)}", file=sys.stderr)
+    print(f"sweep: {layout(workers, gpus, threads_per_run)}", file=sys.stderr)
     bar = tqdm(total=len(cells), unit="run", desc="sweep", dynamic_ncols=True)
 
     def said(group: list[Cell]) -> None:

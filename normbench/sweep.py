@@ -181,7 +181,8 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
          "cells": [asdict(c) for c in cells]},
     )  # fmt: skip
     print(
-        f"sweep {name}: {len(cells)} runs, {len(cells_to_run) - len(todo)} already done, in {sweep_dir} "
+        f"sweep {name}: {len(cells)} run{'s' * (len(cells) != 1)}, {len(cells_to_run) - len(todo)} already done, "
+        f"in {sweep_dir} "
         f"(what each run prints: logs/<run>.log there)",
         file=sys.stderr,
     )

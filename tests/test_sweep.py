@@ -231,6 +231,18 @@ def test_tiny_sweep_end_to_end_records_failures_and_goes_on(fake_data, tmp_path,
     assert list((tmp_path / "out" / "tiny" / "report").glob("acc_vs_epoch_*.png"))
 
 
+def test_a_sweep_with_every_run_done_says_so_in_two_lines(fake_data, tmp_path, capsys):
+    config = write_sweep(tmp_path / "done.yaml", fake_data, {"model.norm": ["bn"]})
+    args = ["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--workers", "1"]
+    main(args)
+    capsys.readouterr()
+    main(args)  # nothing left to run: no worker layout, no empty progress bar
+    assert capsys.readouterr().err.splitlines() == [
+        f"sweep done: 1 run, 1 already done, in {tmp_path / 'out' / 'done'} (what each run prints: logs/<run>.log there)",
+        '{"finished": 1}',
+    ]
+
+
 # Slow (20 s): the Ctrl-C sweep test and test_resume.py's SIGKILL tests run by default.
 @pytest.mark.slow
 def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data, tmp_path):
