@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -47,6 +48,29 @@ def record(root: Path, dataset="cifar10", norm="bn", bs=2, seed=0, best=None, cu
                          "global_batch_size": bs * world}  # fmt: skip
     rec.update(extra)
     (run / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_a_report_over_an_earlier_one_leaves_none_of_its_figures_it_does_not_draw(tmp_path):
+    # The first report draws curves at batch sizes 2 and 8, the second, of other runs, at 8
+    # only: the figure at 2 was the first report's and goes; a file the user put there stays.
+    for bs in (2, 8):
+        for norm in ("bn", "gn"):
+            record(tmp_path / "first", norm=norm, bs=bs, best=0.5, curve=[0.4, 0.5])
+            if bs == 8:
+                record(tmp_path / "second", norm=norm, bs=bs, best=0.6, curve=[0.5, 0.6])
+    out = tmp_path / "rep"
+    main(["report", str(tmp_path / "first"), "--out", str(out)])
+    first = {p.name for p in out.glob("*.png")}
+    assert {n for n in first if n.startswith("acc_vs_epoch")} == {
+        "acc_vs_epoch_cifar10_seed_cnn_relu_4blocks_bs2.png", "acc_vs_epoch_cifar10_seed_cnn_relu_4blocks_bs8.png"
+    }  # fmt: skip
+    (out / "mine.png").write_bytes(b"the user's")
+    (out / "notes.md").write_text("![mine](mine.png)")
+    main(["report", str(tmp_path / "second"), "--out", str(out)])
+    shown = set(re.findall(r"\]\(([^)]+\.png)\)", (out / "report.md").read_text()))
+    assert {p.name for p in out.glob("*.png")} == shown | {"mine.png"}
+    assert "acc_vs_epoch_cifar10_seed_cnn_relu_4blocks_bs2.png" in first - shown
+    assert (out / "mine.png").read_bytes() == b"the user's" and (out / "notes.md").is_file()
 
 
 def test_runs_on_several_devices_are_rows_of_their_global_batch_and_layout(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -118,6 +119,7 @@ def _sweep_lines(paths: list[str]) -> list[str]:
 def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, reference: str | None = None,
                  unreadable: Sequence[Unreadable] = ()) -> Path:  # fmt: skip
     """Write report.md, best_accuracy.csv and the plots into ``out``; return report.md's path.
+    The figures of an earlier report in ``out`` that this one does not draw are removed.
 
     Args:
         runs: the run records.
@@ -128,6 +130,7 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         unreadable: the record files under ``inputs`` that could not be read, listed in the report.
     """
     out.mkdir(parents=True, exist_ok=True)
+    drawn_before = _figures_of(out / "report.md")
     status = defaultdict(int)
     for r in runs:
         status[r.status] += 1
@@ -223,7 +226,17 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in written]
     report_path = out / "report.md"
     report_path.write_text("\n".join(lines) + "\n")
+    # A figure of the report this one replaces that it does not draw (a batch size no longer in
+    # the runs) would lie beside it as if it were this report's: it goes. Nothing else in ``out``.
+    for name in drawn_before - _figures_of(report_path):
+        (out / name).unlink(missing_ok=True)
     return report_path
+
+
+def _figures_of(report: Path) -> set[str]:
+    """The figures a report.md shows from its own folder (``![name](name)``)."""
+    text = report.read_text() if report.is_file() else ""
+    return set(re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text))
 
 
 def _fmt(x: float | None) -> str:
