@@ -167,6 +167,14 @@ def _type_error(text: str, data_modules: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+# What to give for an argument a command cannot run without, when the command line has none.
+REQUIRED_HINTS = {
+    "data": "give an experiment config (--config configs/mnist_bn_bs16.yaml) or a data module (--data MNISTDataModule)",
+    "base": "give a sweep config (--config configs/sweeps/study2_fashion_cpu.yaml) or a base experiment (--base)",
+    "paths": "give the sweep or run directories to report on (normbench report sweeps/study2_fashion_cpu)",
+}
+
+
 def _parse_error(text: str, data_modules: tuple[str, ...]) -> str:
     outer = re.match(r'Parser key "([^"]+)": ', text)
     key = outer.group(1) if outer else None
@@ -202,6 +210,11 @@ def _parse_error(text: str, data_modules: tuple[str, ...]) -> str:
         return f"data: {path.group(1)!r} is not a data module; use one of {', '.join(data_modules)}"
     if path:
         return f"{where}{path.group(1)!r} is not an importable class; give its full class path"
+    required = re.search(r"the following arguments are required: (.*)", text)
+    if required:
+        missing = [m.strip() for m in required.group(1).split(",")]
+        hints = [REQUIRED_HINTS[m.rsplit(".", 1)[-1]] for m in missing if m.rsplit(".", 1)[-1] in REQUIRED_HINTS]
+        return f"{', '.join(missing)} not given" + (f"; {'; '.join(hints)}" if hints else "")
     unknown = re.search(r"[Uu]nrecognized arguments: (.*)", text) or re.search(
         r"does not accept option '([^']+)'", text
     )

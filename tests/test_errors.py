@@ -164,6 +164,13 @@ CASES = {
         ["broken.yaml cannot be read", "saved by normbench fit"],
     ),
     "checkpoint missing": (lambda r: fit(r, "--ckpt_path", str(r / "gone.ckpt")), ["gone.ckpt not found", "last"]),
+    # A command typed without what it cannot run without: what to give, not only what is missing.
+    "fit alone": (
+        lambda r: ["fit"],
+        ["fit.data not given", "--config configs/mnist_bn_bs16.yaml", "--data MNISTDataModule"],
+    ),
+    "sweep alone": (lambda r: ["sweep"], ["base not given", "--config configs/sweeps/"]),
+    "report alone": (lambda r: ["report"], ["paths not given", "the sweep or run directories"]),
     # Lightning's own refusals (MisconfigurationException) and values only building can judge.
     "max_epochs -1 with no max_steps": (
         lambda r: fit(r, "--trainer.max_epochs", "-1", "--trainer.max_steps", "-1"),
