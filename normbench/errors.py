@@ -167,6 +167,10 @@ def _type_error(text: str, data_modules: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+# normbench's commands, for a command line that gives none (normbench.main holds them; a test
+# keeps the two equal).
+COMMANDS = ("fit", "validate", "test", "predict", "sweep", "report", "bench")
+
 # What to give for an argument a command cannot run without, when the command line has none.
 REQUIRED_HINTS = {
     "data": "give an experiment config (--config configs/mnist_bn_bs16.yaml) or a data module (--data MNISTDataModule)",
@@ -210,6 +214,8 @@ def _parse_error(text: str, data_modules: tuple[str, ...]) -> str:
         return f"data: {path.group(1)!r} is not a data module; use one of {', '.join(data_modules)}"
     if path:
         return f"{where}{path.group(1)!r} is not an importable class; give its full class path"
+    if re.search(r'expected "subcommand" to be one of .* but it was not provided', text):
+        return f"no command given; use one of {', '.join(COMMANDS)} (normbench --help says what each does)"
     required = re.search(r"the following arguments are required: (.*)", text)
     if required:
         missing = [m.strip() for m in required.group(1).split(",")]

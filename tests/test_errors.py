@@ -171,6 +171,7 @@ CASES = {
     ),
     "sweep alone": (lambda r: ["sweep"], ["base not given", "--config configs/sweeps/"]),
     "report alone": (lambda r: ["report"], ["paths not given", "the sweep or run directories"]),
+    "no command": (lambda r: [], ["no command given; use one of fit, validate, test, predict, sweep, report, bench"]),
     # Lightning's own refusals (MisconfigurationException) and values only building can judge.
     "max_epochs -1 with no max_steps": (
         lambda r: fit(r, "--trainer.max_epochs", "-1", "--trainer.max_steps", "-1"),
@@ -245,3 +246,11 @@ def test_the_console_script_exits_2_with_only_the_line(workspace):
     unused = ("normbench.report", "normbench.sweep", "normbench.runner", "normbench.grid", "normbench.bench",
               "normbench.pack", "normbench.workers", "statsmodels", "ray", "pandas")  # fmt: skip
     assert [m for m in imported if m.split(".")[0] in unused or m.startswith(unused)] == []
+
+
+def test_the_commands_a_bare_normbench_names_are_the_command_tables():
+    from normbench.cli import SUBCOMMANDS
+    from normbench.errors import COMMANDS
+    from normbench.main import COMMANDS as OWN
+
+    assert COMMANDS == (*SUBCOMMANDS, *OWN)
