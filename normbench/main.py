@@ -104,11 +104,23 @@ def _main(argv: list[str], args: ArgsType) -> None:
     except KeyboardInterrupt:
         if args is not None:
             raise  # a caller's own loop decides
-        print(
-            "normbench: interrupted; run the same command again to resume (add --ckpt_path last to fit)",
-            file=sys.stderr,
-        )
+        print(f"normbench: interrupted; {how_to_resume(argv)}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def how_to_resume(argv: list[str]) -> str:
+    """What an interrupted command line does next, said after Ctrl-C."""
+    command = argv[0] if argv else ""
+    if command == "sweep":
+        return "run the same command again to resume: finished runs are kept, interrupted ones continue from their last checkpoints"
+    if command == "fit":
+        last = any(
+            a == "--ckpt_path=last" or (a == "--ckpt_path" and b == "last") for a, b in zip(argv, [*argv[1:], ""])
+        )
+        if last:
+            return "run the same command again to continue from the last checkpoint"
+        return "add --ckpt_path last to the same command to continue from the last checkpoint"
+    return "nothing was saved that a run would resume from; run the command again"
 
 
 if __name__ == "__main__":

@@ -147,9 +147,28 @@ def test_ctrl_c_of_a_fit_records_it_interrupted_and_exits_130(fake_data, tmp_pat
                       "--trainer.callbacks+", json.dumps(callback), "--trainer.enable_progress_bar", "false",
                       "--trainer.enable_model_summary", "false")  # fmt: skip
     assert done.returncode == 130, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("normbench: interrupted; run the same command again")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "normbench: interrupted; add --ckpt_path last to the same command to continue from the last checkpoint"
+    )
     (record,) = [json.loads(p.read_text()) for p in (work / "lightning_logs").rglob("metrics.json")]
     assert record["status"] == "interrupted"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["fit", "--config", "c.yaml"], "add --ckpt_path last to the same command"),
+        (["fit", "--config", "c.yaml", "--ckpt_path", "last"], "run the same command again to continue"),
+        (["fit", "--ckpt_path=last"], "run the same command again to continue"),
+        (["fit", "--ckpt_path", "run/checkpoints/last.ckpt"], "add --ckpt_path last to the same command"),
+        (["sweep", "--config", "s.yaml"], "run the same command again to resume: finished runs are kept"),
+        (["test", "--config", "c.yaml"], "nothing was saved that a run would resume from"),
+    ],
+)
+def test_what_ctrl_c_says_fits_the_command(argv, said):
+    from normbench.main import how_to_resume
+
+    assert how_to_resume(argv).startswith(said)
 
 
 @pytest.mark.parametrize("threads, said", [(1, "1 thread"), (3, "3 threads")])
