@@ -192,6 +192,20 @@ def test_verdicts_when_the_studies_hold(tmp_path):
     assert all("Holm-adjusted over the report's 6 tests" in e for _, e in v.values())
 
 
+def test_the_report_command_says_each_verdict_of_its_report_where_it_was_typed(tmp_path, capsys):
+    study(tmp_path, gn_spread=6.0)  # gn not stable: one claim not supported among supported ones
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out.splitlines()
+    n = len(list(tmp_path.rglob("metrics.json")))
+    assert out[0] == f"wrote {tmp_path / 'rep' / 'report.md'}; the studies' claims against these {n} runs:"
+    said = [re.match(r"  (supported|not supported|inconclusive|not enough data) +(.+)$", line) for line in out[1:]]
+    table = re.findall(r"^\| (.+?) \| \*\*(.+?)\*\* \|", (tmp_path / "rep" / "report.md").read_text(), re.MULTILINE)
+    assert all(said) and sorted((m.group(2), m.group(1)) for m in said) == sorted(table) and len(table) == len(CLAIMS)
+    verdicts_said = [m.group(1) for m in said]  # those with data before those without
+    assert verdicts_said.index("not supported") < verdicts_said.index("not enough data")
+    assert verdicts_said[-1] == "not enough data" and "supported" in verdicts_said
+
+
 def test_verdicts_when_the_studies_fail(tmp_path):
     study(tmp_path, gn_spread=6.0, brn_gain_large=4.0, sigmoid_slope=0.5)
     v = verdicts(tmp_path)

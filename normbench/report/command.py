@@ -22,6 +22,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from normbench.report.claims import Verdict
 from normbench.report.figures import STUDY2_NOTE, plots, study1_sections, study2_figure
 from normbench.report.records import CONTEXT, Run, Unreadable, read_runs
 from normbench.report.study3 import SECTION_INTRO as STUDY3_INTRO
@@ -117,7 +118,7 @@ def _sweep_lines(paths: list[str]) -> list[str]:
 
 
 def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, reference: str | None = None,
-                 unreadable: Sequence[Unreadable] = ()) -> Path:  # fmt: skip
+                 unreadable: Sequence[Unreadable] = (), verdicts: list[Verdict] | None = None) -> Path:  # fmt: skip
     """Write report.md, best_accuracy.csv and the plots into ``out``; return report.md's path.
     The figures of an earlier report in ``out`` that this one does not draw are removed.
 
@@ -128,6 +129,7 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
         command: the command that made the report, as it is stated in it.
         reference: a folder of study 1's published figures to put beside ours.
         unreadable: the record files under ``inputs`` that could not be read, listed in the report.
+        verdicts: ``judge(runs)``, where the caller has it already.
     """
     out.mkdir(parents=True, exist_ok=True)
     drawn_before = _figures_of(out / "report.md")
@@ -185,7 +187,7 @@ def write_report(runs: list[Run], out: Path, inputs: list[str], command: str, re
     lines += ["", "## The studies' claims, checked against these runs", ""]
     lines += [VERDICT_INTRO, ""]
     lines += [markdown_table(["claim", "verdict", "numbers"], [[v.claim, f"**{v.verdict}**", v.evidence]
-                                                                for v in judge(runs)])]  # fmt: skip
+                                                                for v in verdicts or judge(runs)])]  # fmt: skip
     precision = precision_tables(runs)
     if precision:
         lines += ["", "## Precision: the same runs against fp32", "", PRECISION_INTRO]
@@ -275,6 +277,11 @@ def report(args: list[str] | None = None) -> Path:
     command = "normbench report " + " ".join(sys.argv[2:] if args is None else args)
     if cfg.reference and not Path(cfg.reference).is_dir():
         raise FileNotFoundError(f"--reference {cfg.reference} is not a folder; pass the folder of the study's PNGs")
-    path = write_report(runs, out, cfg.paths, command, cfg.reference, unreadable)
-    print(f"wrote {path}")
+    verdicts = judge(runs)
+    path = write_report(runs, out, cfg.paths, command, cfg.reference, unreadable, verdicts)
+    # The verdicts where the command was typed; those with data first, the evidence in the report.
+    print(f"wrote {path}; the studies' claims against these {len(runs)} runs:")
+    width = max(len(v.verdict) for v in verdicts)
+    for v in sorted(verdicts, key=lambda v: v.verdict == "not enough data"):
+        print(f"  {v.verdict:{width}s}  {v.claim}")
     return path
