@@ -180,12 +180,11 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
          "base": str(base.resolve()), "grid": grid, "overrides": overrides,
          "cells": [asdict(c) for c in cells]},
     )  # fmt: skip
-    print(
-        f"sweep {name}: {len(cells)} run{'s' * (len(cells) != 1)}, {len(cells_to_run) - len(todo)} already done, "
-        f"in {sweep_dir} "
-        f"(what each run prints: logs/<run>.log there)",
-        file=sys.stderr,
-    )
+    if cfg.cell is None:
+        which = f"{len(cells)} run{'s' * (len(cells) != 1)}, {len(cells) - len(todo)} already done"
+    else:  # one run of the grid (a job array's task): its own state, not the grid's
+        which = f"run {cfg.cell} of its {len(cells)}, {cells[cfg.cell].name}{'' if todo else ', already done'}"
+    print(f"sweep {name}: {which}, in {sweep_dir} (what each run prints: logs/<run>.log there)", file=sys.stderr)
     try:
         if cfg.backend == "ray":
             run_ray(todo, sweep_dir, cfg.cpus_per_run, cfg.gpus_per_run, cfg.ray_address)

@@ -137,6 +137,10 @@ CASES = {
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--workers", "0"],
         ["workers: '0' is not a positive integer or one of auto"],
     ),
+    "sweep cell outside the grid": (
+        lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--cell", "99"],
+        ["--cell 99 is not in the grid; use 0 to "],
+    ),
     "sweep runs_per_worker 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--runs_per_worker", "0"],
         ["runs_per_worker: '0' is not a positive integer or null"],

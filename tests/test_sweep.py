@@ -243,6 +243,19 @@ def test_a_sweep_with_every_run_done_says_so_in_two_lines(fake_data, tmp_path, c
     ]
 
 
+def test_cell_runs_one_run_of_the_grid_as_a_job_array_task_does(fake_data, tmp_path, capsys):
+    config = write_sweep(tmp_path / "arr.yaml", fake_data, {"model.norm": ["bn", "gn"]})
+    args = ["sweep", "--config", str(config), "--output", str(tmp_path / "out"), "--cell", "1"]
+    main(args)
+    err = capsys.readouterr().err.splitlines()
+    sweep_dir = tmp_path / "out" / "arr"
+    assert err[0] == f"sweep arr: run 1 of its 2, gn, in {sweep_dir} (what each run prints: logs/<run>.log there)"
+    assert {name: [r["status"] for r in rs] for name, rs in records(sweep_dir).items()} == {"gn": ["finished"]}
+    main(args)  # the task again (a requeued job): its run is done, and said to be
+    assert capsys.readouterr().err.splitlines()[0].startswith("sweep arr: run 1 of its 2, gn, already done, in ")
+    assert {name: len(rs) for name, rs in records(sweep_dir).items()} == {"gn": 1}
+
+
 # Slow (20 s): the Ctrl-C sweep test and test_resume.py's SIGKILL tests run by default.
 @pytest.mark.slow
 def test_sweep_killed_in_the_middle_resumes_without_loss_or_duplicates(fake_data, tmp_path):
