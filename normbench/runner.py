@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,12 +26,8 @@ from normbench.cli import run_cli
 from normbench.grid import Cell, packs
 from normbench.pack import fit_pack
 from normbench.results import (
-    DIVERGED,
     DONE,
-    FAILED,
-    FINISHED,
     INTERRUPTED,
-    PENDING,
     RUNNING,
     end_attempt,
     read_record,
@@ -40,6 +36,7 @@ from normbench.results import (
     update_record,
 )
 from normbench.run_defaults import lightning_internal_warnings_ignored
+from normbench.run_output import attempt_header, ended, log_path, output_to
 from normbench.workers import Slot, auto_workers, cpu_slots, enter_slot, gpu_slots, layout, worker_threads
 
 
@@ -74,55 +71,6 @@ def claim(cell: Cell) -> Iterator[bool]:
         os.close(fd)  # releases the lock; the file stays, to say who ran the cell last
 
 
-def log_path(cell: Cell) -> Path:
-    """Where a sweep's run writes what it prints: ``<sweep>/logs/<cell>.log``, every attempt's."""
-    return Path(cell.run_dir).parents[2] / "logs" / f"{cell.name}.log"
-
-
-@contextmanager
-def output_to(path: Path, header: str) -> Iterator[None]:
-    """Append everything the body prints to ``path``, after a line ``header``: this process's
-    stdout and stderr at their file descriptors (Python, Lightning's logging, torch's C++
-    warnings) and those of the processes it starts (a run's own process group). The sweep's
-    terminal keeps its progress and a line per run; two workers' runs never interleave there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _flush_std()
-    saved = (os.dup(1), os.dup(2))
-    try:
-        with open(path, "a", buffering=1) as log:
-            log.write(f"{header}\n")
-            log.flush()
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            try:
-                # Python's streams too, where a caller replaced them (pytest's capsys, a notebook).
-                with redirect_stdout(log), redirect_stderr(log):
-                    yield
-            finally:
-                _flush_std()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-    finally:
-        for fd in saved:
-            os.close(fd)
-
-
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
-
-
-def _attempt_header(cell: Cell, resume: bool, packed: list[Cell] | None = None) -> str:
-    how = "resuming from its last checkpoint" if resume else "from the start"
-    if packed:
-        how += f", packed with {', '.join(c.name for c in packed if c is not cell)}"
-    when = time.strftime("%Y-%m-%d %H:%M:%S")
-    return f"== normbench sweep: {cell.name}, {how}, {when}, pid {os.getpid()} on {socket.gethostname()} =="
-
-
 def run_cell(cell: Cell | dict) -> str:
     """Run one cell and return its status; a failure is recorded, not raised.
 
@@ -149,7 +97,7 @@ def run_cell(cell: Cell | dict) -> str:
         _start_attempt(cell, resume=resume)
         start = time.time()
         try:
-            with output_to(log_path(cell), _attempt_header(cell, resume)):
+            with output_to(log_path(cell), attempt_header(cell, resume)):
                 if cell.world_size > 1:
                     _run_process_group(cell)
                 else:
@@ -220,35 +168,6 @@ def _start_attempt(cell: Cell, resume: bool, **extra: Any) -> None:
     start_attempt(run_dir, sweep, resume, previous, **extra)
 
 
-def outcome(name: str, record: dict[str, Any]) -> str:
-    """One line on a run that failed or diverged: ``bn_bs4 failed: <its error>`` or ``bn_bs4
-    diverged at step 12``."""
-    if record.get("status") == DIVERGED:
-        return f"{name} diverged at step {record.get('diverged_at_step', '?')}"
-    return f"{name} failed: {record.get('error') or 'no error recorded'}"
-
-
-def ended(cell: Cell) -> str:
-    """The sweep's line on a run it has just run: how it ended, from its record, and for a run
-    that failed where its output is."""
-    record = read_record(cell.run_dir)
-    status = record.get("status", PENDING)
-    if status == FAILED:
-        return f"{outcome(cell.name, record)} (its output: {log_path(cell)})"
-    if status == DIVERGED:
-        return outcome(cell.name, record)
-    if status == FINISHED:
-
-        def acc(key: str) -> str:
-            return "n/a" if record.get(key) is None else f"{record[key]:.4f}"
-
-        return (f"{cell.name} finished: val/acc {acc('val_acc_best')} best, {acc('val_acc_final')} last, "
-                f"{record.get('global_step', '?')} steps, {record.get('wall_time_s') or 0:.0f} s")  # fmt: skip
-    if status == RUNNING:
-        return f"{cell.name} is run by another sweep process (its claim: {Path(cell.run_dir).parents[2] / 'claims'})"
-    return f"{cell.name} {status}"
-
-
 def run_group(cells: list[Cell | dict]) -> list[str]:
     """Run one pack (``normbench.packed_fit``) or, for a single cell, ``run_cell``; failures are
     recorded per run, as in ``run_cell``. Packs have no checkpoints: an interrupted pack starts again."""
@@ -269,9 +188,9 @@ def run_group(cells: list[Cell | dict]) -> list[str]:
                 for cell in todo[1:]:
                     log_path(cell).parent.mkdir(parents=True, exist_ok=True)
                     with open(log_path(cell), "a") as log:
-                        log.write(f"{_attempt_header(cell, False, todo)}\n(its output: {log_path(todo[0])})\n")
+                        log.write(f"{attempt_header(cell, False, todo)}\n(its output: {log_path(todo[0])})\n")
                 with (
-                    output_to(log_path(todo[0]), _attempt_header(todo[0], False, todo)),
+                    output_to(log_path(todo[0]), attempt_header(todo[0], False, todo)),
                     lightning_internal_warnings_ignored(),
                 ):
                     fit_pack(todo)

@@ -48,7 +48,8 @@ from normbench.results import (
     read_record,
     write_json_atomic,
 )
-from normbench.runner import outcome, run_local, run_ray
+from normbench.run_output import outcome
+from normbench.runner import run_local, run_ray
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:

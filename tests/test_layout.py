@@ -20,7 +20,7 @@ LAYERS = [
     ["normbench.main"],
     ["normbench.sweep"],
     ["normbench.runner"],
-    ["normbench.workers"],
+    ["normbench.workers", "normbench.run_output"],
     ["normbench.grid"],
     ["normbench.bench"],
     ["normbench.bench_sections", "normbench.bench_steps"],
