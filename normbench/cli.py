@@ -256,7 +256,7 @@ class NormBenchCLI(LightningCLI):
                 "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "
                 "a positive number of epochs, or give --trainer.max_steps"
             )
-        add_default_callbacks(config, config.checkpoint_every_n_steps)
+        add_default_callbacks(config, config.checkpoint_every_n_steps, self.subcommand)
         if self.subcommand in ("validate", "test", "predict"):
             # Loading the checkpoint evaluated, the run's ModelCheckpoint warns that its directory
             # is not the checkpoint's, so that its best-k bookkeeping is not reloaded: nothing an

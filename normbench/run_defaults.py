@@ -14,13 +14,16 @@ from typing import Any
 import lightning as L
 from jsonargparse import Namespace
 
+from normbench.devices import world_size
+
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+PREDICTION_WRITER = "normbench.predictions.PredictionWriter"
 PROGRESS_REFRESH = 20  # steps between progress-bar redraws
 
 
-def add_default_callbacks(config: Namespace, checkpoint_every_n_steps: int) -> None:
-    """Add the default callbacks to a fit's config.
+def add_default_callbacks(config: Namespace, checkpoint_every_n_steps: int, subcommand: str | None = "fit") -> None:
+    """Add the default callbacks to a command's config.
 
     last.ckpt at the end of every training epoch (after the epoch's metrics are logged, so that
     the run record in it is complete) and every ``checkpoint_every_n_steps`` steps and, where
@@ -28,13 +31,23 @@ def add_default_callbacks(config: Namespace, checkpoint_every_n_steps: int) -> N
     ``val_split: 0`` validation is the official test split (the studies' protocol), and nothing is
     selected on it. None in a ``fast_dev_run``, whose checkpointing Lightning means to suppress
     (``save_last`` would still write one at the end): a development run leaves nothing to resume
-    from. A progress bar that redraws every ``PROGRESS_REFRESH`` steps.
+    from. A progress bar that redraws every ``PROGRESS_REFRESH`` steps. For ``predict``, a
+    ``PredictionWriter`` (``predictions.csv`` in the run directory) unless the config names a
+    prediction writer of its own.
 
     Args:
         config: the command's config (``trainer``, ``data``), changed in place.
         checkpoint_every_n_steps: steps between mid-epoch refreshes of last.ckpt (0: none).
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
     """
     trainer = config.trainer
+    if subcommand == "predict" and not any(callback_name(c).endswith("Writer") for c in trainer.callbacks or []):
+        if world_size(trainer) > 1:  # said before any process starts (PredictionWriter also refuses it)
+            raise ValueError(
+                f"normbench predict writes its predictions from one process; this run has {world_size(trainer)} "
+                "(give --trainer.devices 1 --trainer.num_nodes 1)"
+            )
+        append_callback(config, PREDICTION_WRITER)
     dev_run = bool(trainer.fast_dev_run)
     if not dev_run:
         best = {"monitor": "val/acc", "mode": "max", "filename": "best-{epoch}"}

@@ -125,6 +125,43 @@ def test_fit_then_test_from_checkpoint_on_cifar100(fake_data, tmp_path):
     assert after == before  # the command's filter is not left behind
 
 
+def test_predict_writes_each_test_images_class_beside_its_label(fake_data, tmp_path):
+    import csv
+
+    from torchvision import datasets
+
+    from normbench.module import NormBenchModule
+
+    config = mnist_config("bn", 16)
+    args = fast(fake_data, tmp_path)
+    main(["fit", "--config", config, *args])
+    run = tmp_path / "lightning_logs" / "mnist_bn_bs16"
+    ckpt = run / "version_0" / "checkpoints" / "last.ckpt"
+    main(["predict", "--config", config, *args, "--ckpt_path", str(ckpt)])
+    rows = list(csv.DictReader((run / "version_1" / "predictions.csv").read_text().splitlines()))
+    # Independently: torchvision's test split, Normalize(0.5, 0.5), the checkpoint's network in eval mode.
+    test = datasets.MNIST(str(fake_data), train=False, download=False)
+    x, y = (test.data.unsqueeze(1).float() / 255 - 0.5) / 0.5, test.targets
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = NormBenchModule(**{k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")})
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        expected = model.net.eval()(x).argmax(1)
+    assert [int(r["index"]) for r in rows] == list(range(len(y))) == list(range(64))
+    assert [int(r["label"]) for r in rows] == y.tolist()
+    assert [int(r["prediction"]) for r in rows] == expected.tolist()
+
+
+def test_predict_on_several_processes_is_refused_in_one_line(fake_data, tmp_path, capsys):
+    args = fast(fake_data, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp_fork")
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--config", mnist_config("bn", 16), *args])
+    assert done.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("normbench: error: normbench predict writes its predictions from one process; ")
+    assert "--trainer.devices 1" in line
+
+
 def test_training_never_sees_the_test_split(fake_data, tmp_path):
     for val_split in ("0", "0.25"):
         cli = NormBenchCLI(args=["--config", str(ROOT / "configs" / "cifar10_bn_bs16.yaml"),

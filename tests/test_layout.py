@@ -43,7 +43,7 @@ LAYERS = [
     ["normbench.recorder"],
     ["normbench.hparams"],
     ["normbench.layout"],
-    ["normbench.callbacks"],
+    ["normbench.callbacks", "normbench.predictions"],
     ["normbench.diagnostics.train_eval"],
     ["normbench.diagnostics.figures"],
     ["normbench.diagnostics.timing", "normbench.diagnostics"],
