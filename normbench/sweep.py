@@ -88,7 +88,9 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--overrides", type=dict, default={}, help="config key -> value for every run")
     parser.add_argument("--output", type=str, default="sweeps", help="where sweep directories go")
-    parser.add_argument("--backend", type=Literal["local", "ray"], default="local")
+    parser.add_argument("--backend", type=Literal["local", "ray"], default="local",
+                        help="local: worker processes on this machine; ray: trials of Ray Tune, here or on "
+                        "--ray_address (pip install 'normbench[ray]')")  # fmt: skip
     parser.add_argument(
         "--workers",
         type=PositiveInt | Literal["auto"],
@@ -128,7 +130,7 @@ def build_parser() -> ArgumentParser:
         type=bool,
         default=False,
         help="train runs that differ only in seed_everything as one pack (normbench.pack; local "
-        "backend). Opt-in; the README's speed section says where it pays",
+        "backend). Opt-in; docs/speed.md says where it pays",
     )
     parser.add_argument(
         "--allow_failures",

@@ -31,7 +31,7 @@ def auto_workers(runs: int, gpus: int, threads_per_run: int | None = None, memor
     """How many workers ``--workers auto`` (the default) runs at once: one per GPU where there
     are GPUs; on CPU one per ``threads_per_run`` cores (one per core by default), since single-
     thread workers that each stay one process for the whole sweep are the fastest layout
-    measured (README, Speed: on both 2-core CPUs measured, its 12-run grid beat one process of
+    measured (docs/speed.md: on both 2-core CPUs measured, its 12-run grid beat one process of
     all cores' threads by 12% to 19%), and no more than one per ``WORKER_GIB`` of available
     memory (``memory_gib``, default: read now); never more than there are ``runs``, at least 1.
 
