@@ -150,7 +150,9 @@ def bench(args: list[str] | None = None) -> dict[str, list[dict]]:
     Args:
         args: command-line arguments after ``bench``.
     """
-    p = ArgumentParser(prog="normbench bench", description=__doc__.split("\n\n")[0], exit_on_error=False)
+    p = ArgumentParser(
+        prog="normbench bench", description=__doc__.split("\n\n")[0].replace("``", ""), exit_on_error=False
+    )
     p.add_argument("--data_dir", type=str, default="data", help="folder with (or for) MNIST")
     p.add_argument(
         "--mnist_raw",

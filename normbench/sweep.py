@@ -76,7 +76,9 @@ def _as_plain_data(value: Any) -> Any:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="normbench sweep", description=__doc__.split("\n\n")[0], exit_on_error=False)
+    parser = ArgumentParser(
+        prog="normbench sweep", description=__doc__.split("\n\n")[0].replace("``", ""), exit_on_error=False
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="the sweep config (YAML)")
     parser.add_argument("--name", type=str | None, default=None, help="sweep name (default: the config file's stem)")
     parser.add_argument("--base", type=str, required=True, help="base experiment config every run starts from")

@@ -256,7 +256,9 @@ def report(args: list[str] | None = None) -> Path:
         FileNotFoundError: no run record under the paths (a user error: exit status 2).
         ValueError: run records there, none of them readable (exit status 2).
     """
-    parser = ArgumentParser(prog="normbench report", description=__doc__.split("\n\n")[0], exit_on_error=False)
+    parser = ArgumentParser(
+        prog="normbench report", description=__doc__.split("\n\n")[0].replace("``", ""), exit_on_error=False
+    )
     parser.add_argument("paths", type=str, nargs="+", help="sweep directories, run directories or records")
     parser.add_argument("--out", type=str | None, default=None, help="output folder (default: <first path>/report)")
     parser.add_argument("--reference", type=str | None, default=None,
