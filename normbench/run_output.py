@@ -21,6 +21,14 @@ def log_path(cell: Cell) -> Path:
     return Path(cell.run_dir).parents[2] / "logs" / f"{cell.name}.log"
 
 
+def append_log(cell: Cell, text: str) -> None:
+    """Append ``text`` (whole lines) to the cell's log, outside any ``output_to``."""
+    path = log_path(cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        log.write(text if text.endswith("\n") else f"{text}\n")
+
+
 @contextmanager
 def output_to(path: Path, header: str) -> Iterator[None]:
     """Append everything the body prints to ``path``, after a line ``header``: this process's

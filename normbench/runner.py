@@ -36,7 +36,7 @@ from normbench.results import (
     update_record,
 )
 from normbench.run_defaults import lightning_internal_warnings_ignored
-from normbench.run_output import attempt_header, ended, log_path, output_to
+from normbench.run_output import append_log, attempt_header, ended, log_path, output_to
 from normbench.workers import Slot, auto_workers, cpu_slots, enter_slot, gpu_slots, layout, worker_threads
 
 
@@ -113,9 +113,9 @@ def run_cell(cell: Cell | dict) -> str:
                 # ignores SIGINT from then on); the run resumes when the sweep runs again.
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt from None
-            record_failure(cell.run_dir, err, start, traceback.format_exc())
-            with open(log_path(cell), "a") as log:
-                log.write(f"== {cell.name} failed ==\n{traceback.format_exc()}")
+            trace = traceback.format_exc()
+            record_failure(cell.run_dir, err, start, trace)
+            append_log(cell, f"== {cell.name} failed ==\n{trace}")
         finally:
             end_attempt(cell.run_dir)
         return cell.status()
@@ -186,9 +186,7 @@ def run_group(cells: list[Cell | dict]) -> list[str]:
             if todo:
                 # The pack's one output, in its first run's log; the others' logs say where it is.
                 for cell in todo[1:]:
-                    log_path(cell).parent.mkdir(parents=True, exist_ok=True)
-                    with open(log_path(cell), "a") as log:
-                        log.write(f"{attempt_header(cell, False, todo)}\n(its output: {log_path(todo[0])})\n")
+                    append_log(cell, f"{attempt_header(cell, False, todo)}\n(its output: {log_path(todo[0])})")
                 with (
                     output_to(log_path(todo[0]), attempt_header(todo[0], False, todo)),
                     lightning_internal_warnings_ignored(),
@@ -198,10 +196,10 @@ def run_group(cells: list[Cell | dict]) -> list[str]:
             _interrupted(todo)
             raise
         except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded for every run of the pack
+            trace = traceback.format_exc()
             for cell in todo:
-                record_failure(cell.run_dir, err, start, traceback.format_exc())
-            with open(log_path(todo[0]), "a") as log:
-                log.write(f"== the pack failed ==\n{traceback.format_exc()}")
+                record_failure(cell.run_dir, err, start, trace)
+            append_log(todo[0], f"== the pack failed ==\n{trace}")
         finally:
             for cell in todo:
                 end_attempt(cell.run_dir)
