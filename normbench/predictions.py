@@ -13,6 +13,15 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 
+def check_one_process(world_size: int) -> None:
+    """Refuse a predict on several processes (``PredictionWriter`` writes from one), in one line."""
+    if world_size > 1:
+        raise ValueError(
+            f"normbench predict writes its predictions from one process; this run has {world_size} "
+            "(give --trainer.devices 1 --trainer.num_nodes 1)"
+        )
+
+
 class PredictionWriter(L.Callback):
     """Write ``index,prediction,label`` per image of the predict loader (the data module's test
     split), in its order, as each batch is predicted: ``index`` is the image's place in the
@@ -34,11 +43,8 @@ class PredictionWriter(L.Callback):
         self._seen = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "predict" and trainer.world_size > 1:
-            raise ValueError(
-                f"normbench predict writes its predictions from one process; this run has {trainer.world_size} "
-                "(give --trainer.devices 1 --trainer.num_nodes 1)"
-            )
+        if stage == "predict":
+            check_one_process(trainer.world_size)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = trainer.log_dir or trainer.default_root_dir

@@ -15,6 +15,7 @@ import lightning as L
 from jsonargparse import Namespace
 
 from normbench.devices import world_size
+from normbench.predictions import check_one_process
 
 PROGRESS_BAR = "lightning.pytorch.callbacks.TQDMProgressBar"
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -42,11 +43,7 @@ def add_default_callbacks(config: Namespace, checkpoint_every_n_steps: int, subc
     """
     trainer = config.trainer
     if subcommand == "predict" and not any(callback_name(c).endswith("Writer") for c in trainer.callbacks or []):
-        if world_size(trainer) > 1:  # said before any process starts (PredictionWriter also refuses it)
-            raise ValueError(
-                f"normbench predict writes its predictions from one process; this run has {world_size(trainer)} "
-                "(give --trainer.devices 1 --trainer.num_nodes 1)"
-            )
+        check_one_process(world_size(trainer))  # said before any process starts, as the writer would
         append_callback(config, PREDICTION_WRITER)
     dev_run = bool(trainer.fast_dev_run)
     if not dev_run:
