@@ -67,6 +67,16 @@ def own_args(cell: Cell) -> list[str]:
     return [a for k, v in cell.values.items() for a in _key_args(k, v)]
 
 
+def run_dir_args(sweep_dir: str | Path, name: str) -> list[str]:
+    """The arguments that put a cell's run in its directory, the last of its arguments."""
+    return ["--trainer.default_root_dir", str(sweep_dir), "--name", name, "--version", "0"]
+
+
+def shared_args(cell: Cell) -> list[str]:
+    """The arguments every cell of its sweep shares: the command, the base config, the overrides."""
+    return cell.args[: len(cell.args) - len(own_args(cell)) - len(run_dir_args("", cell.name))]
+
+
 def _key_args(key: str, value: Any) -> list[str]:
     if key == "dataset":
         if value not in DATAMODULES:
@@ -116,7 +126,7 @@ def expand(grid: dict[str, Any], base: str, overrides: dict[str, Any], sweep_dir
         name = "_".join(label for label, _ in combo if label)
         args = ["fit", "--config", str(Path(base).resolve()), *fixed]
         args += [a for k, v in values.items() for a in _key_args(k, v)]
-        args += ["--trainer.default_root_dir", str(sweep_dir), "--name", name, "--version", "0"]
+        args += run_dir_args(sweep_dir, name)
         cells.append(Cell(index, name, values, args, str(sweep_dir / "lightning_logs" / name / "version_0")))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):

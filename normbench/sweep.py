@@ -38,7 +38,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from normbench.grid import Cell, expand, own_args, validate
+from normbench.grid import Cell, expand, own_args, run_dir_args, shared_args, validate
 from normbench.options import plain_config
 from normbench.results import (
     DIVERGED,
@@ -218,9 +218,8 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
 def print_dry_run(cells: list[Cell], to_run: int, sweep_dir: Path) -> None:
     """What a dry run prints: the command every run shares, once, shell-quoted; a line per run
     (index, status, name, its own arguments); the count."""
-    shared = cells[0].args[: len(cells[0].args) - 6 - len(own_args(cells[0]))]
-    print(f"every run: normbench {shlex.join(shared)} ... "
-          f"--trainer.default_root_dir {shlex.quote(str(sweep_dir))} --name <run> --version 0")  # fmt: skip
+    tail = shlex.join(run_dir_args(sweep_dir, "RUN")).replace("RUN", "<run>")
+    print(f"every run: normbench {shlex.join(shared_args(cells[0]))} ... {tail}")
     width = max(len(c.name) for c in cells)
     for c in cells:
         print(f"{c.index:4d}  {c.status():9s}  {c.name:{width}s}  {shlex.join(own_args(c))}")
