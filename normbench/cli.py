@@ -3,7 +3,8 @@ and resuming a run where its checkpoint left it.
 
 Also a run's name from its config. Devices (``normbench.devices``), seeding
 (``normbench.seeding``), where a run resumes (``normbench.checkpoints``) and the callbacks a run
-gets by default (``normbench.run_defaults``) live in their own modules. No command module is imported here; ``normbench.main`` is the table of commands.
+gets by default (``normbench.run_defaults``) live in their own modules. No command module is
+imported here; ``normbench.main`` is the table of commands.
 """
 
 from __future__ import annotations
