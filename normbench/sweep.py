@@ -38,6 +38,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from normbench.backends import run_local, run_ray
 from normbench.grid import Cell, expand, own_args, run_dir_args, shared_args, validate
 from normbench.options import plain_config
 from normbench.results import (
@@ -49,7 +50,6 @@ from normbench.results import (
     write_json_atomic,
 )
 from normbench.run_output import outcome
-from normbench.runner import run_local, run_ray
 
 
 def _find_base(base: str, sweep_file: Path | None) -> Path:

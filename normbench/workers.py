@@ -1,5 +1,5 @@
-"""Where a sweep's runs execute: how many worker processes ``--workers auto`` starts, and the
-share of the machine each one takes (its GPU, or its threads and cores on CPU)."""
+"""The machine's slots for a sweep's runs: how many worker processes ``--workers auto``
+starts, and the share of the machine each one takes (its GPU, or its threads and cores on CPU)."""
 
 from __future__ import annotations
 

@@ -247,7 +247,7 @@ def test_the_console_script_exits_2_with_only_the_line(workspace):
     # The fit path's fixed cost: it imports no sweep, report or bench machinery, statistics or
     # Ray (Lightning itself brings scipy.signal and matplotlib, through torchmetrics).
     assert "normbench.cli" in imported and "normbench.module" in imported and "normbench.recorder" in imported
-    unused = ("normbench.report", "normbench.sweep", "normbench.runner", "normbench.grid", "normbench.bench",
+    unused = ("normbench.report", "normbench.sweep", "normbench.backends", "normbench.runner", "normbench.grid", "normbench.bench",
               "normbench.pack", "normbench.workers", "statsmodels", "ray", "pandas")  # fmt: skip
     assert [m for m in imported if m.split(".")[0] in unused or m.startswith(unused)] == []
 

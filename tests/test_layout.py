@@ -19,6 +19,7 @@ LAYERS = [
     ["normbench.__main__"],
     ["normbench.main"],
     ["normbench.sweep"],
+    ["normbench.backends"],
     ["normbench.runner"],
     ["normbench.workers", "normbench.run_output"],
     ["normbench.grid"],

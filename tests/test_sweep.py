@@ -735,7 +735,7 @@ def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkey
     # What a worker process does with its slot, here in this process: the run's own callback
     # sees the slot's GPU as its CUDA_VISIBLE_DEVICES, and its config still says one device.
     # (The worker processes themselves are test_parallel_workers_share_the_cores_...)
-    from normbench import runner, sweep, workers
+    from normbench import backends, sweep, workers
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # put back after the test
     config = write_sweep(tmp_path / "gpus.yaml", fake_data, {"model.norm": ["bn"]})
@@ -747,7 +747,7 @@ def test_a_worker_owns_its_gpu_before_the_run_starts(fake_data, tmp_path, monkey
     (cell,) = sweep.sweep(["--config", str(config), "--output", str(tmp_path / "out"), "--dry_run"])
     slots = workers.gpu_slots(workers=4, gpus=2)
     assert [slot.gpu for slot in slots] == ["0", "1", "0", "1"]  # the visible GPUs in turn, --gpus of them
-    runner._run_group_in_slot([asdict(cell)], slots[1])
+    backends._run_group_in_slot([asdict(cell)], slots[1])
     run = Path(cell.run_dir)
     probe = json.loads((run / "threads.json").read_text())
     record = json.loads((run / "metrics.json").read_text())
@@ -762,7 +762,7 @@ def test_runs_go_to_the_worker_that_is_free(monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from normbench import runner
+    from normbench import backends
     from normbench.grid import Cell
 
     seconds = {"long": 1.0, "a": 0.05, "b": 0.05, "c": 0.05}
@@ -776,12 +776,12 @@ def test_runs_go_to_the_worker_that_is_free(monkeypatch):
             ran.append(("+".join(c["name"] for c in cells), slot.gpu, start, time.time()))
         return ["finished"] * len(cells)
 
-    monkeypatch.setattr(runner, "_run_group_in_slot", fake_slot)
-    monkeypatch.setattr(runner, "ProcessPoolExecutor", lambda n, **_: ThreadPoolExecutor(n))
+    monkeypatch.setattr(backends, "_run_group_in_slot", fake_slot)
+    monkeypatch.setattr(backends, "ProcessPoolExecutor", lambda n, **_: ThreadPoolExecutor(n))
     # Two seeds of each: with --pack, one pack per norm, handed to one worker whole.
     cells = [Cell(i, f"{norm}_seed{seed}", {"model.norm": norm, "seed_everything": seed}, [], "/none")
              for i, (norm, seed) in enumerate((n, s) for n in seconds for s in (0, 1))]  # fmt: skip
-    runner.run_local(cells, workers=2, gpus=2, pack=True)
+    backends.run_local(cells, workers=2, gpus=2, pack=True)
     gpu = {name: g for name, g, _, _ in ran}
     assert gpu == {"long_seed0+long_seed1": "0", "a_seed0+a_seed1": "1", "b_seed0+b_seed1": "1",
                    "c_seed0+c_seed1": "1"}, ran  # fmt: skip
