@@ -53,7 +53,8 @@ def main(args: ArgsType = None) -> None:
 
     A bad value, file or config ends it with one line on stderr, ``normbench: error: ...``, and
     exit status 2 (``SystemExit``); ``NORMBENCH_DEBUG=1`` shows the traceback instead. Ctrl-C
-    ends it with exit status 130 and the line that says how to resume.
+    ends it with exit status 130 and the line that says how to resume; output into a pipe
+    whose reader has gone ends it quietly with 141, as SIGPIPE ends a Unix tool.
 
     Args:
         args: command-line arguments; None reads ``sys.argv``.
@@ -62,6 +63,12 @@ def main(args: ArgsType = None) -> None:
     if args is None:
         try:
             _main(argv, args)
+        except BrokenPipeError:
+            # What read the output went away (``normbench sweep --dry-run | head``): end quietly,
+            # as a Unix tool killed by SIGPIPE does (status 128 + 13), the rest of the output
+            # sent nowhere rather than failing again as Python flushes it on the way out.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            exit_now(128 + 13)
         except SystemExit as done:
             if not isinstance(done.code, (int, type(None))):
                 raise  # a message to print: Python's own exit prints it

@@ -637,6 +637,24 @@ def test_packing_is_opt_in_even_with_a_gpu(fake_data, tmp_path, monkeypatch):
     assert seen == [False]
 
 
+def test_a_dry_run_into_a_pipe_whose_reader_has_gone_ends_quietly(fake_data, tmp_path):
+    # `normbench sweep --dry-run | head -1`: head exits after its line. The sweep ends as a Unix
+    # tool that SIGPIPE stops does, status 141 and nothing on stderr, not with a traceback. The
+    # pipe's reader is closed before the sweep starts, so every write fails, none by chance, and
+    # output unbuffered makes the first print fail, as the print that fills Python's 8 KiB
+    # buffer does in a long dry run (a short one fails only as it is flushed at the exit).
+    config = write_sweep(tmp_path / "two.yaml", fake_data, {"model.norm": ["bn", "gn"]})
+    cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path), "--dry-run"]
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        env = {**_env(), "PYTHONUNBUFFERED": "1"}
+        done = subprocess.run(cmd, stdout=writer, stderr=subprocess.PIPE, env=env, text=True, timeout=120, check=False)
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_ctrl_c_as_a_run_is_set_up_is_recorded_as_interrupted_and_said_in_its_log(tmp_path, monkeypatch):
     # Ctrl-C before Lightning's fit loop starts (the CLI parsing, the data loading) reaches no
     # recorder: the sweep itself records the run as interrupted, not as running.
