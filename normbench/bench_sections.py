@@ -25,7 +25,7 @@ from normbench.bench_tools import (
 )
 from normbench.loaders import InMemoryLoader, PackedLoader
 from normbench.module import NormBenchModule
-from normbench.nets import PackedRuns, packed_loss
+from normbench.packed_runs import PackedRuns, packed_loss
 from normbench.results import cpu_cores, read_record
 
 GRID_NORMS = {

@@ -3,7 +3,7 @@
 Each run of the pack is built exactly as ``normbench fit`` builds it alone (its config parsed by
 the same CLI, its model initialized after its own ``seed_everything``, its data order from its
 own seed), then the K networks train in one process and one step through
-``normbench.nets.PackedRuns``. Each run keeps its own metrics, TensorBoard run, HPARAMS entry and
+``normbench.packed_runs.PackedRuns``. Each run keeps its own metrics, TensorBoard run, HPARAMS entry and
 run record (``normbench.recorder.RunRecord``, as a lone run's ``RunRecorder`` keeps it) in its own
 run directory, as if it had run alone; a run whose loss turns NaN or inf is recorded as diverged
 at that step while the others go on (nothing couples the runs).
@@ -32,7 +32,7 @@ from normbench.devices import world_size
 from normbench.hparams import experiment_hparams
 from normbench.layout import batch_layout
 from normbench.loaders import PackedLoader
-from normbench.nets import PackedRuns, packed_losses
+from normbench.packed_runs import PackedRuns, packed_losses
 from normbench.recorder import RunRecord, log_run_hparams
 from normbench.results import DIVERGED, FINISHED, RUNNING, code_revision, hardware
 from normbench.run_defaults import callback_name

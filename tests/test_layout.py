@@ -56,7 +56,7 @@ LAYERS = [
     ["normbench.loaders"],
     ["normbench.orders"],
     ["normbench.datasets"],
-    ["normbench.nets"],
+    ["normbench.nets", "normbench.packed_runs"],
     ["normbench.norms"],  # the norm library, its own modules below its __init__ (acyclic, checked apart)
     ["normbench.results"],
     ["normbench.options"],
@@ -64,7 +64,7 @@ LAYERS = [
     ["normbench"],  # the package's __init__: its version
 ]
 # Plain torch, no Lightning (STYLE rule 2).
-PLAIN = ("normbench.nets", "normbench.norms", "normbench.loaders")
+PLAIN = ("normbench.nets", "normbench.packed_runs", "normbench.norms", "normbench.loaders")
 
 
 def module_name(path: Path) -> str:

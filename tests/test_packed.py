@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from normbench.loaders import InMemoryLoader, PackedLoader
 from normbench.module import NormBenchModule
-from normbench.nets import PackedRuns, packed_loss
+from normbench.packed_runs import PackedRuns, packed_loss
 
 SEEDS = (0, 1, 2)
 STEPS = 6
