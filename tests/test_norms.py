@@ -164,6 +164,18 @@ def test_gn_ln_in_equal_torch(name):
     assert not list(layer.buffers()) and not list(ref.buffers())
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_gn_matches_its_equations(groups):
+    # Wu & He 2018, Eq. 1-3: per sample, each group of C/G contiguous channels by its own mean
+    # and biased variance over (C/G, H, W), then a per-channel gamma and beta.
+    layer, x = make("gn", num_groups=groups), sample(3, C, 5, 6, dtype=torch.float64)
+    layer.double()
+    xg = x.detach().reshape(3, groups, -1)
+    mu, var = xg.mean(-1, keepdim=True), xg.var(-1, unbiased=False, keepdim=True)
+    x_hat = ((xg - mu) / (var + layer.eps).sqrt()).reshape(x.shape)
+    torch.testing.assert_close(layer(x), x_hat * layer.weight.reshape(bshape(x)) + layer.bias.reshape(bshape(x)))
+
+
 # --------------------------------------------------------------------------- bnrs
 
 
@@ -336,12 +348,42 @@ def test_frn_matches_equations():
     x2 = sample(4, C)
     y2 = layer.weight * x2.detach() / (x2.detach().square() + 1e-6).sqrt() + layer.bias
     torch.testing.assert_close(layer(x2), torch.max(y2, layer.tau))
-    # A learned eps: eps + |eps_l|, the constant eps its floor.
+    # A learned eps enters as |eps| (the paper's code).
     learned = make("frn", learnable_eps=True)
     with torch.no_grad():
         learned.eps_l.fill_(-0.3)
-    y2 = learned.weight * x2.detach() / (x2.detach().square() + 1e-6 + 0.3).sqrt() + learned.bias
+    y2 = learned.weight * x2.detach() / (x2.detach().square() + 0.3).sqrt() + learned.bias
     torch.testing.assert_close(learned(x2), torch.max(y2, learned.tau))
+
+
+def test_frn_learned_eps_starts_at_eps_and_learns():
+    # Started at 0, |eps| would have gradient 0 and never move: it starts at eps, and its
+    # gradient is d/d eps of the output, here by finite differences in float64.
+    layer = create_norm("frn", C, learnable_eps=True, eps=1e-3).double()
+    assert layer.eps_l.item() == pytest.approx(1e-3)
+    x = sample(4, C, dtype=torch.float64).detach() * 0.05  # small values, where eps matters
+    up = sample(4, C, dtype=torch.float64, seed=5).detach()
+    (layer(x) * up).sum().backward()
+
+    def out(eps):
+        with torch.no_grad():
+            y = layer.weight * x / (x.square() + eps).sqrt() + layer.bias
+            return (torch.max(y, layer.tau) * up).sum().item()
+
+    h = 1e-7
+    numeric = (out(1e-3 + h) - out(1e-3 - h)) / (2 * h)
+    assert layer.eps_l.grad.item() == pytest.approx(numeric, rel=1e-5) and numeric != 0
+    before = layer.eps_l.item()
+    torch.optim.SGD(layer.parameters(), lr=1e-4).step()
+    assert layer.eps_l.item() != before
+
+
+@pytest.mark.parametrize("name", [n for n in NORMS if n != "none"])
+def test_a_wrong_channel_count_is_refused_not_broadcast(name):
+    # One channel where the layer has C: broadcasting its (1, C, 1, 1) parameters would return C
+    # channels of nonsense (frn did).
+    with pytest.raises((ValueError, RuntimeError)):
+        make(name)(sample(2, 1, 4, 4).detach())
 
 
 def test_evonorm_b0_matches_equation():

@@ -89,7 +89,7 @@ def activation_gain(activation: nn.Module, points: int = 240_001) -> float:
     z = torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
     density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     with torch.no_grad():
-        g = activation(z)
+        g = activation(z.clone())  # an in-place activation would overwrite the grid
     mean = torch.trapezoid(density * g, z)
     return float(1 / torch.sqrt(torch.trapezoid(density * g * g, z) - mean**2))
 
