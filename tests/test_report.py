@@ -15,6 +15,7 @@ from normbench.data import DATAMODULES
 from normbench.main import main
 from normbench.report import find_runs
 from normbench.report.inference import p_text
+from normbench.report.records import tasks_apart
 from normbench.report.tables import Stat
 from normbench.report.verdicts import CLAIMS, judge
 
@@ -292,6 +293,33 @@ def test_bn_needs_batch_fits_each_layout_apart(tmp_path):
     assert "cifar10: BN − GN per doubling of the batch size +5.00 points" in evidence and "n = 18 runs" in evidence
     assert "cifar10 on 4 processes: BN − GN per doubling of the batch size +10.00 points" in evidence
     assert "n = 12 runs" in evidence
+
+
+def test_two_networks_on_one_dataset_are_two_tasks_never_one_cell(tmp_path):
+    # Study 2's network and study 1's on CIFAR-10, each with BN 20 points below GN at batch size
+    # 2 and level with it at 128, at accuracies 25 points apart. Pooled, each cell would mix
+    # the two networks (a spread of 12.5 points) and hide the interaction; apart, each network's
+    # fit shows it: BN − GN -20, -10, -1, 0 at log2 1, 3, 5, 7 per network.
+    nets = {"seed_cnn": ({"net": "seed_cnn", "activation": "relu"}, 80.0),
+            "dilated_cnn": ({"net": "dilated_cnn", "activation": "gelu"}, 55.0)}  # fmt: skip
+    for seed, jitter in enumerate((-0.5, 0.0, 0.5)):
+        for model, gn in nets.values():
+            for bs, gap in ((2, -20.0), (8, -10.0), (32, -1.0), (128, 0.0)):
+                record(tmp_path, norm="bn", bs=bs, seed=seed, best=(gn + gap + jitter) / 100, model=model)
+                record(tmp_path, norm="gn", bs=bs, seed=seed, best=(gn + jitter) / 100, model=model)
+    verdict, evidence = verdicts(tmp_path)["bn_needs_batch"]
+    assert verdict == "supported", evidence
+    slope = _slope({1: -20.0, 3: -10.0, 5: -1.0, 7: 0.0})
+    for net in nets:
+        assert f"cifar10_{net}: BN − GN per doubling of the batch size {slope:+.2f} points" in evidence
+    assert evidence.count("n = 24 runs") == 2
+    verdict, evidence = verdicts(tmp_path)["gn_stable"]
+    assert "cifar10_seed_cnn: 80.00 (bs" in evidence and "cifar10_dilated_cnn: 55.00 (bs" in evidence
+    # One network alone keeps the dataset's name.
+    (tmp_path / "one").mkdir()
+    record(tmp_path / "one", norm="gn", bs=2, best=0.8)
+    record(tmp_path / "one", norm="bn", bs=2, best=0.7)
+    assert [r.dataset for r in tasks_apart(find_runs([tmp_path / "one"]))] == ["cifar10", "cifar10"]
 
 
 def test_no_significant_difference_is_not_equivalence(tmp_path):

@@ -4,8 +4,9 @@ rewritten; ``batch_size`` is the global batch with its layout (``BatchSize``).""
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from normbench.data import DATAMODULES, dataset_name
@@ -111,6 +112,7 @@ class Run:
     budget: dict = field(default_factory=dict)
     steps: int | None = None
     lr: float | None = None
+    num_classes: int | None = None  # the dataset's, None for a dataset normbench does not know
 
     @property
     def ok(self) -> bool:
@@ -134,8 +136,7 @@ class Run:
     @property
     def chance(self) -> float | None:
         """Accuracy (percent) of guessing: 100 / the dataset's classes."""
-        module = DATAMODULES.get(self.dataset)
-        return 100.0 / module.num_classes if module is not None else None
+        return 100.0 / self.num_classes if self.num_classes else None
 
     def points(self) -> tuple[str, list[int], list[float]]:
         """(unit, x, accuracy %) of the accuracy curve: per epoch (1, 2, ...), or per evaluation
@@ -249,7 +250,18 @@ def load_run(path: Path, record: dict | None = None) -> Run:
         budget=dict(config.get("budget") or {}),
         steps=record.get("global_step"),
         lr=record.get("lr", _config_lr(model)),
+        num_classes=DATAMODULES[dataset].num_classes if dataset in DATAMODULES else None,
     )
+
+
+def tasks_apart(runs: list[Run]) -> list[Run]:
+    """The runs with ``dataset`` naming the task a verdict compares within: the dataset, with the
+    network after it (``cifar10_dilated_cnn``, as run directories name it) where the runs trained
+    several networks on that dataset, so that no cell pools two networks' accuracies."""
+    nets: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        nets[r.dataset].add(r.net)
+    return [replace(r, dataset=f"{r.dataset}_{r.net}") if len(nets[r.dataset]) > 1 else r for r in runs]
 
 
 def _config_lr(model: dict) -> float | None:

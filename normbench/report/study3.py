@@ -27,7 +27,7 @@ from normbench.norms import BATCH_NORMS
 from normbench.report.claims import CLOSE, STUDY_NETS, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, p_text, slope
 from normbench.report.plotting import pyplot, save_figure
-from normbench.report.records import Run
+from normbench.report.records import Run, tasks_apart
 from normbench.report.tables import LEARNED, PairedComparison, Stat, aggregate, sorted_values
 
 # Layers whose training output depends on the batch: no control for this study.
@@ -228,6 +228,7 @@ def study3_sections(runs: list[Run], out) -> list[str]:
     from normbench.report.tables import markdown_table
 
     lines: list[str] = []
+    runs = tasks_apart(runs)  # as the verdicts: never two networks' runs in one cell
     for (ds, bs), cells in sorted(_bn_by_norm_batch(runs).items(), key=lambda kv: str(kv[0])):
         controls = _controls(runs, ds, bs)
         name = norm_batch_figure(cells, controls, out / f"acc_vs_norm_batch_{ds}_bs{bs}.png")

@@ -33,13 +33,15 @@ from dataclasses import replace
 
 from normbench.report.claims import ALPHA, BEATS, CLOSE, STUDY_NETS, Verdict, budget_note, tested
 from normbench.report.inference import difference, equivalence, holm, interaction, p_text, slope
-from normbench.report.records import Run
+from normbench.report.records import Run, tasks_apart
 from normbench.report.study3 import CLAIMS as STUDY3_CLAIMS
 from normbench.report.tables import Comparison, Stat, aggregate, mean_curve, sorted_values
 
 
 def judge(runs: list[Run]) -> list[Verdict]:
-    """Every claim's verdict, the tested ones decided on their Holm-adjusted p-values."""
+    """Every claim's verdict, the tested ones decided on their Holm-adjusted p-values; each
+    compares within a dataset, and within a network where the runs trained several on it."""
+    runs = tasks_apart(runs)
     found = [claim(runs) for claim in CLAIMS]
     tested = [i for i, v in enumerate(found) if v.p is not None]
     for i, adjusted in zip(tested, holm([found[i].p for i in tested]), strict=True):
