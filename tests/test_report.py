@@ -176,7 +176,7 @@ def test_verdicts_when_the_studies_hold(tmp_path):
     bn = {2: 50.0, 4: 70.0, 8: 79.5, 16: 79.5, 32: 80.0, 64: 80.5, 128: 80.0}
     by_hand = _slope({np.log2(b): m for b, m in bn.items()}) - _slope({np.log2(b): m for b, m in gn_means.items()})
     assert f"BN − GN per doubling of the batch size {by_hand:+.2f} points (95% CI" in v["bn_needs_batch"][1]
-    assert "OLS interaction" in v["bn_needs_batch"][1] and "bs 2: -30.00" in v["bn_needs_batch"][1]
+    assert "Welch contrast of the cells' gaps" in v["bn_needs_batch"][1] and "bs 2: -30.00" in v["bn_needs_batch"][1]
     # A fixed number of epochs: batch size 2 took 2,500 steps, 128 took 39.
     assert "optimizer steps differ 64-fold across these cells (39 to 2500)" in v["bn_needs_batch"][1]
     assert "at batch sizes 8, 16, 32, 64, 128" in v["bn_close_to_gn"][1] and "TOST" in v["bn_close_to_gn"][1]

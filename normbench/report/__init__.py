@@ -2,7 +2,7 @@
 
 - ``records``: one ``Run`` per run record, its global batch and layout.
 - ``tables``: statistics over runs (mean, std, n; failures counted apart) and the tables.
-- ``inference``: the tests behind the verdicts (OLS interaction and slope, TOST, Holm).
+- ``inference``: the tests behind the verdicts (the interaction's Welch contrast, OLS slope, TOST, Holm).
 - ``claims``: what a verdict is made of; ``verdicts``: studies 1 and 2's claims, and
   ``study3``: which batch BN depends on; each tested as it is stated.
 - ``why``: what the end-of-run diagnostics say of each norm and batch size, and the gradient

@@ -55,7 +55,8 @@ PRECISION_INTRO = (
 )
 VERDICT_INTRO = (
     "Each claim is tested as it is stated (normbench.report.verdicts): a claim about BN against GN across batch "
-    'sizes by the norm x log2(batch size) interaction of an OLS fit; "stays stable" and "within 3 points" '
+    "sizes by the norm x log2(batch size) interaction (the slope of the cells' BN − GN gaps, a Welch contrast: "
+    'each cell with its own variance); "stays stable" and "within 3 points" '
     "by equivalence tests (TOST) against a 3-point margin, never by a difference that is not significant. The "
     "report's p-values are corrected together for multiplicity (Holm); a claim is supported when its estimate "
     "points its way and its adjusted p < 0.05. Where the optimizer steps of the cells compared differ by more "

@@ -1,9 +1,11 @@
-"""The tests behind the verdicts, each one a library's (statsmodels, scipy), never hand-rolled:
+"""The tests behind the verdicts, from statsmodels and scipy:
 
 - ``interaction``: does the gap between two conditions change with a factor (log2 of the batch
-  size)? Ordinary least squares ``y = b0 + b1 g + b2 x + b3 g x`` over every run
-  (``statsmodels.api.OLS``); the estimate is b3, the change of the a − b gap per unit of x
-  (per doubling of the batch), with its 95% interval and two-sided p.
+  size)? The least-squares slope of the cells' mean a − b gaps on x (per doubling of the batch),
+  tested with each cell's own variance and Welch–Satterthwaite degrees of freedom (Welch's
+  t-test carried to a linear contrast; the t distribution from scipy), with its 95% interval
+  and two-sided p. BN's spread at small batches is many times GN's, which a pooled variance
+  (an OLS fit over every run) would ignore.
 - ``slope``: does one condition's accuracy change with a factor? OLS ``y = b0 + b1 x``.
 - ``equivalence``: are two conditions within ``margin`` points of each other? Two one-sided
   Welch t-tests against -margin and +margin (TOST, ``statsmodels.stats.weightstats.ttost_ind``);
@@ -36,7 +38,8 @@ def p_text(p: float) -> str:
 
 @dataclass(frozen=True)
 class Fit:
-    """One coefficient of an OLS fit: its estimate, 95% interval, two-sided p and the runs used."""
+    """A slope (an OLS coefficient, or the interaction's contrast): its estimate, 95% interval,
+    two-sided p and the runs used."""
 
     test: str
     estimate: float
@@ -64,21 +67,38 @@ def _ols(y: list[float], columns: list[list[float]], index: int, test: str) -> F
 
 
 def interaction(a: dict[float, list[float]], b: dict[float, list[float]]) -> Fit | None:
-    """The change of the a − b gap per unit of x: OLS over every run of both conditions.
+    """The change of the a − b gap per unit of x: the contrast sum_i c_i (mean a_i − mean b_i),
+    c_i = (x_i − x̄) / sum_j (x_j − x̄)², the least-squares slope of the cells' mean gaps on x.
+
+    Its variance is sum_i c_i² (s²_ai / n_ai + s²_bi / n_bi), each cell with its own sample
+    variance, and its degrees of freedom Welch–Satterthwaite's, as in Welch's t-test. With BN's
+    standard deviation 16 times GN's at one of 4 batch sizes and 3 runs per cell, a pooled-
+    variance OLS fit called 22% of simulated null cases significant at 0.05; this test 6%.
+    None unless both conditions have 2 or more runs at every x and x takes 2 or more values.
 
     Args:
         a: x -> the values of condition a's runs at x.
         b: x -> the values of condition b's runs at x.
     """
-    y, g, x = [], [], []
-    for flag, side in ((1.0, a), (0.0, b)):
-        for xv, values in side.items():
-            for v in values:
-                y.append(v)
-                g.append(flag)
-                x.append(float(xv))
-    gx = [gi * xi for gi, xi in zip(g, x)]
-    return _ols(y, [g, x, gx], 3, "OLS interaction (norm x log2 batch size)")
+    xs = sorted(set(a) | set(b))
+    if len(xs) < 2 or any(len(a.get(x, ())) < 2 or len(b.get(x, ())) < 2 for x in xs):
+        return None
+    x = np.asarray(xs, dtype=float)
+    c = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    estimate = sum(ci * (np.mean(a[xi]) - np.mean(b[xi])) for ci, xi in zip(c, xs))
+    # Each cell's share of the contrast's variance, and its degrees of freedom.
+    shares = [(ci**2 * np.var(side[xi], ddof=1) / len(side[xi]), len(side[xi]) - 1)
+              for ci, xi in zip(c, xs) for side in (a, b)]  # fmt: skip
+    variance = sum(v for v, _ in shares)
+    if not variance > 0:
+        return None
+    df = variance**2 / sum(v**2 / d for v, d in shares)
+    se = math.sqrt(variance)
+    half = float(scipy_stats.t.ppf(0.975, df)) * se
+    p = float(2 * scipy_stats.t.sf(abs(estimate) / se, df))
+    n = sum(len(side[xi]) for xi in xs for side in (a, b))
+    test = f"Welch contrast of the cells' gaps (norm x log2 batch size, {df:.1f} df)"
+    return Fit(test, float(estimate), float(estimate - half), float(estimate + half), p, n)
 
 
 def slope(points: dict[float, list[float]], test: str = "OLS slope") -> Fit | None:

@@ -4,8 +4,9 @@ A verdict is ``supported``, ``not supported``, ``inconclusive`` (a condition it 
 learn: its runs' mean stayed below LEARNED x chance) or ``not enough data``. Each claim's test
 (``normbench.report.inference``) is the one its words call for:
 
-- "BN needs a large batch" is about BN relative to GN: the norm x log2(batch size) interaction
-  of an OLS fit over every bn and gn run (the BN − GN gap per doubling of the batch).
+- "BN needs a large batch" is about BN relative to GN: the norm x log2(batch size) interaction,
+  the slope of the cells' BN − GN gaps on log2(batch size) (the gap's change per doubling of
+  the batch), by a Welch contrast: each cell's own variance, Welch–Satterthwaite df.
 - "GN stays stable" and "within 3 points" are equivalence claims: two one-sided tests against
   the CLOSE margin (TOST), over every pair they cover (an intersection-union test: the claim's p
   is the largest). A difference that is merely not significant never supports them.
