@@ -758,9 +758,10 @@ def test_a_norm_batch_is_a_condition_of_its_own_and_a_column(tmp_path):
     assert rows["bn"]["norm_batch"] == "128" and rows["bn nb4"]["norm_batch"] == "4"
 
 
-def study3_records(root: Path) -> dict[int, list[float]]:
+def study3_records(root: Path, measured: dict | None = None) -> dict[int, list[float]]:
     """bn at normalization batches 2 to 64 of an SGD batch of 64, 3 seeds, and controls; returns
-    bn's best accuracies by normalization batch."""
+    bn's best accuracies by normalization batch. ``measured``: the diagnostics' images, as a
+    record states them (None: nothing stated, read as all)."""
     bn = {}
     for nb, base in ((2, 70.0), (4, 74.0), (8, 77.0), (16, 79.0), (32, 80.0), (64, 80.5)):
         bn[nb] = []
@@ -773,7 +774,7 @@ def study3_records(root: Path) -> dict[int, list[float]]:
             precise = {"256": (best + lift / 2) / 100, "4096": (best + lift + 0.1 * seed) / 100}
             record(root, norm="bn", bs=64, seed=seed, best=best / 100, model={"norm_batch": nb} if nb < 64 else None,
                    val_acc_batch_stats_final=(best + lift) / 100,
-                   diagnostics={"precise_bn_by_images": precise})  # fmt: skip
+                   diagnostics={"precise_bn_by_images": precise, **(measured or {})})  # fmt: skip
     for seed, jitter in enumerate((-0.3, 0.0, 0.4)):
         record(root, norm="gn", bs=64, seed=seed, best=(80.0 + jitter) / 100)
         record(root, norm="dyt", bs=64, seed=seed, best=(72.0 + jitter) / 100)
@@ -804,6 +805,39 @@ def test_study3_verdicts_from_records(tmp_path):
     assert f"gn − bn at normalization batch 64 (BN's best): {gap:+.2f} points" in evidence and "dyt − bn" in evidence
     rows = {r["norm"]: r for r in csv.DictReader(_report_csv(tmp_path).splitlines())}
     assert rows["bn nb2"]["norm_batch"] == "2" and rows["bn"]["norm_batch"] == "64" and rows["gn"]["norm_batch"] == "64"
+
+
+def test_batch_statistics_on_part_of_the_validation_set_are_not_paired_with_running_ones_on_all(tmp_path):
+    # NormDiagnostics' default measures on the first 500 images; the running-statistics accuracy
+    # is on the whole set. A paired test of the two would compare different images: none is made.
+    study3_records(tmp_path, {"eval_images": 500, "measured": {"batch_stats_images": 512, "val_images": 2000}})
+    verdict, evidence = verdicts(tmp_path)["batch_stats_beat_ema"]
+    assert verdict == "not enough data", evidence
+    assert "measured on the whole validation set" in evidence and "18 runs" in evidence
+    assert "first 512 validation images" in evidence
+    # The evaluation table shows the figures, and no paired difference for them either.
+    main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    table = (tmp_path / "rep" / "report.md").read_text().split("| normalization batch", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and ", p = " not in rows[0]
+    assert rows[0].count("on the first 512 images, not paired with EMA") == 3  # batch statistics, PreciseBN x 2
+
+
+def test_a_batch_free_layer_must_match_bn_in_every_context(tmp_path):
+    # SGD batch 64: gn matches BN's best (study3_records). SGD batch 32: bn at normalization
+    # batches 4 and 32 near 80%, gn at 50%: no control matches there, so the claim, which is
+    # about BN wherever it was run, is not supported (p of the worse context).
+    study3_records(tmp_path)
+    for seed, jitter in enumerate((-0.4, 0.1, 0.3)):
+        for nb, base in ((4, 76.0), (32, 80.0)):
+            record(tmp_path, norm="bn", bs=32, seed=seed, best=(base + jitter) / 100,
+                   model={"norm_batch": nb} if nb < 32 else None)  # fmt: skip
+        record(tmp_path, norm="gn", bs=32, seed=seed, best=(50.0 + jitter) / 100)
+    verdict, evidence = verdicts(tmp_path)["batch_free_matches_bn"]
+    assert verdict == "not supported", evidence
+    assert "cifar10 bs 32, any of 1: Bonferroni p = 1.000" in evidence
+    assert "cifar10 bs 64, any of 2: Bonferroni p = " in evidence
+    assert "in every context (intersection-union over 2): p = 1.000" in evidence
 
 
 def test_study3_leaves_out_cells_that_did_not_learn_and_bn_with_weight_standardization(tmp_path):

@@ -14,8 +14,9 @@ and batch-free controls at the same SGD batch. Each claim is tested as it is sta
 Only plain bn (no weight standardization) on the studies' networks counts as BN here, and a
 cell whose runs did not learn (below 3x chance) feeds no verdict.
 - "A batch-free layer matches BN at its best": TOST of each control against BN's best cell
-  within CLOSE points; the claim holds if any control is equivalent (the smallest p, times the
-  controls tested: Bonferroni over the "any").
+  within CLOSE points; in each (dataset, SGD batch) some control must be equivalent (the
+  smallest p, times the controls tested: Bonferroni over the "any"), in every one
+  (intersection-union: the largest of those).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
         rows, key = [], None
         for nb, rs in sorted(cells.items()):
-            pairs = [r for r in rs if r.batch_stats is not None and r.final is not None]
+            pairs = _same_images(rs, lambda r: r.batch_stats)
             if len(pairs) < 2:
                 continue
             comparison = PairedComparison(Stat([r.batch_stats for r in pairs]), Stat([r.final for r in pairs]))
@@ -110,13 +111,15 @@ def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
                          + "; ".join(rows))  # fmt: skip
             keys.append((ds, bs, *key))
     if not keys or any(c.p is None for *_, c in keys):
-        return Verdict(claim, "not enough data", "needs bn runs with NormDiagnostics' batch-statistics accuracy at 2 "
-                       "or more normalization batches")  # fmt: skip
+        return Verdict(claim, "not enough data", "needs bn runs with NormDiagnostics' batch-statistics accuracy, "
+                       "measured on the whole validation set (eval_images: null), at 2 or more normalization "
+                       "batches" + _part_measured([r for cells in found.values() for rs in cells.values() for r in rs]))  # fmt: skip
     p = max(c.p for *_, c in keys)
     tests = ", ".join(f"{ds} SGD batch {bs} normalization batch {nb}" for ds, bs, nb, _ in keys)
     evidence = (
         "; ".join(parts)
         + _not_learned(runs)
+        + _part_measured([r for cells in found.values() for rs in cells.values() for r in rs])
         + f"; the claim's tests (the smallest normalization batch of each): {tests}, p = {p_text(p)}"
     )
     return tested(claim, evidence, p, all(c.difference > 0 for *_, c in keys))
@@ -125,8 +128,9 @@ def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
 def batch_free_matches_bn(runs: list[Run]) -> Verdict:
     claim = f"A batch-free layer matches BN at its best (within {CLOSE:g} points)"
     found = _bn_by_norm_batch(runs)
-    parts, ps, lost = [], [], []
+    parts, ps, lost, contexts = [], [], [], []
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
+        ps = []
         best_nb = max(cells, key=lambda nb: Stat([r.best for r in cells[nb]]).mean)
         bn = [r.best for r in cells[best_nb]]
         controls: dict[str, list[Run]] = defaultdict(list)
@@ -142,11 +146,20 @@ def batch_free_matches_bn(runs: list[Run]) -> Verdict:
             if eq is not None:
                 ps.append(eq.p)
                 parts.append(f"{ds} bs {bs}, {name} − bn at normalization batch {best_nb} (BN's best): {eq.text()}")
-    if not ps:
+        if ps:
+            # Some control matches BN here: the smallest p, times the controls tested (Bonferroni).
+            contexts.append((f"{ds} bs {bs}", min(1.0, min(ps) * len(ps)), len(ps)))
+    if not contexts:
         return Verdict(claim, "not enough data", "needs bn at 2 or more normalization batches and a batch-free control")
-    p = min(1.0, min(ps) * len(ps))
+    # ... in every context: an intersection-union test, its p the largest.
+    p = max(c[1] for c in contexts)
+    if len(contexts) == 1:
+        tests, every = f"any of {contexts[0][2]}: Bonferroni p = {p_text(p)}", ""
+    else:
+        tests = ", ".join(f"{where}, any of {k}: Bonferroni p = {p_text(cp)}" for where, cp, k in contexts)
+        every = f"; in every context (intersection-union over {len(contexts)}): p = {p_text(p)}"
     left_out = _not_learned(runs) + (f"; controls left out, did not learn: {', '.join(lost)}" if lost else "")
-    return tested(claim, "; ".join(parts) + left_out + f"; any of {len(ps)}: Bonferroni p = {p_text(p)}", p, True)
+    return tested(claim, "; ".join(parts) + left_out + f"; {tests}{every}", p, True)
 
 
 CLAIMS = (bn_depends_on_norm_batch, batch_stats_beat_ema, batch_free_matches_bn)
@@ -172,11 +185,37 @@ def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
     return {name: Stat(values[name]) for name in sorted_values(set(values))}
 
 
+def _same_images(runs: list[Run], figure) -> list[Run]:
+    """The runs whose ``figure`` (a NormDiagnostics accuracy) and running-statistics accuracy
+    (``final``) are both known and were measured on the same images: the whole validation set.
+    A figure from the first ``eval_images`` only is not paired with an accuracy on all."""
+    return [r for r in runs if figure(r) is not None and r.final is not None and r.diagnostics_images is None]
+
+
+def _part_measured(runs: list[Run]) -> str:
+    """``; left out of the paired tests: ...`` naming runs whose diagnostics saw part of the
+    validation set, or ""."""
+    part = sorted({r.diagnostics_images for r in runs if r.batch_stats is not None and r.diagnostics_images})
+    if not part:
+        return ""
+    n = sum(1 for r in runs if r.batch_stats is not None and r.diagnostics_images)
+    images = " or ".join(f"{k:,}" for k in part)
+    return (f"; left out of the paired tests: {n} runs whose batch-statistics accuracy is on the first {images} "
+            "validation images, their running-statistics accuracy on all (NormDiagnostics eval_images: null "
+            "measures on all)")  # fmt: skip
+
+
 def _paired(runs: list[Run], figure) -> str:
-    """``figure`` of each run minus its EMA accuracy (``final``): mean ± std and the paired test."""
-    pairs = [r for r in runs if figure(r) is not None and r.final is not None]
-    if not pairs:
+    """``figure`` of each run minus its EMA accuracy (``final``): mean ± std and the paired test,
+    the test only where the two were measured on the same images (the whole validation set)."""
+    shown = [r for r in runs if figure(r) is not None and r.final is not None]
+    if not shown:
         return "–"
+    pairs = _same_images(runs, figure)
+    if len(pairs) < len(shown):
+        part = sorted({r.diagnostics_images for r in shown if r.diagnostics_images})
+        stat = Stat([figure(r) for r in shown])
+        return f"{stat.cell()}; on the first {' or '.join(f'{k:,}' for k in part)} images, not paired with EMA"
     stat = Stat([figure(r) for r in pairs])
     if len(pairs) < 2:
         return stat.cell()
