@@ -46,7 +46,8 @@ WHY_INTRO = (
     "by itself, nothing updated) and after PreciseBN recomputed the running statistics from training "
     "images; and, over the last epoch's training steps, how far the last norm layer's batch mean lay from "
     "its running mean in running standard deviations (mean gap) and its batch over running standard "
-    "deviation (std ratio). gn has no running statistics: its accuracy is what it is."
+    "deviation (std ratio). gn has no running statistics: its accuracy is what it is. Each p-value here is its "
+    "own comparison's, not corrected for the section's many: they describe; the verdicts above decide."
 )
 PRECISION_INTRO = (
     "The same runs in another `trainer.precision` than fp32 (`32-true`), seed for seed: best accuracy, mean ± "
