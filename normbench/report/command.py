@@ -50,8 +50,9 @@ WHY_INTRO = (
     "own comparison's, not corrected for the section's many: they describe; the verdicts above decide."
 )
 PRECISION_INTRO = (
-    "The same runs in another `trainer.precision` than fp32 (`32-true`), seed for seed: best accuracy, mean ± "
-    "std over seeds (n), and the difference of the means with Welch's t-test over seeds. In every other table "
+    "The same runs (the same seeds) in another `trainer.precision` than fp32 (`32-true`): best accuracy, mean ± "
+    "std over seeds (n), and the difference of the means with Welch's t-test over seeds (unpaired: "
+    "conservative where a seed's two runs are alike). In every other table "
     "and verdict a run in another precision is a condition of its own (`bn bf16-mixed`), never averaged with fp32."
 )
 VERDICT_INTRO = (
