@@ -530,12 +530,18 @@ def test_welch_and_hedges_g_equal_their_formulas():
     pooled = (((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / 5) ** 0.5
     assert c.hedges_g == pytest.approx((ma - mb) / pooled * (1 - 3 / (4 * 7 - 9)))
     assert "Welch's t-test" in c.text() and f"p = {c.p:.3f}" in c.text()
+    # The 95% interval of the difference: the Welch t quantile times the standard error.
+    half = stats.t.ppf(0.975, df) * (va + vb) ** 0.5
+    assert c.interval == pytest.approx((ma - mb - half, ma - mb + half))
+    assert c.text().startswith(f"{ma - mb:+.2f} points (95% CI {ma - mb - half:+.2f} to {ma - mb + half:+.2f}), ")
     # Paired: the differences' mean over their standard error, n - 1 degrees of freedom.
     x, y = [80.0, 81.0, 79.5], [75.0, 77.0, 74.0]
     d = [u - v for u, v in zip(x, y)]
     t_rel = statistics.fmean(d) / (statistics.stdev(d) / 3**0.5)
     paired = PairedComparison(Stat(x), Stat(y))
     assert paired.t == pytest.approx(t_rel) and paired.p == pytest.approx(2 * stats.t.sf(t_rel, 2))
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(d) / 3**0.5
+    assert paired.interval == pytest.approx((statistics.fmean(d) - half, statistics.fmean(d) + half))
     assert not Comparison(Stat([1.0]), Stat(b)).testable and "too few runs" in Comparison(Stat([1.0]), Stat(b)).text()
 
 
@@ -580,7 +586,7 @@ def test_deep_sigmoid_networks_that_do_not_learn_still_feed_the_depth_verdict(tm
     assert verdict == "supported"
     assert "did not learn" in evidence and "sigmoid 4 blocks (20.00%)" in evidence and "sigmoid 8 blocks" in evidence
     # 8 blocks against 1, sigmoid: 10 - 50 = -40 points, Welch's t-test over the 3 seeds.
-    assert "sigmoid 8 − 1 blocks: -40.00 points, Welch's t-test" in evidence
+    assert "sigmoid 8 − 1 blocks: -40.00 points (95% CI " in evidence and "), Welch's t-test" in evidence
 
 
 def test_shallow_sigmoid_networks_that_did_not_learn_make_the_depth_verdict_inconclusive(tmp_path):
@@ -629,11 +635,13 @@ def test_the_why_section_states_what_precise_bn_recovers_with_the_last_layers_fi
     assert "at batch size 2, BN is behind GN by 10.00 points" in why
     at2, at128 = (line for line in why.splitlines() if line.startswith("- at batch size "))
     t = stats.ttest_rel([67.2, 67.7, 69.1], [59.0, 60.0, 61.0])
-    assert f"PreciseBN recovers +8.00 points of them (+8.00 points, paired t-test t = {t.statistic:.2f}" in at2
+    assert "PreciseBN recovers +8.00 points of them (+8.00 points (95% CI " in at2
+    assert f"), paired t-test t = {t.statistic:.2f}" in at2
     assert "stale running statistics cost that much" in at2 and "is worse" not in at2
     gap = stats.ttest_ind([60.0, 61.0, 62.0], [68.0, 70.0, 72.0], equal_var=False)
     assert "at batch size 128, BN is behind GN by 10.00 points" in at128 and "stale" not in at128
-    assert f"after PreciseBN BN still trails GN (BN − GN -9.00 points, Welch's t-test t = {gap.statistic:.2f}" in at128
+    assert "after PreciseBN BN still trails GN (BN − GN -9.00 points (95% CI " in at128
+    assert f"), Welch's t-test t = {gap.statistic:.2f}" in at128
     assert "the network it trained on noisy batch statistics is worse" in at128
     assert "lay 0.500 running standard deviations from the running mean, with a std ratio of 0.800" in why
     assert (tmp_path / "rep" / "study2_beside_the_study.png").is_file()
@@ -652,7 +660,8 @@ def test_the_why_section_names_no_cause_its_tests_do_not_show_and_pairs_run_by_r
         s for s in (tmp_path / "rep" / "report.md").read_text().splitlines() if s.startswith("- at batch size 8")
     ]
     t = stats.ttest_rel([69.0, 60.0, 66.0], [60.0, 61.0, 59.0])
-    assert f"PreciseBN changes BN's accuracy by +5.00 points, paired t-test t = {t.statistic:.2f}" in line
+    assert "PreciseBN changes BN's accuracy by +5.00 points (95% CI " in line
+    assert f"), paired t-test t = {t.statistic:.2f}" in line
     assert "n = 3, Cohen" in line and "what cost BN its points cannot be told" in line
     assert "stale" not in line and "is worse" not in line
     assert "not corrected for the section's many" in (tmp_path / "rep" / "report.md").read_text()
@@ -725,7 +734,10 @@ def test_runs_in_bf16_are_their_own_condition_and_compared_with_fp32_by_welch(tm
     df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
     p = 2 * stats.t.sf(abs(t), df)
     row = next(line for line in text.splitlines() if line.startswith("| 2 | bn |"))
-    assert f"{statistics.fmean(a) - statistics.fmean(b):+.2f} points, Welch's t-test t = {t:.2f}, p = {p:.3f}" in row
+    half = stats.t.ppf(0.975, df) * (va + vb) ** 0.5
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    assert f"{diff:+.2f} points (95% CI {diff - half:+.2f} to {diff + half:+.2f}), Welch's t-test t = {t:.2f}" in row
+    assert f"p = {p:.3f}" in row
     assert "| batch size | norm | 32-true (%) | bf16-mixed (%) | bf16-mixed − 32-true |" in text
     assert not any(line.startswith("| 2 | gn |") for line in text.splitlines())  # gn ran in fp32 only
 
@@ -824,7 +836,8 @@ def test_study3_verdicts_from_records(tmp_path):
     t = stats.ttest_rel([b + 6.0 + 0.2 * s for s, b in enumerate(bn[2])], bn[2])
     assert (
         verdict == "supported"
-        and f"normalization batch 2: +6.20 points, paired t-test t = {t.statistic:.2f}" in evidence
+        and "normalization batch 2: +6.20 points (95% CI " in evidence
+        and f"), paired t-test t = {t.statistic:.2f}" in evidence
     )
     verdict, evidence = v["batch_free_matches_bn"]
     # BN's best cell is normalization batch 64 (80.5); gn (80.03) is within 3 points, dyt is not.

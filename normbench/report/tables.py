@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from scipy import stats as scipy_stats
+from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
 
 from normbench.report.inference import p_text
 from normbench.report.records import CONTEXT, FP32, Run
@@ -170,9 +171,9 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str | None =
 
 @dataclass
 class Comparison:
-    """Two conditions' runs compared: the difference of their means (a - b, points), Welch's
-    t-test (``scipy.stats.ttest_ind`` with unequal variances) and Hedges' g, the difference in
-    pooled standard deviations with the small-sample correction."""
+    """Two conditions' runs compared: the difference of their means (a - b, points) with its 95%
+    interval, Welch's t-test (``scipy.stats.ttest_ind`` with unequal variances) and Hedges' g,
+    the difference in pooled standard deviations with the small-sample correction."""
 
     a: Stat
     b: Stat
@@ -214,13 +215,28 @@ class Comparison:
     def significant(self, alpha: float = 0.05) -> bool:
         return self.p is not None and self.p < alpha
 
-    def text(self) -> str:
-        """``+4.00 points, Welch's t-test t = 9.80, p = 0.0006, n = 3 and 3, Hedges' g = 6.40``."""
-        head = f"{self.difference:+.2f} points"
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% interval of a − b, Welch's (statsmodels' ``CompareMeans``); None untestable."""
         if not self.testable:
-            return f"{head} (n = {self.a.n} and {self.b.n}: too few runs or no spread for a test)"
-        return (f"{head}, Welch's t-test t = {self.t:.2f}, p = {p_text(self.p)}, n = {self.a.n} and {self.b.n}, "
-                f"Hedges' g = {self.hedges_g:.2f}")  # fmt: skip
+            return None
+        low, high = CompareMeans.from_data(self.a.values, self.b.values).tconfint_diff(0.05, usevar="unequal")
+        return float(low), float(high)
+
+    def _head(self) -> str:
+        """``+4.00 points (95% CI +2.10 to +5.90)``."""
+        low, high = self.interval
+        return f"{self.difference:+.2f} points (95% CI {low:+.2f} to {high:+.2f})"
+
+    def text(self) -> str:
+        """``+4.00 points (95% CI +2.10 to +5.90), Welch's t-test t = 9.80, p = 0.0006, n = 3 and 3,
+        Hedges' g = 6.40``."""
+        if not self.testable:
+            return (
+                f"{self.difference:+.2f} points (n = {self.a.n} and {self.b.n}: too few runs or no spread for a test)"
+            )
+        return (f"{self._head()}, Welch's t-test t = {self.t:.2f}, p = {p_text(self.p)}, n = {self.a.n} and "
+                f"{self.b.n}, Hedges' g = {self.hedges_g:.2f}")  # fmt: skip
 
 
 class PairedComparison(Comparison):
@@ -246,12 +262,19 @@ class PairedComparison(Comparison):
     def hedges_g(self) -> float | None:  # d_z for paired figures
         return statistics.fmean(self._differences) / statistics.stdev(self._differences) if self.testable else None
 
-    def text(self) -> str:
-        head = f"{self.difference:+.2f} points"
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% interval of the mean difference (statsmodels' ``DescrStatsW``); None untestable."""
         if not self.testable:
-            return f"{head} (n = {self.a.n}: too few runs or no spread for a test)"
+            return None
+        low, high = DescrStatsW(self._differences).tconfint_mean(0.05)
+        return float(low), float(high)
+
+    def text(self) -> str:
+        if not self.testable:
+            return f"{self.difference:+.2f} points (n = {self.a.n}: too few runs or no spread for a test)"
         test = f"paired t-test t = {self.t:.2f}, p = {p_text(self.p)}, n = {self.a.n}"
-        return f"{head}, {test}, Cohen's d_z = {self.hedges_g:.2f}"
+        return f"{self._head()}, {test}, Cohen's d_z = {self.hedges_g:.2f}"
 
 
 def precision_tables(runs: list[Run]) -> list[tuple[tuple, list[str], list[list[str]]]]:
