@@ -77,6 +77,24 @@ def saved_settings(path: str) -> dict[str, Any]:
         ) from None
 
 
+def data_not_given(path: str, argv: list[str], data: Namespace | None) -> dict[str, Any]:
+    """The data settings a command without a config does not give (``--data.<key>`` in ``argv``),
+    as the run saved in the checkpoint at ``path`` had them: its normalization above all (the test
+    split read as the network learned to see it, not by the defaults), and its batch size, which
+    names the run directory an evaluation lands in. {} for a checkpoint saved without them.
+
+    Args:
+        path: the checkpoint.
+        argv: the command's arguments.
+        data: the command's data module (class_path and init_args) as parsed.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
+    if data is None or "init_args" not in data:
+        return {}
+    given = {a.removeprefix("--data.").split("=", 1)[0] for a in argv if a.startswith("--data.")}
+    return {k: v for k, v in saved.items() if k in data.init_args and k not in given}
+
+
 def _equal_settings(a: Any, b: Any) -> bool:
     """Two values of one model setting are the same setting (an empty and a missing dict too)."""
     if isinstance(a, dict) or isinstance(b, dict):

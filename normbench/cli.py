@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from normbench.budget import Budget, apply_budget
-from normbench.checkpoints import check_same_model, checkpoint_step, resolve_resume, saved_settings
+from normbench.checkpoints import check_same_model, checkpoint_step, data_not_given, resolve_resume, saved_settings
 from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
 from normbench.devices import world_size
 from normbench.errors import check_config_files, one_line, reported
@@ -36,7 +36,7 @@ from normbench.experiments import experiment_name
 from normbench.module import NormBenchModule
 from normbench.norms import NORMS, check_norm_batch, options_of
 from normbench.recorder import RunRecorder
-from normbench.run_defaults import EVALUATION_WARNING, add_default_callbacks, lightning_internal_warnings_ignored
+from normbench.run_defaults import EVALUATION_WARNINGS, add_default_callbacks, lightning_internal_warnings_ignored
 from normbench.seeding import seed_everything
 
 # The private API of Lightning and jsonargparse that normbench relies on, all of it, here: none of
@@ -201,8 +201,9 @@ class NormBenchCLI(LightningCLI):
 
         LightningCLI replaces the model's settings with those saved in the checkpoint, silently,
         even those the user just gave. normbench does so only when the command says nothing about
-        the model (``normbench test --ckpt_path X --data ...``); otherwise a setting that differs
-        from the checkpoint's is an error that names it.
+        the model (``normbench test --ckpt_path X --data ...``), and then takes the data settings
+        the command does not give from the checkpoint too; otherwise a setting that differs from
+        the checkpoint's is an error that names it.
         """
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
@@ -211,8 +212,18 @@ class NormBenchCLI(LightningCLI):
         saved = saved_settings(path)
         if not self._model_given:
             super()._parse_ckpt_path()
+            self._data_from_checkpoint(path, sub)
             return
         check_same_model(path, saved, self.config[sub].model)
+
+    def _data_from_checkpoint(self, path: str, sub: str) -> None:
+        """The data settings this command does not give, as the checkpoint's run had them
+        (``normbench.checkpoints.data_not_given``)."""
+        data = self.config[sub].get("data")
+        init = data_not_given(path, self._argv, data)
+        if init:
+            patch = {sub: {"data": {"class_path": data.class_path, "init_args": init}}}
+            self.config = self.parser.parse_object(patch, self.config)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -259,10 +270,10 @@ class NormBenchCLI(LightningCLI):
             )
         add_default_callbacks(config, config.checkpoint_every_n_steps, self.subcommand)
         if self.subcommand in ("validate", "test", "predict"):
-            # Loading the checkpoint evaluated, the run's ModelCheckpoint warns that its directory
-            # is not the checkpoint's, so that its best-k bookkeeping is not reloaded: nothing an
-            # evaluation saves or needs. (run_cli's catch_warnings scope drops the filter after.)
-            warnings.filterwarnings("ignore", message=EVALUATION_WARNING, category=UserWarning)
+            # What Lightning says of callbacks as it loads the checkpoint evaluated (run_defaults):
+            # nothing an evaluation saves or needs. (run_cli's catch_warnings scope drops these.)
+            for message in EVALUATION_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
         if "ckpt_path" in config and config.ckpt_path is not None:
             ckpt = resolve_resume(config, self.subcommand, config.name or run_name(config))
             config.ckpt_path = ckpt

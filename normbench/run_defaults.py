@@ -107,7 +107,11 @@ def has_periodic_checkpoint(config: Namespace) -> bool:
 # Lightning's own batch flattening (lightning 2.6 with the torch it installs now) warns at a fit's
 # first batch about torch API it calls itself: nothing a user can change.
 LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
-EVALUATION_WARNING = r"The dirpath has changed from "
+# An evaluation from a checkpoint (validate, test, predict): Lightning warns that the run's
+# ModelCheckpoint will not reload its best-k bookkeeping (its directory is a new version), and
+# that callbacks whose state the checkpoint holds (NormDiagnostics, a ModelCheckpoint of other
+# settings) are missing. An evaluation trains nothing and saves no checkpoint: neither matters.
+EVALUATION_WARNINGS = (r"The dirpath has changed from ", r"Be aware that when using `ckpt_path`, callbacks used to")
 
 
 @contextmanager

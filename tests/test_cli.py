@@ -125,6 +125,31 @@ def test_fit_then_test_from_checkpoint_on_cifar100(fake_data, tmp_path):
     assert after == before  # the command's filter is not left behind
 
 
+def test_a_checkpoint_tested_without_its_config_is_read_with_its_own_data_settings(fake_data, tmp_path):
+    # A run fed ToTensor's [0, 1] (normalization: none, as study 1) at batch size 16; a test of
+    # its checkpoint that names only the data module must read the test split the same way (the
+    # defaults would normalize by 0.5/0.5: another input, another loss) and land in the run's
+    # own directory, not one named from the default batch size.
+    config = mnist_config("bn", 16)
+    args = fast(fake_data, tmp_path, "--data.normalization", "none")
+    main(["fit", "--config", config, *args])
+    run = tmp_path / "lightning_logs" / "mnist_bn_bs16"
+    ckpt = str(run / "version_0" / "checkpoints" / "last.ckpt")
+    main(["test", "--config", config, *args, "--ckpt_path", ckpt])
+    alone = fast(fake_data, tmp_path)  # the same options but the normalization
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        main(["test", "--ckpt_path", ckpt, "--data", "MNISTDataModule", *alone])
+    # The run's NormDiagnostics is not in this command: nothing an evaluation needs of it.
+    assert not [w for w in said if "callbacks used to create the checkpoint" in str(w.message)]
+    with_config, without = scalars(run / "version_1"), scalars(run / "version_2")
+    assert without["test/loss"] == with_config["test/loss"] and without["test/acc"] == with_config["test/acc"]
+    saved = yaml.safe_load((run / "version_2" / "config.yaml").read_text())["data"]["init_args"]
+    assert saved["normalization"] == "none" and saved["batch_size"] == 16
+    assert saved["data_dir"] == str(fake_data)  # what the command gave stays its own
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["mnist_bn_bs16"]
+
+
 def test_predict_writes_each_test_images_class_beside_its_label(fake_data, tmp_path):
     import csv
 
