@@ -100,3 +100,19 @@ def apply_budget(config: Namespace, global_batch_size: int) -> None:
     if budget.reference_lr is None:
         budget.reference_lr = init_args.lr
     init_args.lr = scaled_lr(budget.reference_lr, global_batch_size, budget.reference_batch_size, budget.rule)
+
+
+def unevaluated_end(trainer: Namespace) -> str | None:
+    """The line to say when a run's steps end before its first evaluation (``max_steps`` below an
+    int ``val_check_interval`` of steps, a shortened iteration run of study 1's): its only test
+    accuracy would be the one before training, if any. None otherwise.
+
+    Args:
+        trainer: the run's trainer settings.
+    """
+    steps, every = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if isinstance(every, bool) or not isinstance(every, int) or steps is None or not 0 < steps < every:
+        return None
+    return (f"normbench: trainer.max_steps={steps} ends before the first evaluation, at step {every} "
+            f"(trainer.val_check_interval): no test accuracy after training; give --trainer.val_check_interval "
+            f"{steps} to evaluate at the end")  # fmt: skip

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from normbench.budget import Budget, apply_budget
+from normbench.budget import Budget, apply_budget, unevaluated_end
 from normbench.checkpoints import check_same_model, checkpoint_step, data_not_given, resolve_resume, saved_settings
 from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
 from normbench.devices import world_size
@@ -254,6 +254,8 @@ class NormBenchCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         apply_budget(config, config.data.init_args.batch_size * world_size(trainer))
+        if self.subcommand == "fit" and (note := unevaluated_end(trainer)):
+            rank_zero_only(print)(note, file=sys.stderr)
         check_norm_batch(config.model.norm, config.model.get("norm_batch"), config.data.init_args.batch_size,
                          world_size(trainer))  # fmt: skip
         if trainer.get("barebones"):

@@ -77,3 +77,22 @@ def test_a_budget_missing_its_figures_is_one_line(fake_data, tmp_path, capsys, a
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_run_whose_steps_end_before_its_first_evaluation_is_told_so(fake_data, tmp_path, capsys):
+    # Study 1 evaluates every 500 steps; a run shortened to 3 steps would end with no test
+    # accuracy after training, and a record whose last accuracy is the one before it.
+    every = ["--trainer.val_check_interval", "500", "--trainer.check_val_every_n_epoch", "null"]
+    record, _ = _fit(fake_data, tmp_path, 16, "--trainer.max_steps", "3", *every)
+    assert record["global_step"] == 3 and not record.get("evals")
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("normbench: ")]
+    assert said == [
+        (
+            "normbench: trainer.max_steps=3 ends before the first evaluation, at step 500 (trainer.val_check_interval): "
+            "no test accuracy after training; give --trainer.val_check_interval 3 to evaluate at the end"
+        )
+    ]
+    # As told: the run is evaluated at its end, and nothing is said.
+    record, _ = _fit(fake_data, tmp_path / "told", 16, "--trainer.max_steps", "3", *every[:1], "3", *every[2:])
+    assert [e["step"] for e in record["evals"]] == [3]
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("normbench: ")]
