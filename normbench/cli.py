@@ -358,5 +358,7 @@ def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> No
                 # interrupted, and ignores SIGINT from then on: it is Ctrl-C again, for
                 # normbench.main (exit 130, how to resume) or a sweep (it stops).
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt from None
+                interrupt = KeyboardInterrupt()
+                interrupt.resumable = getattr(done.__context__, "resumable", None)  # set by RunRecorder
+                raise interrupt from None
             raise

@@ -108,18 +108,25 @@ def _main(argv: list[str], args: ArgsType) -> None:
                 COMMANDS[argv[0]][1](argv[1:])
         else:
             run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if args is not None:
             raise  # a caller's own loop decides
-        print(f"normbench: interrupted; {how_to_resume(argv)}", file=sys.stderr)
+        print(f"normbench: interrupted; {how_to_resume(argv, getattr(interrupt, 'resumable', None))}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
-def how_to_resume(argv: list[str]) -> str:
-    """What an interrupted command line does next, said after Ctrl-C."""
+def how_to_resume(argv: list[str], resumable: bool | None = None) -> str:
+    """What an interrupted command line does next, said after Ctrl-C.
+
+    Args:
+        argv: the command line.
+        resumable: whether the interrupted fit left a last checkpoint (None: not known).
+    """
     command = argv[0] if argv else ""
     if command == "sweep":
         return "run the same command again to resume: finished runs are kept, interrupted ones continue from their last checkpoints"
+    if command == "fit" and resumable is False:
+        return "no checkpoint was saved yet (the first comes at checkpoint_every_n_steps or the epoch's end); run the same command again to start over"
     if command == "fit":
         last = any(
             a == "--ckpt_path=last" or (a == "--ckpt_path" and b == "last") for a, b in zip(argv, [*argv[1:], ""])

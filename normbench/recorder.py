@@ -219,6 +219,9 @@ class RunRecorder(L.Callback):
         self._flush_losses(trainer)
         if isinstance(exception, KeyboardInterrupt):
             self._save(trainer, status=INTERRUPTED)
+            # Whether --ckpt_path last has a checkpoint to continue from: said after Ctrl-C.
+            run_dir = self.run_dir(trainer)
+            exception.resumable = bool(run_dir) and os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt"))
         else:
             self._save(trainer, status=FAILED, error=error_line(exception))
 

@@ -139,19 +139,25 @@ def test_every_lightning_mode_ends_with_its_true_status_and_the_sweep_exit_says_
     assert "sweep: callback_raises failed: RuntimeError: callback bug at step 1" in err.splitlines()
 
 
-def test_ctrl_c_of_a_fit_records_it_interrupted_and_exits_130(fake_data, tmp_path):
+@pytest.mark.parametrize(("every", "said"), [
+    # A checkpoint at step 2 before Ctrl-C at step 3: --ckpt_path last continues from it.
+    (2, "add --ckpt_path last to the same command to continue from the last checkpoint"),
+    # Ctrl-C at step 3, the first checkpoint due at 1,000: nothing to continue from.
+    (1000, ("no checkpoint was saved yet (the first comes at checkpoint_every_n_steps or the epoch's end); run the "
+           "same command again to start over")),
+])  # fmt: skip
+def test_ctrl_c_of_a_fit_records_it_interrupted_and_exits_130(fake_data, tmp_path, every, said):
     work = tmp_path / "work"
-    callback = {"class_path": "killer.InterruptAtStep", "init_args": {"step": 1, "marker": str(tmp_path / "hit")}}
+    callback = {"class_path": "killer.InterruptAtStep", "init_args": {"step": 3, "marker": str(tmp_path / "hit")}}
     done = _normbench(work, "fit", "--config", BASE, "--data.data_dir", str(fake_data), "--data.download", "false",
                       "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
                       "--trainer.callbacks+", json.dumps(callback), "--trainer.enable_progress_bar", "false",
-                      "--trainer.enable_model_summary", "false")  # fmt: skip
+                      "--trainer.enable_model_summary", "false", "--checkpoint_every_n_steps", str(every))  # fmt: skip
     assert done.returncode == 130, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == (
-        "normbench: interrupted; add --ckpt_path last to the same command to continue from the last checkpoint"
-    )
+    assert done.stderr.strip().splitlines()[-1] == f"normbench: interrupted; {said}"
     (record,) = [json.loads(p.read_text()) for p in (work / "lightning_logs").rglob("metrics.json")]
     assert record["status"] == "interrupted"
+    assert [p.name for p in (work / "lightning_logs").rglob("*.ckpt")] == (["last.ckpt"] if every == 2 else [])
 
 
 @pytest.mark.parametrize(
@@ -169,6 +175,9 @@ def test_what_ctrl_c_says_fits_the_command(argv, said):
     from normbench.main import how_to_resume
 
     assert how_to_resume(argv).startswith(said)
+    assert how_to_resume(argv, resumable=True) == how_to_resume(argv)  # a checkpoint: as without knowing
+    if argv[0] == "fit":  # no checkpoint yet: --ckpt_path last would start over anyway
+        assert how_to_resume(argv, resumable=False).startswith("no checkpoint was saved yet")
 
 
 @pytest.mark.parametrize("threads, said", [(1, "1 thread"), (3, "3 threads")])
