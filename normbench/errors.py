@@ -242,15 +242,17 @@ def check_config_files(argv: list[str]) -> None:
     Args:
         argv: a command's arguments.
     """
+    command = argv[0] if argv else ""
+    example = "configs/sweeps/study2_fashion_cpu.yaml" if command == "sweep" else "configs/mnist_bn_bs16.yaml"
     for flag, value in itertools.pairwise(argv):
         if flag != "--config" or value.lstrip().startswith(("{", "[")) or ":" in value and "\n" in value:
             continue
         if not os.path.isfile(value):
             raise FileNotFoundError(
-                f"config file {value} does not exist; pass the path of a YAML config, e.g. configs/mnist_bn_bs16.yaml"
+                f"config file {value} does not exist; pass the path of a YAML config, e.g. {example}"
             )
         try:
-            yaml.safe_load(Path(value).read_text())
+            _check_kind(command, value, yaml.safe_load(Path(value).read_text()))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -258,6 +260,20 @@ def check_config_files(argv: list[str]) -> None:
             raise ValueError(f"config file {value} is not valid YAML{where} ({problem}); fix it there") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {value} cannot be read ({err}); pass a readable YAML file") from None
+
+
+def _check_kind(command: str, path: str, config: object) -> None:
+    """A sweep config given to a run's command, or an experiment config to ``sweep``: one line that
+    says which kind it is and the command that takes it."""
+    if not isinstance(config, dict):
+        return
+    if command in ("fit", "validate", "test", "predict") and "grid" in config:
+        raise ValueError(f"config file {path} is a sweep config (it has a grid); run it with normbench sweep --config "
+                         f"{path}")  # fmt: skip
+    if command == "sweep" and "grid" not in config and {"model", "data", "trainer"} & set(config):
+        raise ValueError(f"config file {path} is an experiment config, not a sweep config (it has no grid); run it "
+                         f"with normbench fit --config {path}, or give a sweep config such as "
+                         "configs/sweeps/study2_fashion_cpu.yaml")  # fmt: skip
 
 
 @contextmanager

@@ -115,6 +115,19 @@ CASES = {
         ["broken.yaml is not valid YAML at line 2", "fix it there"],
     ),
     "config file missing": (lambda r: ["fit", "--config", str(r / "nope.yaml")], ["nope.yaml does not exist"]),
+    "sweep config missing": (
+        lambda r: ["sweep", "--config", str(r / "nope.yaml")],
+        ["nope.yaml does not exist", "e.g. configs/sweeps/study2_fashion_cpu.yaml"],
+    ),
+    # The other kind of config: which it is, and the command that takes it.
+    "sweep config to fit": (
+        lambda r: ["fit", "--config", str(r / "sweep.yaml")],
+        ["sweep.yaml is a sweep config (it has a grid)", "normbench sweep --config"],
+    ),
+    "experiment config to sweep": (
+        lambda r: ["sweep", "--config", CONFIG],
+        ["is an experiment config, not a sweep config (it has no grid)", f"normbench fit --config {CONFIG}"],
+    ),
     "unknown key in config": (lambda r: [*fit(r), "--config", str(r / "unknown_key.yaml")], ["nrom", "--help"]),
     "unknown key on the command line": (lambda r: fit(r, "--model.nrom", "bn"), ["--model.nrom", "--help"]),
     "sweep axis that is no key": (
