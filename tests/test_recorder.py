@@ -190,3 +190,17 @@ def test_a_cpu_runs_hardware_names_the_cpu_model_and_its_threads(threads, said, 
     model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:"))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert hardware(torch.device("cpu")) == f"CPU {model} ({os.uname().machine}), {said}"
+
+
+def test_a_record_gets_the_mode_of_any_new_file_not_the_temporary_files_0600(tmp_path):
+    # Written through a temporary file (mkstemp: the owner's alone) and a rename; others who can
+    # read the run's config.yaml and events can read its record too.
+    import os
+    import stat
+
+    from normbench.results import write_json_atomic
+
+    (tmp_path / "plain").write_text("x")
+    write_json_atomic(tmp_path / "metrics.json", {"status": "running"})
+    mode = stat.S_IMODE(os.stat(tmp_path / "metrics.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) and mode & stat.S_IROTH
