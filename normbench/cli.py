@@ -339,9 +339,9 @@ def run_logger_args(config: Namespace) -> dict[str, Any]:
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> None:
+def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> NormBenchCLI:
     """``normbench fit|validate|test|predict ...``: the CLI, with a user error said in one line
-    (``normbench.errors.reported``).
+    (``normbench.errors.reported``); returns it, its model and trainer as the command left them.
 
     Args:
         args: the command's arguments, the subcommand first (None: ``sys.argv``).
@@ -351,7 +351,7 @@ def run_cli(args: ArgsType = None, commands: dict[str, str] | None = None) -> No
         check_config_files([str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:])
         try:
             with lightning_internal_warnings_ignored():
-                NormBenchCLI(args=args, commands=commands)
+                return NormBenchCLI(args=args, commands=commands)
         except SystemExit as done:
             if isinstance(done.__context__, KeyboardInterrupt):
                 # Lightning turns Ctrl-C into exit status 1 once the run is recorded as

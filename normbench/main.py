@@ -54,7 +54,8 @@ def main(args: ArgsType = None) -> None:
     A bad value, file or config ends it with one line on stderr, ``normbench: error: ...``, and
     exit status 2 (``SystemExit``); ``NORMBENCH_DEBUG=1`` shows the traceback instead. Ctrl-C
     ends it with exit status 130 and the line that says how to resume; output into a pipe
-    whose reader has gone ends it quietly with 141, as SIGPIPE ends a Unix tool.
+    whose reader has gone ends it quietly with 141, as SIGPIPE ends a Unix tool. A fit whose
+    loss became NaN or inf (recorded as diverged) exits with 1, as a sweep with such a run does.
 
     Args:
         args: command-line arguments; None reads ``sys.argv``.
@@ -107,7 +108,9 @@ def _main(argv: list[str], args: ArgsType) -> None:
                 check_config_files(argv)
                 COMMANDS[argv[0]][1](argv[1:])
         else:
-            run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
+            cli = run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
+            if args is None and getattr(getattr(cli, "model", None), "diverged_at", None) is not None:
+                raise SystemExit(1)  # as a sweep exits for a diverged run; its line was said as it stopped
     except KeyboardInterrupt as interrupt:
         if args is not None:
             raise  # a caller's own loop decides

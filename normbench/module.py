@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from typing import Any
 
@@ -10,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
@@ -207,9 +207,11 @@ class NormBenchModule(HeldGrads, L.LightningModule):
         if step is not None:
             self.diverged_at = step
             self.trainer.should_stop = True
-            rank_zero_warn(
-                f"the training loss became NaN or inf at step {step}; the run stops here and is "
-                "recorded as diverged (try a smaller learning rate or another norm)"
+            # One line from process 0, through the progress bar so that it does not break it.
+            self.print(
+                f"normbench: the training loss became NaN or inf at step {step}; the run stops here and is "
+                "recorded as diverged (try a smaller learning rate or another norm)",
+                file=sys.stderr,
             )
 
     def on_train_epoch_end(self) -> None:

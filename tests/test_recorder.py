@@ -204,3 +204,22 @@ def test_a_record_gets_the_mode_of_any_new_file_not_the_temporary_files_0600(tmp
     write_json_atomic(tmp_path / "metrics.json", {"status": "running"})
     mode = stat.S_IMODE(os.stat(tmp_path / "metrics.json").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) and mode & stat.S_IROTH
+
+
+def test_a_fit_that_diverges_says_so_in_one_line_and_exits_1(fake_data, tmp_path):
+    # As a sweep with a diverged run exits 1; the line names the step the record gives.
+    work = tmp_path / "work"
+    done = _normbench(work, "fit", "--config", BASE, "--data.data_dir", str(fake_data), "--data.download", "false",
+                      "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+                      "--model.norm", "none", "--model.optimizer.init_args.lr", "1e30",
+                      "--trainer.enable_model_summary", "false")  # fmt: skip
+    (record,) = [json.loads(p.read_text()) for p in (work / "lightning_logs").rglob("metrics.json")]
+    assert done.returncode == 1 and record["status"] == "diverged", done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if "became NaN or inf" in line]
+    assert said == [
+        (
+            f"normbench: the training loss became NaN or inf at step {record['diverged_at_step']}; the run stops here "
+            "and is recorded as diverged (try a smaller learning rate or another norm)"
+        )
+    ]
+    assert "UserWarning" not in done.stderr and "rank_zero_warn(" not in done.stderr
