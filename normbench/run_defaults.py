@@ -6,6 +6,7 @@ print, as they say nothing a user can act on.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,11 +115,21 @@ LIGHTNING_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecate
 EVALUATION_WARNINGS = (r"The dirpath has changed from ", r"Be aware that when using `ckpt_path`, callbacks used to")
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
+
+
 @contextmanager
 def lightning_internal_warnings_ignored() -> Iterator[None]:
     """Ignore ``LIGHTNING_INTERNAL_WARNINGS`` in the body: a fit in this process, wherever it
-    started (the shell, a sweep's worker, a pack)."""
-    with warnings.catch_warnings():
-        for message in LIGHTNING_INTERNAL_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        yield
+    started (the shell, a sweep's worker, a pack); and Lightning's advertisements of its cloud
+    services (``💡 Tip: ... install litlogger``, at every fit), which its logger leaves out."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips.addFilter(_not_a_tip)
+    try:
+        with warnings.catch_warnings():
+            for message in LIGHTNING_INTERNAL_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            yield
+    finally:
+        tips.removeFilter(_not_a_tip)

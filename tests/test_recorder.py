@@ -223,3 +223,4 @@ def test_a_fit_that_diverges_says_so_in_one_line_and_exits_1(fake_data, tmp_path
         )
     ]
     assert "UserWarning" not in done.stderr and "rank_zero_warn(" not in done.stderr
+    assert "💡" not in done.stdout + done.stderr  # nor Lightning's advertisement of its cloud logger
