@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -282,8 +283,15 @@ def report(args: list[str] | None = None) -> Path:
     command = "normbench report " + " ".join(sys.argv[2:] if args is None else args)
     if cfg.reference and not Path(cfg.reference).is_dir():
         raise FileNotFoundError(f"--reference {cfg.reference} is not a folder; pass the folder of the study's PNGs")
-    verdicts = judge(runs)
-    path = write_report(runs, out, cfg.paths, command, cfg.reference, unreadable, verdicts)
+    with warnings.catch_warnings():
+        # scipy's t-tests of runs that agree to within rounding (every run at chance, say) warn of
+        # "precision loss" in their moments: the test's p is still what it says, and the report
+        # gives each test's values beside it.
+        warnings.filterwarnings(
+            "ignore", message="Precision loss occurred in moment calculation", category=RuntimeWarning
+        )
+        verdicts = judge(runs)
+        path = write_report(runs, out, cfg.paths, command, cfg.reference, unreadable, verdicts)
     # The verdicts where the command was typed; those with data first, the evidence in the report.
     print(f"wrote {path}; the studies' claims against these {len(runs)} runs:")
     width = max(len(v.verdict) for v in verdicts)
