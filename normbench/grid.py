@@ -134,16 +134,19 @@ def expand(grid: dict[str, Any], base: str, overrides: dict[str, Any], sweep_dir
     return cells
 
 
-def validate(cells: list[Cell], pack: bool = False) -> None:
+def validate(cells: list[Cell], pack: bool = False, prepare: bool = False) -> None:
     """Parse every cell's arguments before anything runs, so that a grid or override naming a
     key that does not exist, or a value of the wrong type, stops the sweep with one line; with
-    ``pack``, also a setting that a pack would not apply (``normbench.pack.check_packable``).
+    ``pack``, also a setting that a pack would not apply (``normbench.pack.check_packable``);
+    with ``prepare``, each dataset the runs read is there (downloaded here, once, where the
+    runs may download), so that a missing one stops the sweep before its first run.
 
     Cells that differ only in ``seed_everything`` parse alike but for the seed, a key of its
     own: so each such group is parsed once, and each seed once more in the first cell that has
     it (a grid of 14 settings x 5 seeds parses 18 cells, not 70). A cell left out takes its
     group's parsed ``world_size``."""
     parser = defaults = None
+    datasets: set[tuple[str, str, bool]] = set()
     packed = {id(c) for group in packs(cells, pack) if len(group) > 1 for c in group}
     parsed: dict[tuple, Cell] = {}  # the cell parsed for each group of seeds
     seeds: set[str] = set()
@@ -171,6 +174,8 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
             ) from None
         seeds.add(seed)
         cell.world_size = world_size(config.trainer)
+        data = config.data.init_args
+        datasets.add((dataset_name(config.data.class_path), str(data.data_dir), bool(data.download)))
         if key in parsed:
             continue  # its group's settings are checked
         parsed[key] = cell
@@ -178,6 +183,9 @@ def validate(cells: list[Cell], pack: bool = False) -> None:
             if defaults is None:
                 defaults = parser.get_defaults()
             check_packable(config, defaults, cell.name)
+    for name, data_dir, download in sorted(datasets) if prepare else ():
+        if name in DATAMODULES:
+            DATAMODULES[name](data_dir=data_dir, download=download).prepare_data()
 
 
 @contextmanager

@@ -172,7 +172,7 @@ def sweep(args: list[str] | None = None) -> list[Cell]:
         cells_to_run = cells
     todo = [c for c in cells_to_run if c.status() not in DONE]
     pack = cfg.pack and cfg.backend == "local" and cfg.cell is None
-    validate(cells_to_run, pack=pack)
+    validate(cells_to_run, pack=pack, prepare=not cfg.dry_run and bool(todo))
     if cfg.dry_run:
         print_dry_run(cells, len(todo), sweep_dir)
         return cells

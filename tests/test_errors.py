@@ -41,6 +41,8 @@ def workspace(tmp_path_factory) -> Path:
     (root / "bad_axis.yaml").write_text(yaml.safe_dump(bad_axis))
     good = {"base": CONFIG, "overrides": {"data.data_dir": str(root / "data")}, "grid": {"model.norm": ["bn"]}}
     (root / "sweep.yaml").write_text(yaml.safe_dump(good))
+    no_data = {**good, "overrides": {"data.data_dir": str(root / "nodata"), "data.download": False}}
+    (root / "no_data_sweep.yaml").write_text(yaml.safe_dump(no_data))
     main([*fit(root), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
           "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]", "--name", "ckpt", "--version", "0"])  # fmt: skip
     return root
@@ -154,6 +156,11 @@ CASES = {
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--cell", "99"],
         ["--cell 99 is not in the grid; use 0 to "],
     ),
+    # Checked before the first run: a sweep whose dataset is missing starts none of its runs.
+    "sweep without its dataset": (
+        lambda r: ["sweep", "--config", str(r / "no_data_sweep.yaml"), "--output", str(r / "sw_no_data")],
+        ["MNIST not found", str(Path("nodata") / "MNIST" / "raw"), "--data.download true"],
+    ),
     "sweep runs_per_worker 0": (
         lambda r: ["sweep", "--config", str(r / "sweep.yaml"), "--output", str(r / "sw"), "--runs_per_worker", "0"],
         ["runs_per_worker: '0' is not a positive integer or null"],
@@ -243,6 +250,12 @@ def test_bad_input_gets_one_line_and_exit_status_2(case, workspace, capsys, monk
     assert len(lines) == 1, err
     for part in expected:
         assert part in lines[0], lines[0]
+
+
+def test_a_sweep_without_its_dataset_leaves_nothing_behind(workspace, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", str(workspace / "no_data_sweep.yaml"), "--output", str(workspace / "sw_gone")])
+    assert not (workspace / "sw_gone").exists() and not (workspace / "nodata").exists()
 
 
 def test_the_console_script_exits_2_with_only_the_line(workspace):
