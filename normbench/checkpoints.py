@@ -47,16 +47,23 @@ def resolve_resume(config: Namespace, subcommand: str | None, name: str) -> str 
         if not found:
             print(f"normbench: no last checkpoint under {run_dir}; starting the run fresh", file=sys.stderr)
             return None
-        config.version = found[0].parent.parent.name
+        config.version = _logger_version(found[0].parent.parent.name)
         return str(found[0])
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} not found; pass an existing .ckpt file or last")
     path = Path(ckpt).resolve()
     if subcommand == "fit" and path.parent.name == "checkpoints" and config.name is None and config.version is None:
-        config.name, config.version = path.parents[2].name, path.parents[1].name
+        config.name, config.version = path.parents[2].name, _logger_version(path.parents[1].name)
         if config.trainer.default_root_dir is None and path.parents[3].name == "lightning_logs":
             config.trainer.default_root_dir = str(path.parents[4])
     return ckpt
+
+
+def _logger_version(folder: str) -> int | str:
+    """The logger's version for a run folder: ``version_3`` is version 3 (which the progress bar
+    shows as ``v_num=3``; as the string, Lightning cut it to its last four characters, ``on_3``)."""
+    number = folder.removeprefix("version_")
+    return int(number) if folder.startswith("version_") and number.isdigit() else folder
 
 
 def _versions_newest_first(run_dir: Path) -> list[str]:

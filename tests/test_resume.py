@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -76,8 +77,10 @@ def alone(fake_data, tmp_path_factory) -> Path:
 
 def _resumed_equals_alone(run_dir: Path, alone: Path) -> None:
     """The resumed run ``run_dir`` is the run left alone: record, checkpoint, TensorBoard."""
-    # The same run directory and TensorBoard run, not a new version.
+    # The same run directory and TensorBoard run, not a new version: the logger's version 0
+    # (an int, which the progress bar shows as v_num=0; the folder's name, it showed "on_0").
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["version"] == 0
     ours, theirs = read_record(run_dir), read_record(alone)
     assert ours["status"] == theirs["status"] == "finished"
     assert ours["global_step"] == theirs["global_step"] == EPOCHS * STEPS_PER_EPOCH
