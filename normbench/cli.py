@@ -34,7 +34,8 @@ from normbench.devices import world_size
 from normbench.errors import check_config_files, one_line, reported
 from normbench.experiments import experiment_name
 from normbench.module import NormBenchModule
-from normbench.norms import NORMS, check_norm_batch, options_of
+from normbench.norm_args import keep_norm_options, norm_given_alone
+from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
 from normbench.run_defaults import EVALUATION_WARNINGS, add_default_callbacks, lightning_internal_warnings_ignored
 from normbench.seeding import seed_everything
@@ -61,31 +62,6 @@ def run_name(config: Namespace) -> str:
     """
     return experiment_name(dataset_name(config.data.class_path), config.model.norm,
                            config.data.init_args.batch_size, config.model.net, world_size(config.trainer))  # fmt: skip
-
-
-def norm_given_alone(argv: list[str]) -> bool:
-    """Whether a command line sets ``--model.norm`` and not ``--model.norm_kwargs``: the norm
-    replaces the config's, whose options may be another norm's."""
-
-    def given(option: str) -> bool:
-        return any(a == option or a.startswith((f"{option}=", f"{option}.")) for a in argv)
-
-    return given("--model.norm") and not given("--model.norm_kwargs")
-
-
-def keep_norm_options(argv: list[str], model: Namespace) -> list[str]:
-    """Where ``argv`` gives the norm alone (``norm_given_alone``), drop from ``model.norm_kwargs``
-    the options that ``model.norm`` does not take, as jsonargparse drops a class's ``init_args``
-    when a later argument changes its ``class_path`` (``gn``'s ``num_groups`` when ``--model.norm
-    brn`` follows a gn config; brn's ``eps`` stays). Returns the names dropped."""
-    kwargs = dict(model.get("norm_kwargs") or {})
-    if not norm_given_alone(argv) or model.get("norm") not in NORMS:
-        return []  # the parser names an unknown norm itself
-    options = options_of(model.norm)
-    dropped = [k for k in kwargs if k not in options]
-    if dropped:
-        model.norm_kwargs = {k: v for k, v in kwargs.items() if k in options}
-    return dropped
 
 
 # ``normbench --help``'s first line (Lightning's own says "Lightning Trainer command line tool").

@@ -15,10 +15,11 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError
 
-from normbench.cli import NormBenchCLI, keep_norm_options
+from normbench.cli import NormBenchCLI
 from normbench.data import DATA_MODULE_NAMES, DATAMODULES, dataset_name
 from normbench.devices import world_size
 from normbench.errors import one_line
+from normbench.norm_args import keep_norm_options
 from normbench.norms import check_options
 from normbench.pack import check_packable
 from normbench.results import (
@@ -163,7 +164,7 @@ def validate(cells: list[Cell], pack: bool = False, prepare: bool = False) -> No
                     parser = NormBenchCLI(args=cell.args[1:], run=False).parser
             config = parser.parse_args(cell.args[1:])
             # The norm's options as the run will take them: a grid's norm keeps the base
-            # config's options it takes (normbench.cli.keep_norm_options); any other is an error now.
+            # config's options it takes (normbench.norm_args.keep_norm_options); any other is an error now.
             keep_norm_options(cell.args, config.model)
             check_options(config.model.norm, 1, dict(config.model.norm_kwargs or {}))
         except (ArgumentError, ValueError, TypeError) as err:

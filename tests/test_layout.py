@@ -40,7 +40,7 @@ LAYERS = [
     ],
     ["normbench.pack"],
     ["normbench.cli"],
-    ["normbench.budget", "normbench.checkpoints", "normbench.run_defaults"],
+    ["normbench.budget", "normbench.checkpoints", "normbench.run_defaults", "normbench.norm_args"],
     ["normbench.recorder"],
     ["normbench.hparams"],
     ["normbench.layout"],
