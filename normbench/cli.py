@@ -48,6 +48,7 @@ PRIVATE_API = {
     "lightning.pytorch.cli.LightningCLI._add_subcommands": "extended: normbench's own commands in --help",
     "lightning.pytorch.cli.LightningCLI._parse_ckpt_path": "overridden: a checkpoint must agree with the command",
     "jsonargparse.ArgumentParser._subcommands_action": "where _add_subcommands adds normbench's own commands",
+    "argparse._SubParsersAction._choices_actions": "the subcommands' help lines, which _add_subcommands rewrites",
 }
 
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -63,6 +64,15 @@ def run_name(config: Namespace) -> str:
     return experiment_name(dataset_name(config.data.class_path), config.model.norm,
                            config.data.init_args.batch_size, config.model.net, world_size(config.trainer))  # fmt: skip
 
+
+# Lightning's four commands in ``--help`` (Lightning takes each Trainer method's first docstring
+# line, which stops mid-sentence for test and predict).
+SUBCOMMAND_HELP = {
+    "fit": "Train a run from its config (--ckpt_path last resumes it).",
+    "validate": "Score a checkpoint on the validation set.",
+    "test": "Score a checkpoint on the test split.",
+    "predict": "Write each test image's predicted class to predictions.csv.",
+}
 
 # ``normbench --help``'s first line (Lightning's own says "Lightning Trainer command line tool").
 DESCRIPTION = (
@@ -130,7 +140,11 @@ class NormBenchCLI(LightningCLI):
     def _add_subcommands(self, parser, **kwargs) -> None:
         """Lightning's subcommands, and the commands given to the constructor, each with its one
         line in ``--help``."""
+        for name, help_line in SUBCOMMAND_HELP.items():
+            kwargs[name] = {"description": help_line, **kwargs.get(name, {})}
         super()._add_subcommands(parser, **kwargs)
+        for action in parser._subcommands_action._choices_actions:
+            action.help = SUBCOMMAND_HELP.get(action.dest, action.help)
         for name, help_line in self._commands.items():
             own = ArgumentParser(prog=f"normbench {name}", description=help_line, add_help=False)
             parser._subcommands_action.add_subcommand(name, own, help=help_line)

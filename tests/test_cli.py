@@ -18,7 +18,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from quick_configs import mnist_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from normbench.cli import NormBenchCLI
+from normbench.cli import SUBCOMMAND_HELP, NormBenchCLI
 from normbench.experiments import STUDY1, STUDY2, render_configs
 from normbench.main import main
 from normbench.norms import NORMS
@@ -313,6 +313,11 @@ def test_help_lists_every_subcommand_with_one_line(capsys, monkeypatch):
         assert any(line.split()[:1] == [name] for line in out.splitlines()), (name, out)
     for name, line in (("sweep", "Run a grid"), ("report", "Tables, plots"), ("bench", "Time normbench")):
         assert next(x for x in out.splitlines() if x.split()[:1] == [name]).split(None, 1)[1].startswith(line)
+    # Lightning's four: whole sentences (its own stop mid-sentence for test and predict).
+    listing = " ".join(out.split("Available subcommands:", 1)[1].split())
+    for name, line in SUBCOMMAND_HELP.items():
+        assert f"{name} {line}" in listing, listing
+    assert "make sure you never run on your" not in listing
 
 
 @pytest.mark.parametrize("sub", ["fit", "validate", "test", "predict"])
@@ -380,6 +385,8 @@ def test_the_private_api_normbench_relies_on_exists_in_the_installed_versions():
         if cls == "ArgumentParser":  # set on the parser by add_subcommands
             owner = ArgumentParser()
             owner.add_subcommands()
+        if cls == "_SubParsersAction":  # set on the action add_subcommands returns
+            owner = ArgumentParser().add_subcommands()
         assert callable(getattr(owner, attr, None)) or getattr(owner, attr, None) is not None, path
     # And the list is whole: every underscored name of Lightning's that cli.py overrides or
     # calls, and every underscored attribute it reads off another object, is on it.
