@@ -243,6 +243,12 @@ def check_config_files(argv: list[str]) -> None:
         argv: a command's arguments.
     """
     command = argv[0] if argv else ""
+    if command in ("-c", "--config") or command.startswith("--config="):
+        # Lightning's parser takes a config before the command too, but as a whole file of
+        # commands ({fit: {...}}): an experiment config there would be read as nothing at all.
+        given = command.split("=", 1)[1] if "=" in command else (argv[1] if len(argv) > 1 else "FILE")
+        named = next((a for a in argv[1:] if a in COMMANDS), "fit")
+        raise ValueError(f"--config goes after the command: normbench {named} --config {given}")
     example = "configs/sweeps/study2_fashion_cpu.yaml" if command == "sweep" else "configs/mnist_bn_bs16.yaml"
     for flag, value in itertools.pairwise(argv):
         if flag != "--config" or value.lstrip().startswith(("{", "[")) or ":" in value and "\n" in value:

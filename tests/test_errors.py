@@ -121,6 +121,10 @@ CASES = {
         lambda r: ["sweep", "--config", str(r / "nope.yaml")],
         ["nope.yaml does not exist", "e.g. configs/sweeps/study2_fashion_cpu.yaml"],
     ),
+    "config before the command": (
+        lambda r: ["-c", CONFIG, "fit", "--print_config"],
+        [f"--config goes after the command: normbench fit --config {CONFIG}"],
+    ),
     # The other kind of config: which it is, and the command that takes it.
     "sweep config to fit": (
         lambda r: ["fit", "--config", str(r / "sweep.yaml")],
