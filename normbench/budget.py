@@ -102,14 +102,20 @@ def apply_budget(config: Namespace, global_batch_size: int) -> None:
     init_args.lr = scaled_lr(budget.reference_lr, global_batch_size, budget.reference_batch_size, budget.rule)
 
 
-def unevaluated_end(trainer: Namespace) -> str | None:
-    """The line to say when a run's steps end before its first evaluation (``max_steps`` below an
-    int ``val_check_interval`` of steps, a shortened iteration run of study 1's): its only test
-    accuracy would be the one before training, if any. None otherwise.
+def check_end(trainer: Namespace) -> str | None:
+    """Where a run ends: never is an error (``max_epochs`` -1 with no ``max_steps`` or
+    ``max_time``); before its first evaluation (``max_steps`` below an int ``val_check_interval``
+    of steps, a shortened iteration run of study 1's) is the line returned to say, as its only
+    test accuracy would be the one before training, if any. None otherwise.
 
     Args:
         trainer: the run's trainer settings.
     """
+    if trainer.max_epochs == -1 and trainer.max_steps in (None, -1) and trainer.max_time is None:
+        raise ValueError(
+            "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "
+            "a positive number of epochs, or give --trainer.max_steps"
+        )
     steps, every = trainer.get("max_steps"), trainer.get("val_check_interval")
     if isinstance(every, bool) or not isinstance(every, int) or steps is None or not 0 < steps < every:
         return None

@@ -74,28 +74,29 @@ def _versions_newest_first(run_dir: Path) -> list[str]:
     return [p.name for p in sorted(run_dir.glob("*"), key=lambda p: (number(p), p.stat().st_mtime), reverse=True)]
 
 
-def saved_settings(path: str) -> dict[str, Any]:
-    """The model settings a checkpoint was saved with; an unreadable file is a one-line error."""
+def saved_settings(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and the data settings a checkpoint was saved with ({} for those it lacks); an
+    unreadable file is a one-line error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved.get("hyper_parameters", {}), saved.get("datamodule_hyper_parameters") or {}
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise CheckpointMismatchError(
             f"checkpoint {path} cannot be read ({first_line(err)}); pass a .ckpt file saved by normbench fit"
         ) from None
 
 
-def data_not_given(path: str, argv: list[str], data: Namespace | None) -> dict[str, Any]:
+def data_not_given(saved: dict[str, Any], argv: list[str], data: Namespace | None) -> dict[str, Any]:
     """The data settings a command without a config does not give (``--data.<key>`` in ``argv``),
-    as the run saved in the checkpoint at ``path`` had them: its normalization above all (the test
-    split read as the network learned to see it, not by the defaults), and its batch size, which
-    names the run directory an evaluation lands in. {} for a checkpoint saved without them.
+    as the run saved in a checkpoint had them: its normalization above all (the test split read
+    as the network learned to see it, not by the defaults), and its batch size, which names the
+    run directory an evaluation lands in.
 
     Args:
-        path: the checkpoint.
+        saved: the checkpoint's data settings (``saved_settings``).
         argv: the command's arguments.
         data: the command's data module (class_path and init_args) as parsed.
     """
-    saved = torch.load(path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
     if data is None or "init_args" not in data:
         return {}
     given = {a.removeprefix("--data.").split("=", 1)[0] for a in argv if a.startswith("--data.")}

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from normbench.budget import Budget, apply_budget, unevaluated_end
+from normbench.budget import Budget, apply_budget, check_end
 from normbench.checkpoints import check_same_model, checkpoint_step, data_not_given, resolve_resume, saved_settings
 from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
 from normbench.devices import world_size
@@ -199,19 +199,13 @@ class NormBenchCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if not path or not Path(path).is_file():
             return
-        saved = saved_settings(path)
-        if not self._model_given:
-            super()._parse_ckpt_path()
-            self._data_from_checkpoint(path, sub)
+        saved, saved_data = saved_settings(path)
+        if self._model_given:
+            check_same_model(path, saved, self.config[sub].model)
             return
-        check_same_model(path, saved, self.config[sub].model)
-
-    def _data_from_checkpoint(self, path: str, sub: str) -> None:
-        """The data settings this command does not give, as the checkpoint's run had them
-        (``normbench.checkpoints.data_not_given``)."""
+        super()._parse_ckpt_path()
         data = self.config[sub].get("data")
-        init = data_not_given(path, self._argv, data)
-        if init:
+        if init := data_not_given(saved_data, self._argv, data):
             patch = {sub: {"data": {"class_path": data.class_path, "init_args": init}}}
             self.config = self.parser.parse_object(patch, self.config)
 
@@ -244,7 +238,7 @@ class NormBenchCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         apply_budget(config, config.data.init_args.batch_size * world_size(trainer))
-        if self.subcommand == "fit" and (note := unevaluated_end(trainer)):
+        if (note := check_end(trainer)) and self.subcommand == "fit":
             rank_zero_only(print)(note, file=sys.stderr)
         check_norm_batch(config.model.norm, config.model.get("norm_batch"), config.data.init_args.batch_size,
                          world_size(trainer))  # fmt: skip
@@ -254,11 +248,6 @@ class NormBenchCLI(LightningCLI):
             raise ValueError(
                 "trainer.barebones=true turns off the logging, checkpoints and metrics every normbench run "
                 "records; drop it (what a step costs and how to cut it: docs/speed.md)"
-            )
-        if trainer.max_epochs == -1 and trainer.max_steps in (None, -1) and trainer.max_time is None:
-            raise ValueError(
-                "trainer.max_epochs=-1 with no max_steps or max_time trains forever; set --trainer.max_epochs to "
-                "a positive number of epochs, or give --trainer.max_steps"
             )
         add_default_callbacks(config, config.checkpoint_every_n_steps, self.subcommand)
         if self.subcommand in ("validate", "test", "predict"):

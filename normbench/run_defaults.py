@@ -125,6 +125,7 @@ def lightning_internal_warnings_ignored() -> Iterator[None]:
     started (the shell, a sweep's worker, a pack); and Lightning's advertisements of its cloud
     services (``💡 Tip: ... install litlogger``, at every fit), which its logger leaves out."""
     tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    outermost = _not_a_tip not in tips.filters  # a scope inside another leaves the filter to it
     tips.addFilter(_not_a_tip)
     try:
         with warnings.catch_warnings():
@@ -132,4 +133,5 @@ def lightning_internal_warnings_ignored() -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=message, category=FutureWarning)
             yield
     finally:
-        tips.removeFilter(_not_a_tip)
+        if outermost:
+            tips.removeFilter(_not_a_tip)

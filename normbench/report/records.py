@@ -254,6 +254,19 @@ def load_run(path: Path, record: dict | None = None) -> Run:
     )
 
 
+def paired_on_all_images(runs: list[Run], figure) -> list[Run]:
+    """The runs whose ``figure`` (a NormDiagnostics accuracy) and running-statistics accuracy
+    (``final``) are both known and were measured on the same images, the whole validation set:
+    a figure from the first ``eval_images`` only is never paired with an accuracy on all."""
+    return [r for r in runs if figure(r) is not None and r.final is not None and r.diagnostics_images is None]
+
+
+def part_measured(runs: list[Run]) -> str:
+    """The validation images the runs' diagnostics saw where that was part of the set, as a
+    report says them (``512`` or ``512 or 1,024``); "" when every run's saw all of it."""
+    return " or ".join(f"{k:,}" for k in sorted({r.diagnostics_images for r in runs if r.diagnostics_images}))
+
+
 def tasks_apart(runs: list[Run]) -> list[Run]:
     """The runs with ``dataset`` naming the task a verdict compares within: the dataset, with the
     network after it (``cifar10_dilated_cnn``, as run directories name it) where the runs trained

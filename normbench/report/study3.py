@@ -28,7 +28,7 @@ from normbench.norms import BATCH_NORMS
 from normbench.report.claims import CLOSE, STUDY_NETS, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, p_text, slope
 from normbench.report.plotting import pyplot, save_figure
-from normbench.report.records import Run, tasks_apart
+from normbench.report.records import Run, paired_on_all_images, part_measured, tasks_apart
 from normbench.report.tables import LEARNED, PairedComparison, Stat, aggregate, sorted_values
 
 # Layers whose training output depends on the batch: no control for this study.
@@ -100,7 +100,7 @@ def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
         rows, key = [], None
         for nb, rs in sorted(cells.items()):
-            pairs = _same_images(rs, lambda r: r.batch_stats)
+            pairs = paired_on_all_images(rs, lambda r: r.batch_stats)
             if len(pairs) < 2:
                 continue
             comparison = PairedComparison(Stat([r.batch_stats for r in pairs]), Stat([r.final for r in pairs]))
@@ -185,21 +185,13 @@ def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
     return {name: Stat(values[name]) for name in sorted_values(set(values))}
 
 
-def _same_images(runs: list[Run], figure) -> list[Run]:
-    """The runs whose ``figure`` (a NormDiagnostics accuracy) and running-statistics accuracy
-    (``final``) are both known and were measured on the same images: the whole validation set.
-    A figure from the first ``eval_images`` only is not paired with an accuracy on all."""
-    return [r for r in runs if figure(r) is not None and r.final is not None and r.diagnostics_images is None]
-
-
 def _part_measured(runs: list[Run]) -> str:
     """``; left out of the paired tests: ...`` naming runs whose diagnostics saw part of the
     validation set, or ""."""
-    part = sorted({r.diagnostics_images for r in runs if r.batch_stats is not None and r.diagnostics_images})
+    part = [r for r in runs if r.batch_stats is not None and r.diagnostics_images]
     if not part:
         return ""
-    n = sum(1 for r in runs if r.batch_stats is not None and r.diagnostics_images)
-    images = " or ".join(f"{k:,}" for k in part)
+    n, images = len(part), part_measured(part)
     return (f"; left out of the paired tests: {n} runs whose batch-statistics accuracy is on the first {images} "
             "validation images, their running-statistics accuracy on all (NormDiagnostics eval_images: null "
             "measures on all)")  # fmt: skip
@@ -211,11 +203,9 @@ def _paired(runs: list[Run], figure) -> str:
     shown = [r for r in runs if figure(r) is not None and r.final is not None]
     if not shown:
         return "–"
-    pairs = _same_images(runs, figure)
+    pairs = paired_on_all_images(runs, figure)
     if len(pairs) < len(shown):
-        part = sorted({r.diagnostics_images for r in shown if r.diagnostics_images})
-        stat = Stat([figure(r) for r in shown])
-        return f"{stat.cell()}; on the first {' or '.join(f'{k:,}' for k in part)} images, not paired with EMA"
+        return f"{Stat([figure(r) for r in shown]).cell()}; on the first {part_measured(shown)} images, not paired with EMA"
     stat = Stat([figure(r) for r in pairs])
     if len(pairs) < 2:
         return stat.cell()

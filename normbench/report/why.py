@@ -11,7 +11,7 @@ in training were the problem); where neither test shows it, the sentence says so
 
 from __future__ import annotations
 
-from normbench.report.records import Run
+from normbench.report.records import Run, paired_on_all_images, part_measured
 from normbench.report.tables import Comparison, PairedComparison, Stat, aggregate, markdown_table, sorted_values
 
 # Study 2's depth experiment as its summary quotes it (CIFAR-10, BN, 1 to 8 blocks).
@@ -43,10 +43,9 @@ def why_sections(runs: list[Run]) -> list[str]:
                                           for name, label in FIGURES)]  # fmt: skip
         rows = [[str(b), n, *(stats[name].get((b, n), Stat([])).cell(3 if name in ("mean_gap", "std_ratio") else 2)
                               for name, _ in FIGURES)] for b, n in keys]  # fmt: skip
-        subset = sorted({r.diagnostics_images for r in group if r.precise_bn is not None} - {None})
+        counts = part_measured([r for r in group if r.precise_bn is not None])
         lines += ["", f"**{ctx[0]}**, {ctx[1]}, {ctx[2]}, {ctx[3]} blocks", "", markdown_table(header, rows)]
-        if subset:
-            counts = " or ".join(f"{n:,}" for n in subset)
+        if counts:
             note = (f"(The batch-statistics and PreciseBN accuracies are on the first {counts} validation images, "
                     "the running-statistics one on all of them: compare them with care.)")  # fmt: skip
             lines += ["", note]
@@ -80,7 +79,7 @@ def _sentence(bs, stats: dict[str, dict[tuple, Stat]], runs: list[Run]) -> str |
         return ", ".join(parts) + "; its runs have no PreciseBN figures."
     # PreciseBN against the same run's running-statistics accuracy, run by run, where both were
     # measured on the same images (the whole validation set).
-    pairs = [r for r in measured if r.final is not None and r.diagnostics_images is None]
+    pairs = paired_on_all_images(measured, lambda r: r.precise_bn)
     if not pairs:
         parts.append("PreciseBN's accuracy is on part of the validation set and its running-statistics one on all, "
                      "so the two are not compared")  # fmt: skip
