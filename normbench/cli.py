@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from normbench.budget import Budget, apply_budget, check_end
 from normbench.checkpoints import check_same_model, checkpoint_step, data_not_given, resolve_resume, saved_settings
-from normbench.data import DATA_MODULE_NAMES, ImageDataModule, dataset_name
+from normbench.data import ImageDataModule
 from normbench.devices import world_size
 from normbench.errors import check_config_files, one_line, reported
 from normbench.experiments import experiment_name
@@ -39,6 +39,7 @@ from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
 from normbench.run_defaults import EVALUATION_WARNINGS, add_default_callbacks, lightning_internal_warnings_ignored
 from normbench.seeding import seed_everything
+from normbench.specs import DATA_MODULE_NAMES, dataset_name
 
 # The private API of Lightning and jsonargparse that normbench relies on, all of it, here: none of
 # it has a public equivalent. pyproject.toml bounds both packages to the versions it is known in

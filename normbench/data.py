@@ -1,7 +1,7 @@
 """LightningDataModules for MNIST, FashionMNIST, CIFAR-10 and CIFAR-100 over torchvision's datasets.
 
 One base class, ``ImageDataModule``, holds the logic; each dataset is a subclass that names its
-``DatasetSpec`` (``normbench.datasets``: the dataset's facts as data). ``prepare_data`` is the one
+``DatasetSpec`` (``normbench.specs``: the dataset's facts as data). ``prepare_data`` is the one
 place that may download; ``setup`` reads files already on disk, so every rank builds the same
 datasets without touching the network.
 """
@@ -18,8 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from normbench.datasets import (
-    SPECS,
-    DatasetSpec,
     TransformedSubset,
     first_images,
     image_transform,
@@ -30,6 +28,7 @@ from normbench.datasets import (
 from normbench.loaders import InMemoryLoader, memory_loader
 from normbench.options import check_restricted, plain
 from normbench.orders import EpochOrder, EpochSampler, ResumableLoader
+from normbench.specs import SPECS, DatasetSpec
 
 
 def torch_loader(dataset: Dataset, batch_size: int, shuffle: bool, rank: int, world_size: int, num_workers: int,
@@ -283,20 +282,7 @@ class CIFAR100DataModule(ImageDataModule):
     spec = SPECS["cifar100"]
 
 
+# Registry name -> data module; each class is named as its spec's ``module_name`` says (``--data``).
 DATAMODULES: dict[str, type[ImageDataModule]] = {
-    "mnist": MNISTDataModule,
-    "fashion_mnist": FashionMNISTDataModule,
-    "cifar10": CIFAR10DataModule,
-    "cifar100": CIFAR100DataModule,
+    cls.spec.name: cls for cls in (MNISTDataModule, FashionMNISTDataModule, CIFAR10DataModule, CIFAR100DataModule)
 }
-
-
-# The data modules' class names, as ``--data`` takes them; errors list them for a bad one.
-DATA_MODULE_NAMES = tuple(cls.__name__ for cls in DATAMODULES.values())
-
-
-def dataset_name(class_path: str) -> str:
-    """The registry name (``mnist``) of a data module's class path or class name, or the
-    input itself when it names none of them."""
-    name = str(class_path).rsplit(".", 1)[-1]
-    return next((k for k, v in DATAMODULES.items() if v.__name__ == name), str(class_path))

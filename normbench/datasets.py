@@ -1,5 +1,5 @@
-"""The datasets normbench trains on, as data: what each one is (``DatasetSpec``), the files
-torchvision reads for it, and opening it with a one-line error that says which files are
+"""The datasets normbench trains on: the files torchvision reads for each (its facts are
+``normbench.specs``), and opening it with a one-line error that says which files are
 missing where and how to put them there."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,44 +15,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
 from normbench.errors import DatasetNotFoundError, first_line
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One torchvision image-classification dataset.
-
-    Args:
-        name: the registry name (``dataset:`` in configs).
-        dataset_cls: the torchvision dataset; its class lists the files and their md5.
-        num_classes: classes.
-        in_channels: image channels.
-        image_size: image height and width.
-        mean: the per-channel mean of its training images (``normalization: dataset``).
-        std: their per-channel standard deviation.
-        augmentable: whether ``augment: true`` applies random crop and flip to it.
-    """
-
-    name: str
-    dataset_cls: type[datasets.VisionDataset]
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augmentable: bool = False
-
-
-SPECS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec("mnist", datasets.MNIST, 10, 1, 28, (0.1307,), (0.3081,)),
-        DatasetSpec("fashion_mnist", datasets.FashionMNIST, 10, 1, 28, (0.2860,), (0.3530,)),
-        DatasetSpec("cifar10", datasets.CIFAR10, 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-        DatasetSpec(
-            "cifar100", datasets.CIFAR100, 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True
-        ),
-    )
-}
+from normbench.specs import DatasetSpec
 
 
 class TransformedSubset(Dataset):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentError
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 PREFIX = "normbench: error: "
 
@@ -42,15 +41,24 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose tensors do not fit the model it is loaded into."""
 
 
-# The errors of what the user gave; each is said in one line.
+# The errors of what the user gave; each is said in one line. Lightning's
+# MisconfigurationException joins them once Lightning is loaded (``user_errors``).
 USER_ERRORS = (
     ArgumentError,
     ValueError,
     FileNotFoundError,
     DatasetNotFoundError,
     yaml.YAMLError,
-    MisconfigurationException,
 )
+LIGHTNING_EXCEPTIONS = "lightning.fabric.utilities.exceptions"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """``USER_ERRORS``, with Lightning's ``MisconfigurationException`` where Lightning is loaded:
+    only then can it be raised, and not importing it here keeps the commands that do not train
+    (report, --help of normbench's own) from loading Lightning and torch."""
+    lightning = sys.modules.get(LIGHTNING_EXCEPTIONS)
+    return (*USER_ERRORS, lightning.MisconfigurationException) if lightning else USER_ERRORS
 
 
 def first_line(err: BaseException, limit: int = 160) -> str:
@@ -292,7 +300,7 @@ def reported(data_modules: Iterable[str] = ()) -> Iterator[None]:
     """
     try:
         yield
-    except USER_ERRORS as err:
+    except user_errors() as err:
         if os.environ.get("NORMBENCH_DEBUG"):
             raise
         message = PREFIX + one_line(err, data_modules)

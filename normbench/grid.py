@@ -16,7 +16,7 @@ import yaml
 from jsonargparse import ArgumentError
 
 from normbench.cli import NormBenchCLI
-from normbench.data import DATA_MODULE_NAMES, DATAMODULES, dataset_name
+from normbench.data import DATAMODULES
 from normbench.devices import world_size
 from normbench.errors import one_line
 from normbench.norm_args import keep_norm_options
@@ -25,6 +25,7 @@ from normbench.pack import check_packable
 from normbench.results import (
     status_of,
 )
+from normbench.specs import DATA_MODULE_NAMES, dataset_name
 
 # Short labels for common axes in run names; other keys use their last component.
 LABELS = {

@@ -5,7 +5,8 @@ enter here.
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (``normbench.cli``); ``sweep``,
 ``report`` and ``bench`` are normbench's own, each a function of its module that takes the
 arguments after its name, imported when that command runs: a fit never loads the report's
-statistics and plots, the sweep machinery or the benchmark.
+statistics and plots, the sweep machinery or the benchmark, and the report never loads
+Lightning or torch (``normbench.cli`` is imported for Lightning's commands only).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from lightning.pytorch.cli import ArgsType
-
-from normbench.cli import run_cli
-from normbench.data import DATA_MODULE_NAMES
 from normbench.errors import check_config_files, reported
+from normbench.specs import DATA_MODULE_NAMES
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import ArgsType
 
 
 def sweep(args: list[str]) -> object:
@@ -86,11 +88,10 @@ def exit_now(code: int) -> None:
     up), has child processes left or started Ray ends the usual way, so that atexit handlers run."""
     import multiprocessing
 
-    import torch.distributed as dist
-
     ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    dist = sys.modules.get("torch.distributed")  # loaded by whatever started a process group
     busy = multiprocessing.active_children() or "ray" in sys.modules  # Ray's own atexit shuts its processes down
-    if ranks > 1 or (dist.is_available() and dist.is_initialized()) or busy:
+    if ranks > 1 or (dist is not None and dist.is_available() and dist.is_initialized()) or busy:
         raise SystemExit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -108,6 +109,8 @@ def _main(argv: list[str], args: ArgsType) -> None:
                 check_config_files(argv)
                 COMMANDS[argv[0]][1](argv[1:])
         else:
+            from normbench.cli import run_cli
+
             cli = run_cli(args, commands={name: help_line for name, (help_line, _) in COMMANDS.items()})
             if args is None and getattr(getattr(cli, "model", None), "diverged_at", None) is not None:
                 raise SystemExit(1)  # as a sweep exits for a diverged run; its line was said as it stopped

@@ -18,11 +18,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from normbench.errors import error_line
+
+if TYPE_CHECKING:
+    import torch
 
 RECORD = "metrics.json"
 
@@ -183,6 +184,8 @@ def record_failure(run_dir: str | os.PathLike, err: BaseException, start: float,
 def hardware(device: torch.device) -> str:
     """The device a run trains on, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU AMD EPYC (x86_64),
     2 threads`` (the CPU model, its architecture and torch's threads)."""
+    import torch  # here: the report reads records without loading torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()

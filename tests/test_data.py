@@ -14,6 +14,7 @@ from torchvision.datasets import cifar, mnist
 from normbench.data import DATAMODULES, ImageDataModule, torch_loader
 from normbench.errors import DatasetNotFoundError
 from normbench.orders import EpochSampler
+from normbench.specs import DATA_MODULE_NAMES, SPECS, dataset_name
 
 N_TRAIN, N_TEST = 128, 64
 NAMES = list(DATAMODULES)
@@ -60,10 +61,20 @@ def ids(images: torch.Tensor, dm: ImageDataModule) -> list[tuple[int, int]]:
     return fakedata.decode_ids(images, mean, std)
 
 
+TORCHVISION = {"mnist": mnist.MNIST, "fashion_mnist": mnist.FashionMNIST, "cifar10": cifar.CIFAR10,
+               "cifar100": cifar.CIFAR100}  # fmt: skip
+
+
 def test_registry_names_match_classes() -> None:
-    assert set(DATAMODULES) == set(EXPECTED)
+    assert set(DATAMODULES) == set(EXPECTED) == set(SPECS)
     for name, cls in DATAMODULES.items():
         assert cls.name == name
+        assert (cls.num_classes, cls.in_channels, cls.image_size) == EXPECTED[name]
+        assert cls.dataset_cls is TORCHVISION[name]
+        # --data names the class, a run directory and a report the registry name: one from the other
+        assert dataset_name(f"normbench.data.{cls.__name__}") == dataset_name(cls.__name__) == name
+    assert DATA_MODULE_NAMES == tuple(cls.__name__ for cls in DATAMODULES.values())
+    assert dataset_name("normbench.data.SVHNDataModule") == "normbench.data.SVHNDataModule"
 
 
 @pytest.mark.parametrize("name", NAMES)

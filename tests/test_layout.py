@@ -56,6 +56,7 @@ LAYERS = [
     ["normbench.loaders"],
     ["normbench.orders"],
     ["normbench.datasets"],
+    ["normbench.specs"],
     ["normbench.nets", "normbench.packed_runs"],
     ["normbench.norms"],  # the norm library, its own modules below its __init__ (acyclic, checked apart)
     ["normbench.results"],

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from normbench.cli import NormBenchCLI
-from normbench.data import DATA_MODULE_NAMES
 from normbench.errors import UserError, reported
 from normbench.main import main
+from normbench.specs import DATA_MODULE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "mnist_bn_bs16.yaml")

@@ -6,6 +6,8 @@ import csv
 import json
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +153,21 @@ def study(root: Path, gn_spread=1.0, brn_gain_large=0.0, sigmoid_slope=-2.0) -> 
             )
             record(root, "fashion_mnist", "bn", 128, seed, activation="sigmoid", blocks=blocks,
                    best=(70 + sigmoid_slope * blocks + jitter) / 100)  # fmt: skip
+
+
+def test_the_report_loads_neither_torch_nor_lightning(tmp_path):
+    # A report reads JSON records: numpy, scipy, statsmodels and matplotlib, not the fit's torch
+    # and Lightning, which took most of its start. A fresh process, as `normbench report` runs.
+    study(tmp_path / "runs")
+    code = (
+        "import sys; from normbench.main import main; main(['report', sys.argv[1], '--out', sys.argv[2]]); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'lightning') if m in sys.modules))"
+    )
+    args = [sys.executable, "-c", code, str(tmp_path / "runs"), str(tmp_path / "out")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "BN needs a large enough batch size to perform well" in (tmp_path / "out" / "report.md").read_text()
 
 
 def verdicts(root: Path) -> dict[str, tuple[str, str]]:

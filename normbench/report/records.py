@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from normbench.data import DATAMODULES, dataset_name
 from normbench.results import FINISHED, RECORD
+from normbench.specs import SPECS, dataset_name
 
 CONTEXT = ("dataset", "net", "activation", "num_blocks")
 FP32 = "32-true"
@@ -196,7 +196,7 @@ def load_run(path: Path, record: dict | None = None) -> Run:
 
     dataset = dataset_name(data.get("class_path", "")) if data else None
     dataset = pick(dataset, "dataset", default="?")
-    if dataset not in DATAMODULES and "data" in values:
+    if dataset not in SPECS and "data" in values:
         dataset = dataset_name(str(values["data"]))
     pct = lambda v: None if v is None else 100.0 * v
     end = (record.get("diagnostics") or {}).get("end_of_run") or {}
@@ -250,7 +250,7 @@ def load_run(path: Path, record: dict | None = None) -> Run:
         budget=dict(config.get("budget") or {}),
         steps=record.get("global_step"),
         lr=record.get("lr", _config_lr(model)),
-        num_classes=DATAMODULES[dataset].num_classes if dataset in DATAMODULES else None,
+        num_classes=SPECS[dataset].num_classes if dataset in SPECS else None,
     )
 
 

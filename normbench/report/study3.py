@@ -24,15 +24,18 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from normbench.norms import BATCH_NORMS
 from normbench.report.claims import CLOSE, STUDY_NETS, Verdict, budget_note, tested
 from normbench.report.inference import equivalence, p_text, slope
 from normbench.report.plotting import pyplot, save_figure
 from normbench.report.records import Run, paired_on_all_images, part_measured, tasks_apart
 from normbench.report.tables import LEARNED, PairedComparison, Stat, aggregate, sorted_values
 
-# Layers whose training output depends on the batch: no control for this study.
-BATCH_DEPENDENT = (*BATCH_NORMS, "ghost_bn", "evonorm_b0")
+
+def batch_dependent() -> tuple[str, ...]:
+    """The layers whose training output depends on the batch: no control for this study."""
+    from normbench.norms import BATCH_NORMS  # torch: loaded only where study 3's runs are
+
+    return (*BATCH_NORMS, "ghost_bn", "evonorm_b0")
 
 
 def _learned(runs: list[Run]) -> bool:
@@ -135,7 +138,7 @@ def batch_free_matches_bn(runs: list[Run]) -> Verdict:
         bn = [r.best for r in cells[best_nb]]
         controls: dict[str, list[Run]] = defaultdict(list)
         for r in runs:
-            if (r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in BATCH_DEPENDENT
+            if (r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in batch_dependent()
                     and (r.net, r.activation, r.num_blocks) in STUDY_NETS):  # fmt: skip
                 controls[r.norm].append(r)
         for name in sorted_values(set(controls)):
@@ -180,7 +183,7 @@ def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
     """The batch-free layers' best accuracy at SGD batch ``bs`` on ``ds``, by label."""
     values: dict[str, list[float]] = defaultdict(list)
     for r in runs:
-        if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in BATCH_DEPENDENT:
+        if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in batch_dependent():
             values[r.norm].append(r.best)
     return {name: Stat(values[name]) for name in sorted_values(set(values))}
 
