@@ -109,8 +109,9 @@ class RunRecorder(L.Callback):
     For curves against iterations (study 1), the record also holds ``evals``, one row per
     validation with its ``step`` (optimizer steps done), and ``train_loss_steps``, the
     ``[step, loss]`` of the batch trained in every ``trainer.log_every_n_steps``-th step
-    (steps 0, n, 2n, ...: that batch's loss before its update), also logged to TensorBoard as
-    ``train/loss_step``. The losses stay on the device until the record is written.
+    (steps 0, n, 2n, ...: that batch's loss before its update; on several devices the global
+    batch's, the mean over the ranks), also logged to TensorBoard as ``train/loss_step``. The
+    losses stay on the device until the record is written.
     """
 
     def __init__(self) -> None:
@@ -180,7 +181,7 @@ class RunRecorder(L.Callback):
         if every and step % every == 0:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(loss, Tensor):
-                self._pending_losses.append((step, loss.detach()))
+                self._pending_losses.append((step, global_batch_loss(loss, trainer.world_size)))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -266,6 +267,25 @@ class RunRecorder(L.Callback):
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 log_run_hparams(lg.log_dir, experiment_hparams(trainer, pl_module), metrics)
+
+
+def global_batch_loss(loss: Tensor, world_size: int) -> Tensor:
+    """The loss of the step's global batch, from this rank's ``loss`` (the mean over its share):
+    on several processes the mean of the ranks' losses, every rank's share of a training batch
+    being as large (``normbench.orders.EpochOrder``), so that ``train_loss_steps`` is the loss
+    one device takes on the same batch, not rank zero's half. A collective (every rank calls it
+    at the same steps), a plain all-reduce on the device: no barrier, no host read.
+
+    Args:
+        loss: this rank's training loss of the step.
+        world_size: the processes that train.
+    """
+    loss = loss.detach()
+    if world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return loss
+    total = loss.clone()
+    torch.distributed.all_reduce(total)
+    return total / world_size
 
 
 def _float(value: Any) -> float | None:

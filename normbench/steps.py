@@ -68,14 +68,15 @@ class NonFiniteWatch:
         note_first_nonfinite(self.first, loss, step)
 
     def check(self, trainer: Any, step: int, device: torch.device) -> int | None:
-        """On a reading step, the first non-finite step if any rank saw one (``step`` itself
-        when only another rank did), else None; between readings, None without a read."""
+        """On a reading step, the first non-finite step of any rank (the earliest: the global
+        batch's loss, the ranks' mean, was non-finite from the first step any rank's share of it
+        was, as on one device), else None; between readings, None without a read."""
         if step % (self.every or (1 if device.type == "cpu" else 20)):
             return None
-        first = int(self.first) if self.first is not None else -1
-        if trainer.strategy.reduce_boolean_decision(first >= 0, all=False):
-            return first if first >= 0 else step
-        return None
+        first = self.first if self.first is not None else torch.full((), -1, dtype=torch.long, device=device)
+        never = torch.iinfo(torch.long).max
+        earliest = int(trainer.strategy.reduce(torch.where(first >= 0, first, never), reduce_op="min"))
+        return None if earliest == never else earliest
 
 
 def summed_metric_states(

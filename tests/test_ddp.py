@@ -38,6 +38,7 @@ PER_DEVICE, WORLD = 4, 2
 EVAL_IMAGES, PRECISE_IMAGES = 100, 40
 EVAL_BATCH = 32  # the CPU's evaluation batch size
 WIDTH = 8  # study 2's network, narrower: the processes' start dominates, not their arithmetic
+LOG_EVERY = 4  # the fit's train_loss_steps: steps 0, 4 and 8
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -128,7 +129,9 @@ def ddp_run(data_dir, tmp_path_factory) -> Path:
     of a process per rank); the sweeps' runs with that launcher are checked with -m slow.
     Returns the run's directory."""
     root = tmp_path_factory.mktemp("ddp_run")
-    _ddp("fit", data_dir, root, "--trainer.max_epochs", "1", "--trainer.callbacks", json.dumps(_diagnostics(root)))
+    losses = {"class_path": "ddp_probe.SaveStepLosses", "init_args": {"out_dir": str(root)}}
+    _ddp("fit", data_dir, root, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", str(LOG_EVERY),
+         "--trainer.callbacks", json.dumps([*_diagnostics(root), losses]))  # fmt: skip
     (run,) = (root / "lightning_logs").glob("*/version_0")
     return run
 
@@ -139,6 +142,35 @@ def test_a_fit_on_two_processes_trains_one_devices_steps_with_synced_statistics(
     # One epoch of 96 images in global batches of 8.
     assert record["global_step"] == N_TRAIN // (PER_DEVICE * WORLD) and len(record["epochs"]) == 1
     _same_norm_statistics_on_every_rank(ddp_run.parents[2])
+
+
+def test_the_recorded_training_losses_are_the_global_batchs(ddp_run):
+    """train_loss_steps (study 1's training-loss curve, and TensorBoard's train/loss_step) holds
+    the loss one device takes on the global batch: the mean of the ranks' losses on their
+    shares, not rank zero's share alone (a batch half as large, twice as noisy)."""
+    root = ddp_run.parents[2]
+    ranks = [dict(json.loads((root / f"losses_rank{r}.json").read_text())) for r in range(WORLD)]
+    recorded = _record(ddp_run)["train_loss_steps"]
+    assert [s for s, _ in recorded] == list(range(0, N_TRAIN // (PER_DEVICE * WORLD), LOG_EVERY))
+    for step, loss in recorded:
+        shares = [r[step] for r in ranks]
+        assert loss == pytest.approx(sum(shares) / WORLD, abs=1e-6), (step, shares)
+    assert any(abs(loss - ranks[0][step]) > 1e-3 for step, loss in recorded)
+
+
+def test_a_run_diverges_at_the_step_one_device_does(data_dir, tmp_path):
+    """A loss that becomes NaN on one rank's share of a global batch makes that batch's loss
+    NaN: the run is recorded as diverged at that step, as one device records it, whichever rank
+    saw it and whenever the ranks compare (every 3 steps here), not at the step rank zero's own
+    share became NaN (the next one, once the NaN gradients were averaged into the weights)."""
+    nan = ["--trainer.callbacks+=ddp_probe.NaNInSecondHalf", "--trainer.callbacks.step=2", "--model.norm", "gn",
+           "--model.norm_kwargs", '{"num_groups": 4}', "--model.check_finite_every_n_steps", "3"]  # fmt: skip
+    (tmp_path / "two").mkdir()
+    _ddp("fit", data_dir, tmp_path / "two", *nan)
+    main(["fit", *_args(data_dir, tmp_path / "one", "--data.batch_size", str(PER_DEVICE * WORLD), *nan)])
+    two, one = (_record(next((tmp_path / n / "lightning_logs").glob("*/version_0"))) for n in ("two", "one"))
+    assert one["status"] == two["status"] == "diverged"
+    assert one["diverged_at_step"] == two["diverged_at_step"] == 2
 
 
 def test_a_fit_on_two_processes_prints_no_advice_to_reduce_what_one_rank_measures(ddp_run):
