@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import DoublePrecision
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
@@ -182,6 +183,11 @@ class NormBenchModule(HeldGrads, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before Lightning loads the weights: one line on what does not fit, not torch's list.
         check_state_fits(checkpoint, self.state_dict())
+        # Lightning loads them before its precision plugin converts the module (strategy.setup):
+        # a 64-true run's float64 weights would be rounded to float32 on the way in, and a
+        # resumed run (or a test of its checkpoint) would not be the run that saved them.
+        if self._trainer is not None and isinstance(self.trainer.precision_plugin, DoublePrecision):
+            self.double()
         self._train_metrics_epoch = checkpoint.get("normbench", {}).get("train_metrics_epoch")
         zero_other_ranks(checkpoint, ("train_loss", "train_acc"), self.global_rank)
 

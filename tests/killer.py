@@ -146,3 +146,16 @@ class KillEveryRankAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveWeightsAtStart(L.Callback):
+    """The module's state as training starts (after a resumed checkpoint is loaded and the
+    precision plugin has converted the module), saved to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path)

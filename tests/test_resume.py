@@ -325,3 +325,23 @@ def test_a_ddp_run_killed_mid_epoch_resumes_with_the_epochs_metrics(fake_data, t
     # Every figure of the cut epoch, training metrics included (rank 1's part of the first 3
     # steps was lost before: train/loss 2.2442 against 2.3243 on the review's run).
     assert a["epochs"] == b["epochs"]
+
+
+def test_a_float64_run_resumes_with_its_float64_weights(fake_data, tmp_path):
+    """Lightning loads a checkpoint's weights before the precision plugin converts the module:
+    a 64-true run's would go into float32 parameters, rounded there (1e-7 apart), and only then
+    to float64, so the resumed run left its uninterrupted self from the first step."""
+    common = ["--trainer.precision", "64-true"]
+    main(args(fake_data, tmp_path, *common, "--trainer.max_steps", "3", "--trainer.callbacks", f"[{DIAGNOSTICS}]"))
+    ckpt = tmp_path / "lightning_logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    start = tmp_path / "start.pt"
+    probe = f"[{DIAGNOSTICS}, {{class_path: killer.SaveWeightsAtStart, init_args: {{path: {start}}}}}]"
+    main(args(fake_data, tmp_path, *common, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt), "--version", "0",
+              "--trainer.callbacks", probe))  # fmt: skip
+    loaded = torch.load(start, weights_only=True)
+    for key, value in saved.items():
+        if key.startswith("net.") and value.is_floating_point():
+            assert value.dtype == loaded[key].dtype == torch.float64, key
+            diff = (loaded[key] - value).abs().max().item()
+            assert diff == 0, (key, diff)
