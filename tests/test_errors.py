@@ -210,6 +210,17 @@ CASES = {
         lambda r: fit(r, "--trainer.barebones", "true"),
         ["trainer.barebones=true", "logging, checkpoints and metrics", "drop it"],
     ),
+    # The optimizer step's batch is the run's: accumulation would split it unseen by its name,
+    # budget and norms.
+    "accumulate_grad_batches": (
+        lambda r: fit(r, "--trainer.accumulate_grad_batches", "2"),
+        ["trainer.accumulate_grad_batches=2", "as data.batch_size", "model.norm_batch", "drop the option"],
+    ),
+    # Lightning would sync torch's BatchNorm alone, the record saying per device.
+    "sync_batchnorm without sync_norms": (
+        lambda r: fit(r, "--trainer.sync_batchnorm", "true", "--model.sync_norms", "false"),
+        ["trainer.sync_batchnorm=true with model.sync_norms=false", "drop --trainer.sync_batchnorm"],
+    ),
     "gpu on a machine without one": (
         lambda r: fit(r, "--trainer.accelerator", "gpu"),
         ["trainer.accelerator", "no usable GPU", "use cpu or auto"],

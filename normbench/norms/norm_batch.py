@@ -93,16 +93,18 @@ def norm_batch_factory(norm: str, norm_batch: int, kwargs: dict[str, Any]) -> Ca
     return lambda num_features: NormBatch(create_norm(norm, num_features, **kwargs), norm_batch)
 
 
-def check_norm_batch(norm: str, norm_batch: int | None, per_device_batch: int | None, processes: int = 1) -> None:
+def check_norm_batch(norm: str, norm_batch: int | None, per_device_batch: int | None, processes: int = 1,
+                     synced: bool = True) -> None:  # fmt: skip
     """Raise a one-line ValueError when ``norm_batch`` does not apply to ``norm``, does not
     divide the per-device batch (so that on N devices the groups are those of one device), or
-    asks bnrs or brn for several processes.
+    asks bnrs or brn for several processes, or bn for several without ``sync_norms``.
 
     Args:
         norm: the norm's registry name.
         norm_batch: images per normalization group (None: the whole per-device batch).
         per_device_batch: ``data.batch_size``.
         processes: devices x nodes.
+        synced: ``model.sync_norms``.
     """
     if norm_batch is None:
         return
@@ -123,4 +125,13 @@ def check_norm_batch(norm: str, norm_batch: int | None, per_device_batch: int | 
         raise ValueError(
             f"model.norm_batch with {norm} trains on one device only ({processes} processes asked): its groups would "
             "each update the running statistics of their own rank; use --trainer.devices 1, or norm bn"
+        )
+    if processes > 1 and not synced:
+        # Each rank's ghost batches would update its own running statistics, and DDP keeps rank
+        # zero's: they would follow half the groups of one device's step (the normalization in
+        # training the same), and every evaluation with them would differ from one device's.
+        raise ValueError(
+            f"model.norm_batch with model.sync_norms=false on {processes} processes: each rank's groups would update "
+            "only its own running statistics (DDP keeps rank zero's), not those of every group as on one device; "
+            "drop --model.sync_norms false"
         )
