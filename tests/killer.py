@@ -10,6 +10,14 @@ from pathlib import Path
 import lightning as L
 
 
+def terminal_job() -> None:
+    """``preexec_fn`` of a command a test Ctrl-Cs: SIGINT at its default disposition, as in a
+    terminal's foreground job, which Python turns into KeyboardInterrupt. A test process started
+    in the background of a non-interactive shell (``cmd &``, nohup, a CI runner's step) passes
+    SIGINT on ignored, and Python leaves an ignored SIGINT ignored: the run would finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class KillAtStep(L.Callback):
     """SIGKILL this process right after optimizer step ``step`` (no cleanup, as a power cut),
     unless ``marker`` exists; the marker is written first, so a rerun goes through.

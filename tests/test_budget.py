@@ -96,3 +96,57 @@ def test_a_run_whose_steps_end_before_its_first_evaluation_is_told_so(fake_data,
     record, _ = _fit(fake_data, tmp_path / "told", 16, "--trainer.max_steps", "3", *every[:1], "3", *every[2:])
     assert [e["step"] for e in record["evals"]] == [3]
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("normbench: ")]
+
+
+def test_a_runs_processes_are_devices_times_nodes_as_lightnings_trainer_counts_them(fake_data, tmp_path):
+    # Guards against devices.world_size `device_count(...) * int(trainer.num_nodes or 1)` ->
+    # `device_count(...)`: no test sets num_nodes > 1. Independent: Lightning's own Trainer's
+    # world_size for the same settings; and the scaled learning rate of a 2-device x 2-node run
+    # of batch 16 per device: global batch 64, lr 1e-3 x sqrt(64 / 16).
+    import math
+
+    import lightning as L
+    from jsonargparse import Namespace
+    from quick_configs import mnist_config
+
+    from normbench.cli import NormBenchCLI
+    from normbench.devices import world_size
+
+    for devices, nodes in ((2, 3), (1, 2), (3, 1)):
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            num_nodes=nodes,
+            strategy="ddp",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        assert world_size(Namespace(accelerator="cpu", devices=devices, num_nodes=nodes)) == trainer.world_size
+    cli = NormBenchCLI(
+        args=[
+            "--config",
+            mnist_config("bn", 16),
+            "--data.data_dir",
+            str(fake_data),
+            "--data.download",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.num_nodes",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--budget.protocol",
+            "scaled_lr",
+            "--budget.reference_batch_size",
+            "16",
+        ],
+        run=False,
+    )
+    assert cli.config.model.optimizer.init_args.lr == pytest.approx(1e-3 * math.sqrt(16 * 2 * 2 / 16), rel=1e-12)

@@ -432,3 +432,42 @@ def test_any_seed_up_to_2_63_orders_and_augments(seed, written) -> None:
     assert loader.seed == seed
     x, _ = next(iter(loader))
     assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("n, world", [(23, 3), (23, 4), (22, 4), (24, 4)])
+def test_padded_images_counts_the_repeats_of_the_ranks_orders(n, world):
+    # Guards against EpochOrder.padded_images `-self.n % world_size` -> `self.n % world_size`
+    # (the same for world_size 2 and odd n, the only case tested). Independent count: every
+    # rank's indices of one epoch, their total minus the distinct images.
+    from normbench.orders import EpochOrder
+
+    orders = [EpochOrder(n, 4, True, seed=3, rank=r, world_size=world) for r in range(world)]
+    taken = torch.cat([o.indices(0) for o in orders]).tolist()
+    repeats = len(taken) - len(set(taken))
+    assert set(taken) == set(range(n))
+    assert [o.padded_images() for o in orders] == [repeats] * world
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_drop_last_drops_training_batches_only_never_evaluation_images(fake_data, in_memory):
+    # Guards against ImageDataModule._loader `drop_last = shuffle and self.drop_last` ->
+    # `drop_last = self.drop_last` (study 1's drop_last: true would then score validation and
+    # test on fewer images). The 64 fake test images in batches of 10 (6 full + 4): all 64, in
+    # file order, must be evaluated; training drops its short batch (128 = 8 x 15 + 8).
+    from normbench.data import MNISTDataModule
+
+    dm = MNISTDataModule(
+        data_dir=str(fake_data),
+        download=False,
+        num_workers=0,
+        batch_size=15,
+        eval_batch_size=10,
+        drop_last=True,
+        in_memory=in_memory,
+    )
+    dm.setup("fit")
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        labels = torch.cat([y for _, y in loader])
+        assert labels.tolist() == [int(dm.test_set[i][1]) for i in range(len(dm.test_set))]
+        assert len(labels) == 64
+    assert [len(y) for _, y in dm.train_dataloader()] == [15] * (128 // 15)

@@ -260,3 +260,22 @@ def test_the_record_says_what_each_statistic_covers_and_what_was_padded():
     # 23 images on 2 processes: one image twice per epoch, unless drop_last leaves the remainder out.
     assert [layout(w, "gn", d, num_groups=4)["train_images_padded"] for w, d in ((1, False), (2, False), (2, True))] == [
         0, 1, 0]  # fmt: skip
+
+
+def test_a_ghost_batch_norms_statistics_cover_its_virtual_batch_in_the_record():
+    # Guards against batch_layout `images = min(images, *ghost)` -> `images = images`
+    # (norm_stats_images of ghost_bn said the whole batch). Ghost BN normalizes over
+    # virtual_batch_size images (Hoffer et al. 2017), whatever the larger SGD batch.
+    from types import SimpleNamespace
+
+    from normbench.layout import batch_layout
+    from normbench.module import NormBenchModule
+
+    trainer = SimpleNamespace(world_size=1, num_devices=1, num_nodes=1, accumulate_grad_batches=1)
+    for batch, virtual, expected in ((16, 4, 4), (16, 32, 16), (8, 8, 8)):
+        dm = SimpleNamespace(batch_size=batch, train_set=list(range(64)), drop_last=False, in_memory=True)
+        module = NormBenchModule(
+            norm="ghost_bn", norm_kwargs={"virtual_batch_size": virtual}, in_channels=1, width=8, num_blocks=2
+        )
+        got = batch_layout(trainer, module, dm)
+        assert (got["norm_stats_images"], got["norm_stats_scope"]) == (expected, "per device"), (batch, virtual)

@@ -143,3 +143,52 @@ def test_a_pack_trains_again_after_lightning_restores_its_mode():
     before = packed._buffers_dict()["blocks.0.norm.running_mean"].clone()
     packed(x)
     assert not torch.equal(packed._buffers_dict()["blocks.0.norm.running_mean"], before)  # batch statistics used
+
+
+def test_a_diverging_packed_run_is_recorded_as_the_same_run_alone(fake_data, tmp_path):
+    # Guards against fit_pack writing a diverged run's record at `diverged[k] + 1` steps
+    # ("where it would have stopped alone"); `diverged[k]` passes every test (no test has a
+    # packed run diverge). Independent: the same runs trained alone, whose global_step is
+    # where the fit loop really stopped.
+    import json
+
+    import yaml
+    from quick_configs import mnist_config
+
+    from normbench.main import main
+
+    spec = {
+        "base": mnist_config("bn", 16),
+        "overrides": {
+            "data.data_dir": str(fake_data),
+            "data.download": False,
+            "data.num_workers": 0,
+            "model.width": 32,
+            "model.norm": "none",
+            "model.optimizer.init_args.lr": 1.0e30,
+            "trainer.max_epochs": 3,
+            "trainer.limit_train_batches": 8,
+            "trainer.limit_val_batches": 1,
+            "trainer.enable_progress_bar": False,
+            "trainer.enable_model_summary": False,
+            "trainer.callbacks": [],
+            "trainer.accelerator": "cpu",
+        },
+        "grid": {"seed_everything": [0, 1]},
+    }
+    config = tmp_path / "div.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    found = {}
+    for pack in ("false", "true"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", "--config", str(config), "--output", str(tmp_path / pack), "--pack", pack, "--workers", "1"])
+        assert exit_info.value.code == 1
+        files = sorted((tmp_path / pack / "div" / "lightning_logs").glob("*/version_0/metrics.json"))
+        found[pack] = {f.parent.parent.name: json.loads(f.read_text()) for f in files}
+    alone, packed = found["false"], found["true"]
+    assert sorted(alone) == sorted(packed) == ["seed0", "seed1"]
+    for name, a in alone.items():
+        p = packed[name]
+        assert a["status"] == p["status"] == "diverged", name
+        assert p["diverged_at_step"] == a["diverged_at_step"] and a["global_step"] < 24, name
+        assert p["global_step"] == a["global_step"], (name, a["global_step"], p["global_step"])

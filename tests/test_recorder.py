@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import killer
 import pytest
 import torch
 import yaml
@@ -50,7 +51,8 @@ def _env() -> dict[str, str]:
 def _normbench(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "normbench", *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+                          preexec_fn=killer.terminal_job)  # fmt: skip
 
 
 def _in_process(cwd: Path, monkeypatch, capsys, *args: str) -> tuple[int, str]:

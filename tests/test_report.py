@@ -977,3 +977,82 @@ def test_runs_that_agree_to_within_rounding_are_reported_without_scipys_precisio
         warnings.simplefilter("always")
         main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     assert not [w for w in said if "Precision loss" in str(w.message)], [str(w.message) for w in said]
+
+
+def test_judge_decides_each_verdict_on_its_holm_adjusted_p(monkeypatch):
+    # Guards against judge() `v.holds and adjusted < ALPHA` -> `v.holds and v.p < ALPHA`
+    # (the Holm correction computed and printed, but not applied). Three claims with raw
+    # p 0.03, 0.04 and 0.2 that all point the claimed way: by hand, Holm's adjusted p are
+    # 3 x 0.03 = 0.09, max(0.09, 2 x 0.04) = 0.09 and 0.2, none below 0.05; a fourth claim
+    # with p = 0.001 stays supported (4 x 0.001 = 0.004).
+    from normbench.report import verdicts
+    from normbench.report.claims import tested
+
+    raw = {"a": 0.03, "b": 0.04, "c": 0.2}
+
+    def claim(name, p):
+        return lambda runs: tested(name, f"{name} evidence", p, True)
+
+    monkeypatch.setattr(verdicts, "CLAIMS", tuple(claim(n, p) for n, p in raw.items()))
+    found = verdicts.judge([])
+    assert [v.p_holm for v in found] == pytest.approx([0.09, 0.09, 0.2])
+    assert [v.verdict for v in found] == ["not supported"] * 3
+    # As decided before the correction: supported on their own p.
+    assert [tested(n, "", p, True).verdict for n, p in raw.items()] == ["supported", "supported", "not supported"]
+    monkeypatch.setattr(verdicts, "CLAIMS", (claim("d", 0.001), *verdicts.CLAIMS))
+    found = verdicts.judge([])
+    assert found[0].p_holm == pytest.approx(0.004) and found[0].verdict == "supported"
+    assert [v.verdict for v in found[1:]] == ["not supported"] * 3
+
+
+def test_a_condition_whose_mean_is_exactly_the_floor_has_learned():
+    # Guards against Stat.learned `self.mean >= self.floor` -> `>` ("learned when their mean
+    # accuracy reaches LEARNED x chance"). 30.0 is 3 x chance of 10 classes.
+    from normbench.report.tables import LEARNED, Stat
+
+    floor = LEARNED * 100.0 / 10
+    assert floor == 30.0
+    assert Stat([29.0, 31.0], floor=floor).learned is True
+    assert Stat([29.0, 30.0], floor=floor).learned is False
+    assert "not learned" not in Stat([30.0], floor=floor).cell()
+
+
+def test_bnrs_slower_names_where_each_curve_first_reaches_95_percent_of_bns_best(tmp_path):
+    # Guards against bnrs_slower `target = 0.95 * max(...)` -> `0.9 * max(...)`: in
+    # tests/test_report.py's curves both norms reach 90% and 95% of BN's best at the same step.
+    # Here they do not. Independent: the first evaluation where the mean curve (over the seeds,
+    # which share every step) is at least 0.95 x BN's best mean.
+    import json
+
+    from normbench.report import find_runs
+    from normbench.report.verdicts import CLAIMS, judge
+
+    bn = {500: 50.0, 1000: 88.0, 1500: 93.0, 2000: 96.0}
+    bnrs = {500: 40.0, 1000: 70.0, 1500: 90.0, 2000: 95.0}
+    jitters = (-0.4, 0.0, 0.4)
+    for norm, curve in (("bn", bn), ("bnrs", bnrs)):
+        for seed, jitter in enumerate(jitters):
+            run = tmp_path / f"mnist_bs2_{norm}_seed{seed}" / "version_0"
+            run.mkdir(parents=True)
+            config = {
+                "seed_everything": seed,
+                "trainer": {"max_steps": 2001},
+                "model": {"norm": norm, "net": "dilated_cnn", "activation": "gelu", "num_blocks": 4},
+                "data": {"class_path": "normbench.data.MNISTDataModule", "init_args": {"batch_size": 2}},
+            }
+            evals = {s: a + jitter for s, a in curve.items()}
+            rec = {
+                "status": "finished",
+                "config": config,
+                "epochs": [],
+                "global_step": 2001,
+                "evals": [{"step": s, "val/acc": a / 100} for s, a in evals.items()],
+                "val_acc_best": max(evals.values()) / 100,
+                "val_acc_final": evals[2000] / 100,
+            }
+            (run / "metrics.json").write_text(json.dumps(rec))
+    target = 0.95 * max(bn.values())  # the seeds' jitters average to 0: 91.2
+    first = {name: min(s for s, a in c.items() if a >= target) for name, c in (("bn", bn), ("bnrs", bnrs))}
+    assert first == {"bn": 1500, "bnrs": 2000}
+    verdict = dict(zip((c.__name__ for c in CLAIMS), judge(find_runs([tmp_path]))))["bnrs_slower"]
+    assert f"95% of BN's best at iteration {first['bn']} (bn) vs {first['bnrs']} (bnrs)" in verdict.evidence

@@ -345,3 +345,24 @@ def test_a_float64_run_resumes_with_its_float64_weights(fake_data, tmp_path):
             assert value.dtype == loaded[key].dtype == torch.float64, key
             diff = (loaded[key] - value).abs().max().item()
             assert diff == 0, (key, diff)
+
+
+def test_ckpt_path_last_continues_the_newest_version_that_has_a_last_checkpoint(tmp_path):
+    # Guards against _versions_newest_first `reverse=True` -> `reverse=False` (`--ckpt_path
+    # last` resumed the oldest version). version_0, version_1 and version_2 exist; only 0 and 1
+    # hold a last.ckpt, so the run continued is version_1, whatever order the folders were made.
+    from jsonargparse import Namespace
+
+    from normbench.checkpoints import resolve_resume
+
+    run_dir = tmp_path / "lightning_logs" / "run"
+    for v in (1, 0, 2):
+        (run_dir / f"version_{v}" / "checkpoints").mkdir(parents=True)
+        if v != 2:
+            torch.save({"global_step": v}, run_dir / f"version_{v}" / "checkpoints" / "last.ckpt")
+    config = Namespace(ckpt_path="last", version=None, name=None, trainer=Namespace(default_root_dir=str(tmp_path)))
+    assert resolve_resume(config, "fit", "run") == str(run_dir / "version_1" / "checkpoints" / "last.ckpt")
+    assert config.version == 1
+    # --version picks another.
+    config = Namespace(ckpt_path="last", version=0, name=None, trainer=Namespace(default_root_dir=str(tmp_path)))
+    assert resolve_resume(config, "fit", "run") == str(run_dir / "version_0" / "checkpoints" / "last.ckpt")

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import killer
 import pytest
 import torch
 import yaml
@@ -680,7 +681,8 @@ def test_ctrl_c_as_a_run_is_set_up_is_recorded_as_interrupted_and_said_in_its_lo
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_next_run_of_it_resumes(fake_data, tmp_path):
     cmd = _stopped_sweep(fake_data, tmp_path, "killer.InterruptAtStep")
-    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+                           preexec_fn=killer.terminal_job)  # fmt: skip
     assert first.returncode == 130, first.stderr[-2000:]
     assert "run the same command again to resume" in first.stderr.splitlines()[-1]
     found = records(tmp_path / "out" / "mid")
@@ -715,7 +717,14 @@ def test_ctrl_c_stops_a_sweep_of_workers_and_the_next_run_of_it_resumes(fake_dat
     )
     cmd = [sys.executable, "-m", "normbench", "sweep", "--config", str(config), "--output", str(tmp_path / "out")]
     # A session of its own, as a terminal's foreground job: the Ctrl-C reaches only the sweep.
-    run = {"env": _env(), "capture_output": True, "text": True, "timeout": 300, "start_new_session": True}
+    run = {
+        "env": _env(),
+        "capture_output": True,
+        "text": True,
+        "timeout": 300,
+        "start_new_session": True,
+        "preexec_fn": killer.terminal_job,
+    }
     first = subprocess.run(cmd, check=False, **run)
     assert first.returncode == 130, first.stderr[-2000:]
     assert "2 worker processes" in first.stderr
@@ -825,3 +834,73 @@ def test_the_every_norm_sweep_has_every_norm_that_trains_from_scratch():
     # frozen_bn, fresh, is the identity up to eps (the network of none): the one norm left out.
     grid = yaml.safe_load((ROOT / "configs" / "sweeps" / "every_norm.yaml").read_text())["grid"]
     assert {variant["model.norm"] for variant in grid["norm"].values()} == set(NORMS) - {"frozen_bn"}
+
+
+def _one_cell(tmp_path):
+    from quick_configs import mnist_config  # tests/quick_configs.py
+
+    from normbench.grid import expand
+
+    (cell,) = expand({"model.norm": ["gn"]}, mnist_config("bn", 16), {}, tmp_path / "sweep")
+    return cell
+
+
+def test_a_cell_finished_by_another_process_after_the_todo_list_is_not_run_again(tmp_path, monkeypatch):
+    # Guards run_cell's check of the status once it holds
+    # the claim, `if status in DONE: return status`, dropped. The sweep's todo list is made
+    # before the claims; a cell another sweep process finished in between must be left as it is
+    # (the mutated code cleared its run directory and trained it again).
+    import json
+
+    from normbench import runner
+
+    cell = _one_cell(tmp_path)
+    run_dir = tmp_path / "sweep" / "lightning_logs" / cell.name / "version_0"
+    assert cell.run_dir == str(run_dir)
+    run_dir.mkdir(parents=True)
+    finished = {"status": "finished", "global_step": 7, "attempts": [{"pid": 1}]}
+    (run_dir / "metrics.json").write_text(json.dumps(finished))
+    (run_dir / "kept.txt").write_text("the other process's output")
+
+    def no_run(args):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(runner, "run_cli", no_run)
+    assert runner.run_cell(cell) == "finished"
+    assert json.loads((run_dir / "metrics.json").read_text()) == finished
+    assert (run_dir / "kept.txt").read_text() == "the other process's output"
+
+
+def test_a_cell_claimed_by_another_process_is_left_to_it(tmp_path, monkeypatch):
+    # The claim (a POSIX lock on claims/<cell>.lock) is checked by -m slow tests only
+    # (two sweep processes); dropping the refusal of a held lock (`except OSError: yield False`)
+    # passes the default suite. A forked process holds the claim; this one must leave the cell.
+    import multiprocessing as mp
+
+    from normbench import runner
+
+    cell = _one_cell(tmp_path)
+    ctx = mp.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+
+    def holder():
+        with runner.claim(cell) as ours:
+            assert ours
+            held.set()
+            release.wait(60)
+
+    proc = ctx.Process(target=holder)
+    proc.start()
+    try:
+        assert held.wait(60)
+        monkeypatch.setattr(runner, "run_cli", lambda args: pytest.fail("a claimed cell was run"))
+        with runner.claim(cell) as ours:
+            assert ours is False
+        assert runner.run_cell(cell) == "claimed"
+        assert cell.status() == "pending"  # nothing written for it
+    finally:
+        release.set()
+        proc.join(60)
+    assert proc.exitcode == 0
+    with runner.claim(cell) as ours:  # the holder gone, its lock went with it
+        assert ours is True
