@@ -33,9 +33,9 @@ from normbench.data import ImageDataModule
 from normbench.devices import world_size
 from normbench.errors import check_config_files, one_line, reported
 from normbench.experiments import experiment_name
+from normbench.layout import check_batch_settings
 from normbench.module import NormBenchModule
 from normbench.norm_args import keep_norm_options, norm_given_alone
-from normbench.norms import check_norm_batch
 from normbench.recorder import RunRecorder
 from normbench.run_defaults import EVALUATION_WARNINGS, add_default_callbacks, lightning_internal_warnings_ignored
 from normbench.seeding import seed_everything
@@ -241,24 +241,7 @@ class NormBenchCLI(LightningCLI):
         apply_budget(config, config.data.init_args.batch_size * world_size(trainer))
         if (note := check_end(trainer)) and self.subcommand == "fit":
             rank_zero_only(print)(note, file=sys.stderr)
-        check_norm_batch(config.model.norm, config.model.get("norm_batch"), config.data.init_args.batch_size,
-                         world_size(trainer), config.model.get("sync_norms", True))  # fmt: skip
-        if (trainer.get("accumulate_grad_batches") or 1) > 1 and self.subcommand == "fit":
-            # A run's batch is its optimizer step's, data.batch_size x devices: its name, budget
-            # (learning rate, evaluation points) and the norms' batch all follow from it.
-            raise ValueError(
-                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: normbench's batch is the optimizer "
-                "step's, data.batch_size x devices, which its run name, budget and norms follow; give the whole batch "
-                "as data.batch_size (with model.norm_batch to normalize over part of it) and drop the option"
-            )
-        if trainer.get("sync_batchnorm") and not config.model.get("sync_norms", True):
-            # Lightning's conversion knows torch's BatchNorm only: bn would be synced, the other
-            # norms not, and the record (layout.norm_stats_scope) would say per device.
-            raise ValueError(
-                "trainer.sync_batchnorm=true with model.sync_norms=false would sync bn alone while the run's record "
-                "says each device normalizes by its own share; drop --trainer.sync_batchnorm (model.sync_norms "
-                "syncs every norm)"
-            )
+        check_batch_settings(config, fit=self.subcommand == "fit")
         if trainer.get("barebones"):
             # Lightning's barebones refuses the logger, checkpoints and self.log, which every run
             # here keeps (its TensorBoard run, last.ckpt, its record's metrics).

@@ -1,5 +1,6 @@
 """What a run's batch means on the machine it ran on: devices, processes, per-device and global
-batch, and how many images each norm statistic covers."""
+batch, and how many images each norm statistic covers; and the settings refused because under
+them it would not mean what the run's name and record say."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from normbench.devices import world_size
 from normbench.diagnostics.train_eval import norm_batch
-from normbench.norms import tracks_running_stats
+from normbench.norms import check_norm_batch, tracks_running_stats
 from normbench.orders import EpochOrder
 
 
@@ -62,3 +64,34 @@ def padded_train_images(datamodule: Any, world: int) -> int | None:
     order = EpochOrder(len(train_set), int(getattr(datamodule, "batch_size", 1) or 1), True, 0, 0, world,
                        bool(getattr(datamodule, "drop_last", False)))  # fmt: skip
     return order.padded_images()
+
+
+def check_batch_settings(config: Any, fit: bool) -> None:
+    """Raise a one-line ValueError for settings under which a run's batch would not be what its
+    name, budget and record (``batch_layout``) say: a ``model.norm_batch`` that does not fit
+    (``check_norm_batch``), gradient accumulation in a fit, and Lightning's ``sync_batchnorm``
+    beside norms left unsynced.
+
+    Args:
+        config: the run's parsed config (a subcommand's namespace).
+        fit: whether the command trains.
+    """
+    trainer, synced = config.trainer, config.model.get("sync_norms", True)
+    check_norm_batch(config.model.norm, config.model.get("norm_batch"), config.data.init_args.batch_size,
+                     world_size(trainer), synced)  # fmt: skip
+    if fit and (trainer.get("accumulate_grad_batches") or 1) > 1:
+        # A run's batch is its optimizer step's, data.batch_size x devices: its name, budget
+        # (learning rate, evaluation points) and the norms' batch all follow from it.
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: normbench's batch is the optimizer "
+            "step's, data.batch_size x devices, which its run name, budget and norms follow; give the whole batch "
+            "as data.batch_size (with model.norm_batch to normalize over part of it) and drop the option"
+        )
+    if trainer.get("sync_batchnorm") and not synced:
+        # Lightning's conversion knows torch's BatchNorm only: bn would be synced, the other
+        # norms not, and the record (norm_stats_scope) would say per device.
+        raise ValueError(
+            "trainer.sync_batchnorm=true with model.sync_norms=false would sync bn alone while the run's record "
+            "says each device normalizes by its own share; drop --trainer.sync_batchnorm (model.sync_norms "
+            "syncs every norm)"
+        )

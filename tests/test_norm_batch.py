@@ -240,18 +240,20 @@ def test_two_processes_with_a_norm_batch_train_and_score_as_one(norm, tmp_path):
             torch.testing.assert_close(ckpt2["state_dict"][key], value, rtol=1e-7, atol=1e-9, msg=key)
 
 
-def test_the_record_says_what_each_statistic_covers_and_what_was_padded():
+def layout(world, norm, drop_last=False, batch=4, **norm_kwargs):
+    """The run record's layout of a run of ``norm`` on ``world`` processes, 23 training images."""
     from types import SimpleNamespace
 
     from normbench.layout import batch_layout
     from normbench.module import NormBenchModule
 
-    def layout(world, norm, drop_last=False, **norm_kwargs):
-        trainer = SimpleNamespace(world_size=world, num_devices=world, num_nodes=1, accumulate_grad_batches=1)
-        dm = SimpleNamespace(batch_size=4, train_set=list(range(23)), drop_last=drop_last, in_memory=True)
-        module = NormBenchModule(norm=norm, norm_kwargs=norm_kwargs, in_channels=1, width=8, num_blocks=2)
-        return batch_layout(trainer, module, dm)
+    trainer = SimpleNamespace(world_size=world, num_devices=world, num_nodes=1, accumulate_grad_batches=1)
+    dm = SimpleNamespace(batch_size=batch, train_set=list(range(23)), drop_last=drop_last, in_memory=True)
+    module = NormBenchModule(norm=norm, norm_kwargs=norm_kwargs, in_channels=1, width=8, num_blocks=2)
+    return batch_layout(trainer, module, dm)
 
+
+def test_the_record_says_what_each_statistic_covers_and_what_was_padded():
     # BatchNorm without running statistics normalizes over the batch all the same.
     for kwargs in ({}, {"track_running_stats": False}):
         got = layout(1, "bn", **kwargs)
@@ -266,16 +268,6 @@ def test_a_ghost_batch_norms_statistics_cover_its_virtual_batch_in_the_record():
     # Guards against batch_layout `images = min(images, *ghost)` -> `images = images`
     # (norm_stats_images of ghost_bn said the whole batch). Ghost BN normalizes over
     # virtual_batch_size images (Hoffer et al. 2017), whatever the larger SGD batch.
-    from types import SimpleNamespace
-
-    from normbench.layout import batch_layout
-    from normbench.module import NormBenchModule
-
-    trainer = SimpleNamespace(world_size=1, num_devices=1, num_nodes=1, accumulate_grad_batches=1)
     for batch, virtual, expected in ((16, 4, 4), (16, 32, 16), (8, 8, 8)):
-        dm = SimpleNamespace(batch_size=batch, train_set=list(range(64)), drop_last=False, in_memory=True)
-        module = NormBenchModule(
-            norm="ghost_bn", norm_kwargs={"virtual_batch_size": virtual}, in_channels=1, width=8, num_blocks=2
-        )
-        got = batch_layout(trainer, module, dm)
+        got = layout(1, "ghost_bn", batch=batch, virtual_batch_size=virtual)
         assert (got["norm_stats_images"], got["norm_stats_scope"]) == (expected, "per device"), (batch, virtual)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from normbench.loaders import InMemoryLoader, PackedLoader
 from normbench.module import NormBenchModule
@@ -150,41 +151,20 @@ def test_a_diverging_packed_run_is_recorded_as_the_same_run_alone(fake_data, tmp
     # ("where it would have stopped alone"); `diverged[k]` passes every test (no test has a
     # packed run diverge). Independent: the same runs trained alone, whose global_step is
     # where the fit loop really stopped.
-    import json
-
-    import yaml
-    from quick_configs import mnist_config
+    from test_sweep import BASE, quick_overrides, records
 
     from normbench.main import main
 
-    spec = {
-        "base": mnist_config("bn", 16),
-        "overrides": {
-            "data.data_dir": str(fake_data),
-            "data.download": False,
-            "data.num_workers": 0,
-            "model.width": 32,
-            "model.norm": "none",
-            "model.optimizer.init_args.lr": 1.0e30,
-            "trainer.max_epochs": 3,
-            "trainer.limit_train_batches": 8,
-            "trainer.limit_val_batches": 1,
-            "trainer.enable_progress_bar": False,
-            "trainer.enable_model_summary": False,
-            "trainer.callbacks": [],
-            "trainer.accelerator": "cpu",
-        },
-        "grid": {"seed_everything": [0, 1]},
-    }
+    overrides = {**quick_overrides(fake_data), "model.norm": "none", "model.optimizer.init_args.lr": 1.0e30,
+                 "trainer.max_epochs": 3, "trainer.limit_train_batches": 8}  # fmt: skip
     config = tmp_path / "div.yaml"
-    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    config.write_text(yaml.safe_dump({"base": BASE, "overrides": overrides, "grid": {"seed_everything": [0, 1]}}))
     found = {}
     for pack in ("false", "true"):
         with pytest.raises(SystemExit) as exit_info:
             main(["sweep", "--config", str(config), "--output", str(tmp_path / pack), "--pack", pack, "--workers", "1"])
         assert exit_info.value.code == 1
-        files = sorted((tmp_path / pack / "div" / "lightning_logs").glob("*/version_0/metrics.json"))
-        found[pack] = {f.parent.parent.name: json.loads(f.read_text()) for f in files}
+        found[pack] = {name: record for name, (record,) in records(tmp_path / pack / "div").items()}
     alone, packed = found["false"], found["true"]
     assert sorted(alone) == sorted(packed) == ["seed0", "seed1"]
     for name, a in alone.items():

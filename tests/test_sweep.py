@@ -837,11 +837,7 @@ def test_the_every_norm_sweep_has_every_norm_that_trains_from_scratch():
 
 
 def _one_cell(tmp_path):
-    from quick_configs import mnist_config  # tests/quick_configs.py
-
-    from normbench.grid import expand
-
-    (cell,) = expand({"model.norm": ["gn"]}, mnist_config("bn", 16), {}, tmp_path / "sweep")
+    (cell,) = expand({"model.norm": ["gn"]}, BASE, {}, tmp_path / "sweep")
     return cell
 
 

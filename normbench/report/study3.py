@@ -132,13 +132,14 @@ def batch_free_matches_bn(runs: list[Run]) -> Verdict:
     claim = f"A batch-free layer matches BN at its best (within {CLOSE:g} points)"
     found = _bn_by_norm_batch(runs)
     parts, ps, lost, contexts = [], [], [], []
+    dependent = batch_dependent() if found else ()  # torch only where study 3's runs are
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
         ps = []
         best_nb = max(cells, key=lambda nb: Stat([r.best for r in cells[nb]]).mean)
         bn = [r.best for r in cells[best_nb]]
         controls: dict[str, list[Run]] = defaultdict(list)
         for r in runs:
-            if (r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in batch_dependent()
+            if (r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in dependent
                     and (r.net, r.activation, r.num_blocks) in STUDY_NETS):  # fmt: skip
                 controls[r.norm].append(r)
         for name in sorted_values(set(controls)):
@@ -182,8 +183,9 @@ SECTION_INTRO = (
 def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
     """The batch-free layers' best accuracy at SGD batch ``bs`` on ``ds``, by label."""
     values: dict[str, list[float]] = defaultdict(list)
+    dependent = batch_dependent()
     for r in runs:
-        if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in batch_dependent():
+        if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in dependent:
             values[r.norm].append(r.best)
     return {name: Stat(values[name]) for name in sorted_values(set(values))}
 
