@@ -132,21 +132,16 @@ def batch_free_matches_bn(runs: list[Run]) -> Verdict:
     claim = f"A batch-free layer matches BN at its best (within {CLOSE:g} points)"
     found = _bn_by_norm_batch(runs)
     parts, ps, lost, contexts = [], [], [], []
-    dependent = batch_dependent() if found else ()  # torch only where study 3's runs are
+    study = [r for r in runs if (r.net, r.activation, r.num_blocks) in STUDY_NETS]
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
         ps = []
         best_nb = max(cells, key=lambda nb: Stat([r.best for r in cells[nb]]).mean)
         bn = [r.best for r in cells[best_nb]]
-        controls: dict[str, list[Run]] = defaultdict(list)
-        for r in runs:
-            if (r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in dependent
-                    and (r.net, r.activation, r.num_blocks) in STUDY_NETS):  # fmt: skip
-                controls[r.norm].append(r)
-        for name in sorted_values(set(controls)):
-            if not _learned(controls[name]):
-                lost.append(f"{ds} bs {bs} {name} ({Stat([r.best for r in controls[name]]).mean:.2f}%)")
+        for name, control in _control_runs(study, ds, bs).items():
+            if not _learned(control):
+                lost.append(f"{ds} bs {bs} {name} ({Stat([r.best for r in control]).mean:.2f}%)")
                 continue
-            eq = equivalence([r.best for r in controls[name]], bn, CLOSE)
+            eq = equivalence([r.best for r in control], bn, CLOSE)
             if eq is not None:
                 ps.append(eq.p)
                 parts.append(f"{ds} bs {bs}, {name} − bn at normalization batch {best_nb} (BN's best): {eq.text()}")
@@ -180,14 +175,21 @@ SECTION_INTRO = (
 )
 
 
-def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
-    """The batch-free layers' best accuracy at SGD batch ``bs`` on ``ds``, by label."""
-    values: dict[str, list[float]] = defaultdict(list)
+def _control_runs(runs: list[Run], ds: str, bs: int) -> dict[str, list[Run]]:
+    """The finished runs of the batch-free layers at SGD batch ``bs`` on ``ds``, by label in
+    order. Asked only where bn ran at several normalization batches (study 3's runs), so a
+    report without them loads no torch (``batch_dependent``)."""
     dependent = batch_dependent()
+    found: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
         if r.ok and (r.dataset, r.batch_size) == (ds, bs) and r.norm_name not in dependent:
-            values[r.norm].append(r.best)
-    return {name: Stat(values[name]) for name in sorted_values(set(values))}
+            found[r.norm].append(r)
+    return {name: found[name] for name in sorted_values(set(found))}
+
+
+def _controls(runs: list[Run], ds: str, bs: int) -> dict[str, Stat]:
+    """The batch-free layers' best accuracy at SGD batch ``bs`` on ``ds``, by label."""
+    return {name: Stat([r.best for r in rs]) for name, rs in _control_runs(runs, ds, bs).items()}
 
 
 def _part_measured(runs: list[Run]) -> str:
