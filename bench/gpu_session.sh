@@ -2,16 +2,17 @@
 # normbench's GPU checks, prepared for a lent GPU (the device tool's `run`, from the checkout's
 # root there), in parts that can share one call:
 #
-#   bash bench/gpu_session.sh wheels           # HERE, before the first call: .whl/ and data/MNIST/raw
+#   bash bench/gpu_session.sh wheels           # HERE, before the first call: .whl/ and gpu_data/MNIST/raw
 #   bash bench/gpu_session.sh tests check      # THERE: pytest -m gpu beside check.sh (correctness only)
 #   bash bench/gpu_session.sh bench            # THERE: normbench bench's GPU section, on a quiet GPU
 #
 # Parts:
 #   wheels  (run here) download the wheels the device's image lacks (jsonargparse with its
-#           signatures extra, pytest-xdist) into .whl/ for the device's Python 3.12, copy real MNIST from
-#           ../shared/data into data/MNIST/raw and ../shared/gpu/check.sh to ./check.sh (all
-#           git-ignored; ../shared does not travel). Each call there then carries them:
-#           carry [".whl", "data/MNIST/raw", "check.sh"].
+#           signatures extra, pytest-xdist) into .whl/ for the device's Python 3.12, copy real MNIST's
+#           .gz files (11 MiB) from ../shared/data into gpu_data/MNIST/raw and ../shared/gpu/check.sh
+#           to ./check.sh (all git-ignored; ../shared does not travel). Each call there then carries
+#           them: carry [".whl", "gpu_data", "check.sh"]. Not data/MNIST/raw: torchvision extracts
+#           the files there (55 MiB more), past the device tool's 64 MiB carry limit.
 #   tests   pytest -m gpu (tests/test_gpu.py: the captured step per norm against eager, the
 #           diagnostics under CUDA-graph replays, DDP on cuDNN, the CPU's batches on CUDA),
 #           in the background beside `check`.
@@ -47,9 +48,12 @@ wheels() {  # here
   done
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${specs[@]}" || exit 2
-  mkdir -p data/MNIST/raw && cp -n ../shared/data/MNIST/raw/*.gz data/MNIST/raw/
+  mkdir -p gpu_data/MNIST/raw && cp -n ../shared/data/MNIST/raw/*.gz gpu_data/MNIST/raw/
   cp ../shared/gpu/check.sh check.sh
-  ls .whl data/MNIST/raw check.sh
+  ls .whl gpu_data/MNIST/raw check.sh
+  local mib; mib=$(du -cm .whl gpu_data check.sh | awk 'END {print $1}')
+  echo "gpu_session: carry [\".whl\", \"gpu_data\", \"check.sh\"]: $mib MiB of the device tool's 64"
+  [ "$mib" -lt 64 ] || { echo "gpu_session: $mib MiB is past the 64 MiB carry limit: empty .whl/ and gpu_data/, run wheels again" >&2; exit 2; }
   grep -qx '/.whl/' .gitignore || echo "gpu_session: add /.whl/ to .git/info/exclude" >&2
 }
 
@@ -71,7 +75,7 @@ check() {
 }
 
 bench() {
-  "$PY" -m normbench bench --data_dir /tmp/nb_bench_data --mnist_raw data/MNIST/raw \
+  "$PY" -m normbench bench --data_dir /tmp/nb_bench_data --mnist_raw gpu_data/MNIST/raw \
     --sections '[runs, step, pack]' --repeats 2 --output "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -v -E '^(INFO|Seed set|GPU available|TPU available|💡)'
 }
