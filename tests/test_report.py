@@ -1020,8 +1020,9 @@ def test_a_condition_whose_mean_is_exactly_the_floor_has_learned():
 def test_bnrs_slower_names_where_each_curve_first_reaches_95_percent_of_bns_best(tmp_path):
     # Guards against bnrs_slower `target = 0.95 * max(...)` -> `0.9 * max(...)`: in
     # test_bnrs_curves_are_compared_step_by_step_and_a_cell_that_did_not_learn_is_left_out both
-    # norms reach 90% and 95% of BN's best at the same step. Here they do not. Independent: the first evaluation where the mean curve
-    # (over the seeds, which share every step) is at least 0.95 x BN's best mean.
+    # norms reach 90% and 95% of BN's best at the same step. Here they do not. Independent: the
+    # first evaluation where the mean curve (over the seeds, which share every step) is at least
+    # 0.95 x BN's best mean.
     bn = {500: 50.0, 1000: 88.0, 1500: 93.0, 2000: 96.0}
     bnrs = {500: 40.0, 1000: 70.0, 1500: 90.0, 2000: 95.0}
     for norm, curve in (("bn", bn), ("bnrs", bnrs)):
