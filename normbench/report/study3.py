@@ -131,7 +131,7 @@ def batch_stats_beat_ema(runs: list[Run]) -> Verdict:
 def batch_free_matches_bn(runs: list[Run]) -> Verdict:
     claim = f"A batch-free layer matches BN at its best (within {CLOSE:g} points)"
     found = _bn_by_norm_batch(runs)
-    parts, ps, lost, contexts = [], [], [], []
+    parts, lost, contexts = [], [], []
     study = [r for r in runs if (r.net, r.activation, r.num_blocks) in STUDY_NETS]
     for (ds, bs), cells in sorted(found.items(), key=lambda kv: str(kv[0])):
         ps = []
